@@ -1,0 +1,145 @@
+"""Linear and convolution layers whose weight goes through a :class:`WeightConstraint`.
+
+They keep torch's constructors (``nn.Linear`` / ``nn.Conv2d`` signatures) plus a ``constraint``;
+the families (spectral, AOL, orthogonal) are thin subclasses that choose it. ``forward`` stays the
+plain op on ``self.weight``, which ``torch.nn.utils.parametrize`` computes through the constraint.
+Export is "keep the values, drop the parametrization".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lipcert.nn.constraint import LipschitzLayer, WeightConstraint, original
+
+#: Padding modes under which a convolution is a restriction of a circular one (so circular-norm
+#: bounds hold). "reflect" and "replicate" reuse input pixels and may raise the Lipschitz constant.
+SUPPORTED_PADDING_MODES = ("zeros", "circular")
+
+
+class BoundedWeightConstraint(WeightConstraint):
+    """A constraint that can also bound the operator of a weight it produced, soundly, in float64."""
+
+    def operator_bound(self, layer: nn.Module, weight: Tensor) -> float:
+        raise NotImplementedError
+
+
+def _init_torch_default(weight: Tensor, bias: Tensor | None) -> None:
+    """torch's default init for Linear/Conv (kaiming_uniform with a = sqrt(5))."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        fan_in = weight[0].numel()
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        nn.init.uniform_(bias, -bound, bound)
+
+
+class _ConstrainedMixin(LipschitzLayer):
+    """Shared parts of the constrained Linear/Conv2d layers."""
+
+    def _register(self, constraint: BoundedWeightConstraint) -> None:
+        parametrize.register_parametrization(self, "weight", constraint)
+
+    @property
+    def constraint(self) -> BoundedWeightConstraint:
+        return self.parametrizations.weight[0]
+
+    def init_weight(self, weight: Tensor) -> None:
+        """Initialize the unconstrained weight in place (families override)."""
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            _init_torch_default(original(self), self.bias)
+            self.init_weight(original(self))
+
+    def constrained_weight(self) -> Tensor:
+        """The weight the forward uses, computed without the eval cache's mode switch."""
+        with torch.no_grad():
+            return self.weight.detach().clone()
+
+    def lipschitz_bound(self) -> float:
+        return self.constraint.operator_bound(self, self.constrained_weight().double())
+
+
+class ConstrainedLinear(_ConstrainedMixin, nn.Linear):
+    """``nn.Linear`` with a weight constraint."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        constraint: BoundedWeightConstraint,
+    ) -> None:
+        _check_positive(in_features=in_features, out_features=out_features)
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._register(constraint)
+
+    def export(self) -> nn.Linear:
+        plain = nn.Linear(
+            self.in_features, self.out_features, self.bias is not None,
+            device=self.bias.device if self.bias is not None else None,
+            dtype=original(self).dtype,
+        )
+        with torch.no_grad():
+            plain.weight.copy_(self.constrained_weight())
+            if self.bias is not None:
+                plain.bias.copy_(self.bias)
+        return plain
+
+
+class ConstrainedConv2d(_ConstrainedMixin, nn.Conv2d):
+    """``nn.Conv2d`` with a weight constraint (dilation 1, one group, zeros/circular padding)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = "same",
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        constraint: BoundedWeightConstraint,
+    ) -> None:
+        _check_positive(in_channels=in_channels, out_channels=out_channels)
+        if padding_mode not in SUPPORTED_PADDING_MODES:
+            raise ValueError(
+                f"padding_mode={padding_mode!r} is not supported: reflect/replicate padding reuses "
+                f"input pixels; use one of {SUPPORTED_PADDING_MODES}"
+            )
+        if padding == "same" and stride not in (1, (1, 1)):
+            raise ValueError("padding='same' needs stride=1; give an explicit padding for stride > 1")
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding,
+            bias=bias, padding_mode=padding_mode, device=device, dtype=dtype,
+        )
+        self._register(constraint)
+
+    def export(self) -> nn.Conv2d:
+        plain = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            bias=self.bias is not None, padding_mode=self.padding_mode,
+            device=original(self).device, dtype=original(self).dtype,
+        )
+        with torch.no_grad():
+            plain.weight.copy_(self.constrained_weight())
+            if self.bias is not None:
+                plain.bias.copy_(self.bias)
+        return plain
+
+
+def _check_positive(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,111 @@
+"""The machinery every constrained layer shares.
+
+* :class:`EvalCache` keeps a value computed from some source tensors (the raw weights) and hands it
+  back until one of them changes. Changes are detected through each tensor's identity, storage and
+  autograd version counter, which every in-place update bumps: optimizer steps, ``load_state_dict``
+  (``copy_``), ``module.to(...)``. In-place writes through the legacy ``tensor.data`` alias bypass
+  the version counter; after such a write call :func:`clear_caches`.
+* :class:`WeightConstraint` is the base of the ``torch.nn.utils.parametrize`` modules: its forward
+  is the constraint, computed afresh in training mode and cached in eval mode.
+* :class:`LipschitzLayer` is the protocol of a lipcert layer: a sound bound of its own Lipschitz
+  constant and an export to plain ``torch.nn`` modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+
+def _version_key(tensors: Sequence[Tensor]) -> tuple | None:
+    """A key that changes whenever any of ``tensors`` is replaced or modified in place."""
+    try:
+        return tuple(
+            (id(t), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors
+        )
+    except RuntimeError:  # functorch-wrapped or storage-less tensors: never cache them
+        return None
+
+
+class EvalCache:
+    """Caches ``compute()`` while the ``sources`` it was computed from stay unchanged."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: Any = None
+
+    def get(self, sources: Sequence[Tensor], compute: Callable[[], Any], enabled: bool) -> Any:
+        """Return the cached value when ``enabled`` and still valid, else compute it.
+
+        A cached value holds no autograd graph, so the cache is bypassed when gradients must flow
+        into the sources (grad mode on and a source requires grad).
+        """
+        if enabled and torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            enabled = False
+        if not enabled:
+            return compute()
+        key = _version_key(sources)
+        if key is None:
+            return compute()
+        if key != self._key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._value = compute()
+            self._key = key
+        return self._value
+
+    def clear(self) -> None:
+        self._key, self._value = None, None
+
+
+class WeightConstraint(nn.Module):
+    """Base of lipcert's parametrizations: ``forward(W)`` returns the constrained weight.
+
+    Subclasses implement :meth:`constrain`; this class adds the eval-mode cache.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache = EvalCache()
+
+    def constrain(self, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return self.cache.get([weight], lambda: self.constrain(weight), enabled=not self.training)
+
+
+def original(module: nn.Module, name: str = "weight") -> Tensor:
+    """The unconstrained tensor behind ``module.<name>`` (itself when not parametrized)."""
+    if parametrize.is_parametrized(module, name):
+        return getattr(module.parametrizations, name).original
+    return getattr(module, name)
+
+
+def clear_caches(model: nn.Module) -> None:
+    """Drop every eval-mode cache in ``model`` (needed only after writes through ``.data``)."""
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, EvalCache):
+                value.clear()
+
+
+class LipschitzLayer:
+    """Protocol of a lipcert layer (a mixin beside ``nn.Module``).
+
+    ``lipschitz_bound()`` is a *sound* upper bound, computed in float64 from the weights as they are
+    now (including float32 rounding of the constrained weight), of the layer's Lipschitz constant
+    in the norm named by ``lipschitz_norm``. ``export()`` returns plain ``torch.nn`` modules (and
+    lipcert's stateless activations) computing the same function.
+    """
+
+    lipschitz_norm: str = "l2"
+
+    def lipschitz_bound(self) -> float:
+        raise NotImplementedError
+
+    def export(self) -> nn.Module:
+        raise NotImplementedError
