@@ -1,0 +1,86 @@
+"""PGD attacks (Madry et al., ICLR 2018) in l2 and l_inf, with random restarts.
+
+Used for verification, not training: the attack maximises the best wrong-class margin
+max_{j != y} f_j - f_y inside the eps-ball, counting a float tie (margin >= 0) as a success, so a
+certificate that float rounding could break shows up. Step sizes follow the usual 2.5 eps / steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+NORMS = ("l2", "linf")
+#: Step size factor: eps * 2.5 / steps lets PGD cross the ball and back (Madry et al. 2018).
+STEP_FACTOR = 2.5
+
+
+def wrong_class_margin(logits: Tensor, y: Tensor) -> Tensor:
+    """max_{j != y} f_j - f_y per sample (>= 0: the attack succeeded or tied)."""
+    true = logits.gather(1, y[:, None])[:, 0]
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return others.amax(dim=1) - true
+
+
+def _per_sample(eps: Tensor | float, x: Tensor) -> Tensor:
+    eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+    return eps.expand(x.shape[0]).reshape(-1, *[1] * (x.dim() - 1))
+
+
+def _project(delta: Tensor, eps: Tensor, norm: str) -> Tensor:
+    if norm == "linf":
+        return torch.maximum(torch.minimum(delta, eps), -eps)
+    norms = delta.flatten(1).norm(dim=1).reshape_as(eps).clamp_min(1e-12)
+    return delta * torch.clamp(eps / norms, max=1.0)
+
+
+def _random_start(x: Tensor, eps: Tensor, norm: str, gen: torch.Generator) -> Tensor:
+    noise = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1
+    if norm == "linf":
+        return noise * eps
+    noise = noise / noise.flatten(1).norm(dim=1).reshape_as(eps).clamp_min(1e-12)
+    radius = torch.rand(eps.shape, generator=gen, device=x.device, dtype=x.dtype)
+    return noise * eps * radius
+
+
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: Tensor | float,
+    norm: str = "l2",
+    steps: int = 50,
+    restarts: int = 3,
+    clamp: tuple[float, float] | None = None,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Search the ``eps``-ball (per-sample eps allowed) for a misclassified point.
+
+    Returns ``(x_adv, success)``: the strongest point found per sample and whether its margin is
+    >= 0 (wrong class or tie). ``clamp`` keeps inputs in a box (e.g. images in [0, 1]).
+    """
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    model.eval()
+    eps_t = _per_sample(eps, x)
+    step = eps_t * STEP_FACTOR / steps
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    best_x, best_margin = x.clone(), torch.full((x.shape[0],), -torch.inf, device=x.device)
+    for restart in range(restarts):
+        delta = _random_start(x, eps_t, norm, gen) if restart else torch.zeros_like(x)
+        for _ in range(steps + 1):
+            delta.requires_grad_(True)
+            x_adv = x + delta if clamp is None else (x + delta).clamp(*clamp)
+            margin = wrong_class_margin(model(x_adv), y)
+            improved = margin.detach() > best_margin
+            best_margin = torch.where(improved, margin.detach(), best_margin)
+            best_x[improved] = x_adv.detach()[improved]
+            (grad,) = torch.autograd.grad(margin.sum(), delta)
+            with torch.no_grad():
+                if norm == "linf":
+                    delta = delta + step * grad.sign()
+                else:
+                    g_norm = grad.flatten(1).norm(dim=1).reshape_as(eps_t).clamp_min(1e-12)
+                    delta = delta + step * grad / g_norm
+                delta = _project(delta, eps_t, norm)
+    return best_x, best_margin >= 0

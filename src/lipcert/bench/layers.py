@@ -1,0 +1,162 @@
+"""``lipcert bench layers`` (design.md §6).
+
+One process, 2 threads, batch 64, input 3x32x32. Net: conv(3->64) act conv(64->64) act
+PixelUnshuffle(2) conv(256->128) act conv(128->128) act global-avg-pool linear(128->10).
+Median ms of 7 train steps (forward + backward + SGD step) and 7 eval forwards (no_grad, eval
+mode), for plain Conv2d + ReLU, each lipcert family before and after ``export``, and the peers
+(deel-torchlip, orthogonium) when installed. Ratios are to the plain net, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import lipcert
+from lipcert import nn as lnn
+from lipcert.report import format_table
+
+BATCH, INPUT_SHAPE, CLASSES = 64, (3, 32, 32), 10
+REPEATS, WARMUP, THREADS = 7, 2, 2
+#: Channel plan of the benchmark net: (in, out) of its four convolutions.
+CONVS = ((3, 64), (64, 64), (256, 128), (128, 128))
+
+ConvFactory = Callable[[int, int], nn.Module]
+
+
+def _net(conv: ConvFactory, act: Callable[[], nn.Module], pool: nn.Module, head: nn.Module):
+    (a, b), (c, d), (e, f), (g, h) = CONVS
+    return nn.Sequential(
+        conv(a, b), act(), conv(c, d), act(), nn.PixelUnshuffle(2),
+        conv(e, f), act(), conv(g, h), act(), pool, nn.Flatten(), head,
+    )
+
+
+def _lipcert_net(conv: ConvFactory, linear: Callable[[int, int], nn.Module]) -> nn.Module:
+    return _net(conv, lnn.MaxMin, lnn.ScaledAvgPool2d(16), linear(128, CLASSES))
+
+
+def _sll_conv(c_in: int, c_out: int) -> nn.Module:
+    """SLL blocks keep the channel count; channel changes go through an AOL convolution."""
+    if c_in == c_out:
+        return lnn.SLLConv2d(c_in, c_in, 3)
+    return lnn.AOLConv2d(c_in, c_out, 3)
+
+
+def families() -> dict[str, Callable[[], nn.Module]]:
+    """Name -> constructor of the benchmark net for each family (peers when importable)."""
+    nets: dict[str, Callable[[], nn.Module]] = {
+        "plain Conv2d+ReLU": lambda: _net(
+            lambda i, o: nn.Conv2d(i, o, 3, padding=1), nn.ReLU, nn.AdaptiveAvgPool2d(1),
+            nn.Linear(128, CLASSES),
+        ),
+        "lipcert AOLConv2d": lambda: _lipcert_net(
+            lambda i, o: lnn.AOLConv2d(i, o, 3), lnn.AOLLinear),
+        "lipcert SpectralConv2d": lambda: _lipcert_net(
+            lambda i, o: lnn.SpectralConv2d(i, o, 3), lnn.SpectralLinear),
+        "lipcert SLLConv2d": lambda: _lipcert_net(_sll_conv, lnn.AOLLinear),
+    }
+    nets.update(_peer_families())
+    return nets
+
+
+def _peer_families() -> dict[str, Callable[[], nn.Module]]:
+    peers: dict[str, Callable[[], nn.Module]] = {}
+    try:
+        from deel import torchlip
+    except ImportError:
+        torchlip = None
+    if torchlip is not None:
+        peers["deel-torchlip SpectralConv2d"] = lambda: _net(
+            lambda i, o: torchlip.SpectralConv2d(i, o, 3, padding=1),
+            lambda: torchlip.GroupSort2(), torchlip.ScaledAdaptiveAvgPool2d((1, 1)),
+            torchlip.SpectralLinear(128, CLASSES),
+        )
+    try:
+        from orthogonium.layers import AdaptiveOrthoConv2d
+        from orthogonium.layers.conv.AOL.aol import AOLConv2D
+    except ImportError:
+        return peers
+    for name, conv in (("AOLConv2D", AOLConv2D), ("AdaptiveOrthoConv2d", AdaptiveOrthoConv2d)):
+        peers[f"orthogonium {name}"] = lambda conv=conv: _net(
+            lambda i, o: conv(i, o, 3, padding="same"), lnn.MaxMin, lnn.ScaledAvgPool2d(16),
+            lnn.AOLLinear(128, CLASSES),
+        )
+    return peers
+
+
+def _median_ms(fn: Callable[[], None]) -> float:
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(REPEATS):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
+def time_net(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Median ms of a train step and of an eval forward."""
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def train_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(net(x), y).backward()
+        opt.step()
+
+    def eval_forward() -> None:
+        with torch.no_grad():
+            net(x)
+
+    net.train()
+    train_ms = _median_ms(train_step)
+    net.eval()
+    return train_ms, _median_ms(eval_forward)
+
+
+def measure() -> list[dict]:
+    """Rows of {family, train_ms, eval_ms, exported_eval_ms, ratios} for every family."""
+    torch.set_num_threads(THREADS)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((BATCH, *INPUT_SHAPE), generator=gen)
+    y = torch.randint(0, CLASSES, (BATCH,), generator=gen)
+    rows = []
+    for name, build in families().items():
+        torch.manual_seed(0)
+        net = build()
+        train_ms, eval_ms = time_net(net, x, y)
+        row = {"family": name, "train_ms": train_ms, "eval_ms": eval_ms}
+        if name.startswith("lipcert"):
+            plain = lipcert.export(net)
+            row["exported_eval_ms"] = time_net(plain, x, y)[1]
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["train_ratio"] = row["train_ms"] / base["train_ms"]
+        row["eval_ratio"] = row["eval_ms"] / base["eval_ms"]
+        if "exported_eval_ms" in row:
+            row["exported_eval_ratio"] = row["exported_eval_ms"] / base["eval_ms"]
+    return rows
+
+
+def main(as_json: bool = False) -> None:
+    rows = measure()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    header = ("family", "train ms", "train x", "eval ms", "eval x", "exported eval x")
+    table = [
+        (r["family"], f"{r['train_ms']:.1f}", f"{r['train_ratio']:.2f}", f"{r['eval_ms']:.1f}",
+         f"{r['eval_ratio']:.2f}", f"{r.get('exported_eval_ratio', float('nan')):.2f}")
+        for r in rows
+    ]
+    print(format_table(header, table))
+    print(f"batch {BATCH}, input {INPUT_SHAPE}, {THREADS} threads, median of {REPEATS}; "
+          "ratios to the plain Conv2d+ReLU net in this run")

@@ -1,0 +1,142 @@
+"""Run configuration: TOML -> validated dataclasses.
+
+An unknown key, a missing required key or a bad value raises :class:`ConfigError` naming the key
+(with its section) and what is allowed. ``to_dict`` gives the resolved config saved with each run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A config file or value is invalid."""
+
+
+def _choice(*allowed: str) -> dict:
+    return {"choices": allowed}
+
+
+def _positive() -> dict:
+    return {"positive": True}
+
+
+@dataclass
+class DataConfig:
+    dataset: str = field(default="digits", metadata=_choice(
+        "digits", "moons", "mnist", "fashion-mnist", "cifar10"))
+    data_dir: str = ""
+    batch_size: int = field(default=128, metadata=_positive())
+    eval_batch_size: int = field(default=1000, metadata=_positive())
+    crop_padding: int = 0
+    flip: bool = False
+    train_subset: int = 0  # 0: the whole training split
+
+
+@dataclass
+class ModelConfig:
+    name: str = "sll_mlp"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    name: str = field(default="multiclass_hkr", metadata=_choice(
+        "multiclass_hkr", "multiclass_hinge", "tau_ce", "ce", "lmt"))
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    name: str = field(default="adam", metadata=_choice("adam", "adamw", "sgd"))
+    lr: float = field(default=1e-3, metadata=_positive())
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: str = field(default="cosine", metadata=_choice("cosine", "constant", "onecycle"))
+    warmup_epochs: float = 0.0
+    grad_clip: float = 0.0  # 0: off
+
+
+@dataclass
+class CertifyConfig:
+    norm: str = field(default="l2", metadata=_choice("l2", "linf"))
+    eps: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.58])
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    seed: int = 0
+    epochs: int = field(default=10, metadata=_positive())
+    device: str = field(default="cpu", metadata=_choice("cpu", "cuda"))
+    amp: bool = False
+    eval_every: int = field(default=1, metadata=_positive())
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    certify: CertifyConfig = field(default_factory=CertifyConfig)
+
+
+def _check_value(section: str, f: dataclasses.Field, value: Any, hint: Any) -> Any:
+    key = f"{section}{f.name}"
+    base = getattr(hint, "__origin__", hint)
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if base is list and isinstance(value, list):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{key} must be a list of numbers, got {value!r}")
+        value = [float(v) for v in value]
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be of type {base.__name__}, got {value!r}")
+    if "choices" in f.metadata and value not in f.metadata["choices"]:
+        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {f.metadata['choices']}")
+    if f.metadata.get("positive") and not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {value!r}")
+    if base in (int, float) and value < 0:
+        raise ConfigError(f"{key} must be >= 0, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], section: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{section.rstrip('.')}] must be a table, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {section}{unknown[0]}; allowed keys: {sorted(fields)}")
+    hints = get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{section}{name}.")
+        else:
+            values[name] = _check_value(section, fields[name], value, hint)
+    return cls(**values)
+
+
+def parse_config(raw: dict[str, Any]) -> TrainConfig:
+    """Validate a decoded TOML document."""
+    return _build(TrainConfig, raw, "")
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a TOML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from err
+    return parse_config(raw)
+
+
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+    """The resolved config as plain data (saved with each run)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,94 @@
+"""Named architectures (a small registry), built from configs and rebuilt from checkpoints.
+
+``build_model(name, **kwargs)`` records ``{"name", "kwargs"}`` on the model as ``lipcert_spec``,
+which :func:`lipcert.save` stores so :func:`lipcert.load` can rebuild the architecture.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from lipcert import nn as lnn
+
+ModelFactory = Callable[..., nn.Module]
+MODELS: dict[str, ModelFactory] = {}
+
+
+def register_model(factory: ModelFactory) -> ModelFactory:
+    """Add ``factory`` to the registry under its function name."""
+    MODELS[factory.__name__] = factory
+    return factory
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Build the registered architecture ``name``; unknown names list the known ones."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; registered models: {sorted(MODELS)}")
+    model = MODELS[name](**kwargs)
+    model.lipcert_spec = {"name": name, "kwargs": kwargs}
+    return model
+
+
+def _check_shape(input_shape: Sequence[int], num_classes: int) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in input_shape)
+    if not shape or any(s <= 0 for s in shape):
+        raise ValueError(f"input_shape must be positive sizes, got {input_shape!r}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    return shape
+
+
+@register_model
+def sll_mlp(
+    input_shape: Sequence[int],
+    num_classes: int,
+    width: int = 256,
+    inner_width: int = 512,
+    depth: int = 4,
+) -> nn.Sequential:
+    """Flatten -> AOLLinear -> depth x SLLLinear -> RowNormLinear (1-Lipschitz body)."""
+    shape = _check_shape(input_shape, num_classes)
+    return nn.Sequential(
+        nn.Flatten(),
+        lnn.AOLLinear(math.prod(shape), width),
+        *[lnn.SLLLinear(width, inner_width) for _ in range(depth)],
+        lnn.RowNormLinear(width, num_classes),
+    )
+
+
+@register_model
+def sll_convnet(
+    input_shape: Sequence[int],
+    num_classes: int,
+    width: int = 16,
+    blocks_per_stage: int = 2,
+    stages: int = 2,
+    inner_factor: int = 2,
+    dense_width: int = 256,
+    dense_depth: int = 2,
+) -> nn.Sequential:
+    """Convolutional SLL net (Araujo et al. 2023, Table 6 style, scaled for small images).
+
+    AOLConv2d stem, then per stage ``blocks_per_stage`` SLLConv2d blocks and an orthogonal
+    space-to-depth downsampling followed by a 1x1 AOLConv2d that halves the channels; a dense SLL
+    head ends in RowNormLinear for the last-layer certificate.
+    """
+    channels, height, width_px = _check_shape(input_shape, num_classes)
+    layers: list[nn.Module] = [lnn.AOLConv2d(channels, width, 3)]
+    c, h, w = width, height, width_px
+    for _ in range(stages):
+        layers += [lnn.SLLConv2d(c, inner_factor * c, 3) for _ in range(blocks_per_stage)]
+        if h % 2 or w % 2:
+            raise ValueError(f"sll_convnet needs even spatial sizes at each stage, got {h}x{w}")
+        layers += [lnn.InvertibleDownsample(2), lnn.AOLConv2d(4 * c, 2 * c, 1)]
+        c, h, w = 2 * c, h // 2, w // 2
+    layers += [
+        nn.Flatten(),
+        lnn.AOLLinear(c * h * w, dense_width),
+        *[lnn.SLLLinear(dense_width, 2 * dense_width) for _ in range(dense_depth)],
+        lnn.RowNormLinear(dense_width, num_classes),
+    ]
+    return nn.Sequential(*layers)

@@ -1,0 +1,209 @@
+"""An exactly orthogonal circular convolution: the Cayley transform in the Fourier domain.
+
+Trockman & Kolter, "Orthogonalizing Convolutional Layers with the Cayley Transform", ICLR 2021
+(Sec. 3, Alg. 1). A circular convolution is block-diagonalised by the 2-D DFT: at each frequency w
+it multiplies the input's spectrum by a C_out x C_in matrix. The layer learns an ordinary k x k
+kernel, takes its spectrum V(w), and replaces it by the Cayley transform of the skew-Hermitian
+A(w) = V(w) - V(w)^H,
+
+    Q(w) = (I + A)^-1 (I - A),
+
+which is unitary because A is skew-Hermitian (so I + A is invertible). The operator
+x -> IDFT(Q(w) DFT(x)(w)) is orthogonal: 1-Lipschitz and gradient-norm preserving. Q(w) is dense in
+space (a full input_size kernel), so the input size must be known and fixed.
+
+Why Cayley, and not SOC or BCOP
+-------------------------------
+* SOC (Singla & Feizi, ICML 2021) takes exp of a skew-symmetric convolution through a *truncated*
+  Taylor series: it is only approximately orthogonal, with an error that grows with the kernel
+  norm, so a sound certificate needs an extra bound of that error (and a correction) on top.
+* BCOP (Li et al., NeurIPS 2019) is exact, but spans only the convolutions its block construction
+  (products of symmetric projectors) reaches, and every step re-orthogonalises its many parameter
+  matrices, which is costly to parametrize and itself iterative.
+* Cayley is exact in exact arithmetic, for any kernel size and channel counts, at the cost of one
+  small linear solve per frequency, done once per weight update (cached in eval mode). The float
+  rounding that remains is measured a posteriori by :func:`semi_unitary_spectral_bound`.
+
+C_out != C_in: with V = [U; R] (C_in x C_in on top of (C_out - C_in) x C_in), the first C_in
+columns of the Cayley transform of the skew-Hermitian [[U - U^H, -R^H], [R, 0]] are, by the Schur
+complement, [(I + A)^-1 (I - A); -2 R (I + A)^-1] with A = U - U^H + R^H R (the semi-orthogonal
+Cayley transform used by the paper for non-square weights): orthonormal columns, and only a
+C_in x C_in system per frequency. C_out < C_in uses the transpose (orthonormal rows).
+
+Stride is not supported inside the layer: downsample with an orthogonal pixel shuffle
+(``nn.PixelUnshuffle`` / lipcert's ``InvertibleDownsample``) before it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lipcert.bounds.operator import gram_spectral_bound, rounding_safety
+from lipcert.nn.constrained import _check_positive, _init_torch_default
+from lipcert.nn.constraint import EvalCache, LipschitzLayer
+
+
+def cayley(v: Tensor) -> Tensor:
+    """Semi-unitary Cayley transform of each matrix in ``v`` (..., m, n).
+
+    Trockman & Kolter (2021), Sec. 3: for m >= n, v = [U; R] and A = U - U^H + R^H R give
+    Q = [(I + A)^-1 (I - A); -2 R (I + A)^-1] = 2 [I; -R] (I + A)^-1 - [I; 0], one solve.
+    Q has orthonormal columns (m >= n) or rows (m < n); for m == n, Q = (I + A)^-1 (I - A).
+    """
+    rows, cols = v.shape[-2:]
+    if rows < cols:
+        return cayley(v.mH).mH
+    top, rest = v[..., :cols, :], v[..., cols:, :]  # (..., n, n), (..., m - n, n)
+    eye = torch.eye(cols, dtype=v.dtype, device=v.device).expand_as(top)
+    skew = top - top.mH + rest.mH @ rest
+    stacked = torch.cat((eye, -rest), dim=-2)  # [I; -R]: (..., m, n)
+    solved = torch.linalg.solve(eye + skew, stacked, left=False)  # [I; -R] (I + A)^-1
+    embedding = torch.cat((eye, torch.zeros_like(rest)), dim=-2)  # [I; 0]: (..., m, n)
+    return 2 * solved - embedding
+
+
+def semi_unitary_spectral_bound(q: Tensor) -> float:
+    """Sound upper bound, in float64, of max sigma_max(Q) over a batch of nearly semi-unitary Q.
+
+    With G the smaller Gram matrix (Q^H Q or Q Q^H, same nonzero spectrum), sigma_max(Q)^2 =
+    ||G||_2 <= 1 + ||G - I||_2. G - I is formed in complex128 from the exact float64 copy of ``q``;
+    each entry's rounding is at most gamma_n (||q_i|| ||q_j|| + |G_ij - I_ij|) (Higham, eq. 3.5, and
+    Cauchy-Schwarz), so the rounding matrix has Frobenius norm at most gamma_n (||Q||_F^2 +
+    ||G - I||_F), added to the Gram-iteration bound of ||G - I||_2 (Delattre et al., ICML 2023).
+    """
+    q = q.detach().to(torch.complex128)
+    rows, cols = q.shape[-2:]
+    gram = q.mH @ q if rows >= cols else q @ q.mH  # (..., n, n), n = min(rows, cols)
+    defect = gram - torch.eye(gram.shape[-1], dtype=q.dtype, device=q.device)
+    gamma = rounding_safety(torch.float64, max(rows, cols)) - 1
+    rounding = gamma * (torch.linalg.matrix_norm(q) ** 2 + torch.linalg.matrix_norm(defect))
+    squared = 1 + gram_spectral_bound(defect) + rounding
+    return float(squared.max().sqrt()) * rounding_safety(torch.float64, 1)
+
+
+def _size_pair(name: str, value: int | tuple[int, int]) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
+    return pair
+
+
+class CayleyConv2d(LipschitzLayer, nn.Module):
+    """Orthogonal circular convolution on a fixed ``input_size`` grid (Trockman & Kolter, 2021).
+
+    ``weight`` (C_out, C_in, k_h, k_w) is a plain kernel, initialised as ``nn.Conv2d``'s; the layer
+    applies the Cayley transform of its skew-Hermitian part per frequency (see the module
+    docstring). Output shape equals input shape except for the channels. Exactly orthogonal when
+    C_out == C_in, orthonormal rows/columns otherwise.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        input_size: int | tuple[int, int],
+        bias: bool = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_positive(in_channels=in_channels, out_channels=out_channels)
+        self.kernel_size = _size_pair("kernel_size", kernel_size)
+        self.input_size = _size_pair("input_size", input_size)
+        if any(k > n for k, n in zip(self.kernel_size, self.input_size)):
+            raise ValueError(
+                f"kernel_size {self.kernel_size} must fit in input_size {self.input_size}: "
+                "a larger kernel would wrap around the circular grid"
+            )
+        self.in_channels, self.out_channels = in_channels, out_channels
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(
+            torch.empty((out_channels, in_channels, *self.kernel_size), **factory)
+        )
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self._unitary_cache = EvalCache()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            _init_torch_default(self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"input_size={self.input_size}, bias={self.bias is not None}"
+        )
+
+    def kernel_spectrum(self) -> Tensor:
+        """V(w): real DFT of the kernel centred at the origin of the grid, (H, W//2+1, C_out, C_in).
+
+        Centring (the centre tap at offset 0) keeps the skew part V - V^H as local as the kernel.
+        """
+        (k_h, k_w), (height, width) = self.kernel_size, self.input_size
+        padded = nn.functional.pad(self.weight, (0, width - k_w, 0, height - k_h))  # (O, I, H, W)
+        centred = torch.roll(padded, shifts=(-(k_h // 2), -(k_w // 2)), dims=(-2, -1))
+        return torch.fft.rfft2(centred).permute(2, 3, 0, 1)  # (H, W//2+1, O, I)
+
+    def unitary(self) -> Tensor:
+        """Q(w) per frequency, (H, W//2+1, C_out, C_in); cached in eval mode."""
+        return self._unitary(cached=not self.training)
+
+    def _unitary(self, cached: bool) -> Tensor:
+        return self._unitary_cache.get([self.weight], self._fresh_unitary, enabled=cached)
+
+    def _fresh_unitary(self) -> Tensor:
+        return cayley(self.kernel_spectrum())
+
+    def forward(self, x: Tensor) -> Tensor:
+        expected = (self.in_channels, *self.input_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"{type(self).__name__} expects input of shape (B, {', '.join(map(str, expected))})"
+                f", got {tuple(x.shape)}"
+            )
+        spectrum = torch.fft.rfft2(x)  # (B, I, H, W//2+1)
+        mixed = torch.einsum("hwoi,bihw->bohw", self.unitary(), spectrum)  # (B, O, H, W//2+1)
+        out = torch.fft.irfft2(mixed, s=self.input_size)  # (B, O, H, W)
+        return out if self.bias is None else out + self.bias[:, None, None]
+
+    def lipschitz_bound(self) -> float:
+        """Sound bound from the Q(w) the forward uses (float rounding of Q included).
+
+        The real operator realised by ``irfft2`` has, at each frequency, Q(w) or the mean of
+        Q(w) and conj Q(-w) (on self-conjugate bins), so max_w sigma_max(Q(w)) bounds it.
+        """
+        with torch.no_grad():
+            return semi_unitary_spectral_bound(self._unitary(cached=True))
+
+    def spatial_kernel(self) -> Tensor:
+        """The full-grid real kernel K (C_out, C_in, H, W) with y = K (*) x, from Q in float64."""
+        with torch.no_grad():
+            q = self.unitary().to(torch.complex128).permute(2, 3, 0, 1)  # (O, I, H, W//2+1)
+            return torch.fft.irfft2(q, s=self.input_size)  # (O, I, H, W)
+
+    def export(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with circular padding and a full-grid kernel computing the same map.
+
+        Torch convolutions are cross-correlations: y[i] = sum_t W[t] x[i + t - p]. With kernel
+        size 2 (n // 2) + 1 and padding p = n // 2 per axis (odd, so the padding is symmetric),
+        W[t] = K[(p - t) mod n] for t < n; the extra tap t = n (even n only) repeats a pixel and is
+        zero.
+        """
+        kernel = self.spatial_kernel()
+        pads = tuple(n // 2 for n in self.input_size)
+        plain = nn.Conv2d(
+            self.in_channels, self.out_channels, tuple(2 * p + 1 for p in pads), padding=pads,
+            bias=self.bias is not None, padding_mode="circular",
+            device=self.weight.device, dtype=self.weight.dtype,
+        )
+        (height, width), (pad_h, pad_w) = self.input_size, pads
+        rows = (pad_h - torch.arange(height, device=kernel.device)) % height
+        cols = (pad_w - torch.arange(width, device=kernel.device)) % width
+        with torch.no_grad():
+            plain.weight.zero_()
+            plain.weight[..., :height, :width] = kernel[..., rows[:, None], cols[None, :]]
+            if self.bias is not None:
+                plain.bias.copy_(self.bias)
+        return plain

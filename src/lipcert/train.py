@@ -1,0 +1,259 @@
+"""The training loop: config in, checkpoints + metrics + certified accuracy out.
+
+One epoch = a seeded permutation of the training set (the seed is derived from the run seed and
+the epoch, so a resumed run sees exactly the batches an uninterrupted one would), optional tensor
+augmentation, one optimizer step per batch, then evaluation (clean + certified accuracy) and an
+atomic checkpoint. ``torchrun`` runs it data-parallel (DDP): each rank takes its share of every
+global batch and rank 0 evaluates, logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from lipcert import losses
+from lipcert.certify import certified_accuracy, certify_batched
+from lipcert.checkpoint import load_into, read_checkpoint, unflatten, write_checkpoint
+from lipcert.config import LossConfig, OptimConfig, TrainConfig, to_dict
+from lipcert.data import Dataset, load_dataset, random_crop, random_flip
+from lipcert.models import build_model
+
+CHECKPOINT_NAME = "last.safetensors"
+METRICS_NAME = "metrics.jsonl"
+#: Offset mixed into per-epoch seeds so the data order differs from the model-init stream.
+_EPOCH_SEED_STRIDE = 1_000_003
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device) -> Distributed:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size())
+
+
+def make_loss(cfg: LossConfig, eps: float) -> nn.Module:
+    """The training loss named in the config (kwargs passed through)."""
+    factories = {
+        "multiclass_hkr": losses.MulticlassHKRLoss,
+        "multiclass_hinge": losses.MulticlassHingeLoss,
+        "tau_ce": losses.TauCrossEntropyLoss,
+        "ce": nn.CrossEntropyLoss,
+        "lmt": losses.LMTLoss,
+    }
+    kwargs = dict(cfg.kwargs)
+    if cfg.name == "lmt":
+        kwargs.setdefault("eps", eps)
+    try:
+        return factories[cfg.name](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"loss.kwargs do not fit loss {cfg.name!r}: {err}") from err
+
+
+def make_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+        )
+    optimizer = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: OptimConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at ``step``: linear warmup, then cosine / constant / one-cycle."""
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return max(0.0, 1.0 - progress)  # one-cycle's linear decay after the warmup ramp
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * _EPOCH_SEED_STRIDE + epoch)
+
+
+def evaluate(model: nn.Module, data: Dataset, config: TrainConfig) -> dict[str, float]:
+    """Clean and certified accuracy of ``model`` on the test split."""
+    radii = certify_batched(
+        model, data.test.x, data.test.y, config.certify.norm, config.data.eval_batch_size
+    )
+    acc = certified_accuracy(radii, [0.0, *config.certify.eps])
+    return {("clean_acc" if e == 0 else f"cert_acc@{e:g}"): v for e, v in acc.items()}
+
+
+def _batches(data: Dataset, config: TrainConfig, epoch: int, ddp: Distributed):
+    """Yield (x, y) of this rank's share of every global batch of ``epoch``."""
+    gen = epoch_generator(config.seed, epoch)
+    x_all, y_all = data.train.x, data.train.y
+    order = torch.randperm(len(y_all), generator=gen)
+    batch = config.data.batch_size
+    n_batches = max(1, len(order) // batch)
+    for i in range(n_batches):
+        idx = order[i * batch : (i + 1) * batch][ddp.rank :: ddp.world_size]
+        x = x_all[idx]
+        if config.data.crop_padding:
+            x = random_crop(x, config.data.crop_padding, gen)
+        if config.data.flip:
+            x = random_flip(x, gen)
+        yield x, y_all[idx]
+
+
+def _steps_per_epoch(data: Dataset, config: TrainConfig) -> int:
+    return max(1, len(data.train.y) // config.data.batch_size)
+
+
+def _check_finite(loss: Tensor, epoch: int, step: int, ckpt: Path) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(
+            f"loss became {loss.item()} at epoch {epoch}, step {step}; stopping. The last good "
+            f"checkpoint is kept at {ckpt} (lower the learning rate or enable optim.grad_clip)"
+        )
+
+
+def train_one_epoch(model, loss_fn, optimizer, scheduler, data, config, epoch, device, ddp, ckpt):
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    amp = config.amp and device.type == "cuda"
+    bar = tqdm(
+        _batches(data, config, epoch, ddp), total=_steps_per_epoch(data, config),
+        desc=f"epoch {epoch + 1}/{config.epochs}", disable=not ddp.is_main, leave=False,
+    )
+    for step, (x, y) in enumerate(bar):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        loss = loss_fn(logits.float(), y)
+        _check_finite(loss, epoch, step, ckpt)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.optim.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+    return {"train_loss": total_loss / seen, "train_acc": correct / seen}
+
+
+def _restore(ckpt: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]:
+    tensors, meta = read_checkpoint(ckpt)
+    load_into(model, tensors, ckpt)
+    state = unflatten(meta["state"], tensors)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["epoch"], state["history"]
+
+
+def _write_metrics(run_dir: Path, history: list[dict]) -> None:
+    tmp = run_dir / f".{METRICS_NAME}.tmp"
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    tmp.replace(run_dir / METRICS_NAME)
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    data: Dataset | None = None,
+    stop_after_epochs: int | None = None,
+) -> tuple[nn.Module, list[dict]]:
+    """Train per ``config`` into ``run_dir``; returns the model and the metrics history.
+
+    ``resume`` continues from ``run_dir/last.safetensors``. ``stop_after_epochs`` ends the call
+    early (as an interruption would), leaving a checkpoint to resume from.
+    """
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device = 'cuda' but no CUDA device is available; use device = 'cpu'")
+    ddp = setup_distributed(device)
+    if ddp.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    run_dir = Path(run_dir)
+    ckpt = run_dir / CHECKPOINT_NAME
+    data = data or load_dataset(config.data.dataset, config.data.data_dir or None)
+    if config.data.train_subset:
+        data = data.subset_train(config.data.train_subset)
+    torch.manual_seed(config.seed)
+    kwargs = {"input_shape": list(data.input_shape), "num_classes": data.num_classes}
+    model = build_model(config.model.name, **kwargs, **config.model.kwargs).to(device)
+    optimizer = make_optimizer(config.optim, model.parameters())
+    steps = _steps_per_epoch(data, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(config.optim, s, steps * config.epochs, steps)
+    )
+    loss_fn = make_loss(config.loss, max(config.certify.eps))
+    start_epoch, history = 0, []
+    if resume:
+        start_epoch, history = _restore(ckpt, model, optimizer, scheduler)
+    elif ddp.is_main and ckpt.exists():
+        raise ValueError(f"{ckpt} exists: pass --resume to continue it or choose another run dir")
+    train_model = model
+    if ddp.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(model)
+    if ddp.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+        _write_metrics(run_dir, history)
+    last_epoch = config.epochs if stop_after_epochs is None else start_epoch + stop_after_epochs
+    for epoch in range(start_epoch, min(config.epochs, last_epoch)):
+        started = time.perf_counter()
+        row = {"epoch": epoch + 1}
+        row |= train_one_epoch(
+            train_model, loss_fn, optimizer, scheduler, data, config, epoch, device, ddp, ckpt
+        )
+        row["lr"] = scheduler.get_last_lr()[0]
+        row["epoch_seconds"] = time.perf_counter() - started
+        if ddp.is_main:
+            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+                row |= evaluate(model, data, config)
+            history.append(row)
+            state = {
+                "epoch": epoch + 1,
+                "history": history,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+            }
+            write_checkpoint(ckpt, model, to_dict(config), state)
+            _write_metrics(run_dir, history)
+            tqdm.write(_summary_line(row))
+        if ddp.world_size > 1:
+            dist.barrier()
+    return model, history
+
+
+def _summary_line(row: dict) -> str:
+    parts = [f"epoch {row['epoch']}", f"loss {row['train_loss']:.4f}"]
+    parts += [f"{k} {v:.4f}" for k, v in row.items() if k.endswith("acc") or "@" in k]
+    return " | ".join(parts)
