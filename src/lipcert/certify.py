@@ -99,9 +99,14 @@ def _check_inputs(x: Tensor, y: Tensor, norm: str) -> None:
         raise ValueError("x contains NaN or inf values")
 
 
-def logit_rounding_bound(logits: Tensor, x: Tensor, lipschitz: float) -> Tensor:
-    """A-priori bound of the rounding error of each sample's logits (see module docstring)."""
-    rel = ROUNDING_REL_FLOAT32 * torch.finfo(logits.dtype).eps / torch.finfo(torch.float32).eps
+def logit_rounding_bound(
+    logits: Tensor, x: Tensor, lipschitz: float, computed_in: torch.dtype
+) -> Tensor:
+    """A-priori bound of the rounding error of each sample's logits (see module docstring).
+
+    ``computed_in`` is the dtype the forward pass ran in (the logits may have been upcast since).
+    """
+    rel = ROUNDING_REL_FLOAT32 * torch.finfo(computed_in).eps / torch.finfo(torch.float32).eps
     scale = 1 + logits.abs().amax(dim=1) + lipschitz * x.flatten(1).norm(dim=1)
     return rel * scale
 
@@ -118,7 +123,8 @@ def radii_from_logits(
         pair = summary.head_pair_bound.to(logits64.device)[y] * summary.body_bound  # (B, C)
     else:
         pair = torch.full_like(margins, SQRT2 * summary.body_bound)
-    delta_margin = 2 * logit_rounding_bound(logits64, x.double(), summary.body_bound)  # (B,)
+    computed_in = torch.promote_types(logits.dtype, x.dtype)
+    delta_margin = 2 * logit_rounding_bound(logits64, x.double(), summary.body_bound, computed_in)
     safe = margins - 3 * delta_margin[:, None]
     per_class = safe / pair.clamp_min(1e-300)
     per_class.scatter_(1, y[:, None], math.inf)
@@ -154,6 +160,8 @@ def certify(
         )
         with torch.no_grad():
             logits = model(x)
+    except RuntimeError as err:
+        raise ValueError(f"the model does not accept inputs of shape {tuple(x.shape)}: {err}") from err
     finally:
         model.train(was_training)
     if logits.dim() != 2 or logits.shape[1] < 2:

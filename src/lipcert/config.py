@@ -46,7 +46,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     name: str = field(default="multiclass_hkr", metadata=_choice(
-        "multiclass_hkr", "multiclass_hinge", "tau_ce", "ce", "lmt"))
+        "multiclass_hkr", "multiclass_hinge", "tau_ce", "ce"))
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 

@@ -25,7 +25,7 @@ from lipcert import losses
 from lipcert.certify import certified_accuracy, certify_batched
 from lipcert.checkpoint import load_into, read_checkpoint, unflatten, write_checkpoint
 from lipcert.config import LossConfig, OptimConfig, TrainConfig, to_dict
-from lipcert.data import Dataset, load_dataset, random_crop, random_flip
+from lipcert.data import Dataset, Split, load_dataset, random_crop, random_flip
 from lipcert.models import build_model
 
 CHECKPOINT_NAME = "last.safetensors"
@@ -58,20 +58,16 @@ def setup_distributed(device: torch.device) -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size())
 
 
-def make_loss(cfg: LossConfig, eps: float) -> nn.Module:
+def make_loss(cfg: LossConfig) -> nn.Module:
     """The training loss named in the config (kwargs passed through)."""
     factories = {
         "multiclass_hkr": losses.MulticlassHKRLoss,
         "multiclass_hinge": losses.MulticlassHingeLoss,
         "tau_ce": losses.TauCrossEntropyLoss,
         "ce": nn.CrossEntropyLoss,
-        "lmt": losses.LMTLoss,
     }
-    kwargs = dict(cfg.kwargs)
-    if cfg.name == "lmt":
-        kwargs.setdefault("eps", eps)
     try:
-        return factories[cfg.name](**kwargs)
+        return factories[cfg.name](**cfg.kwargs)
     except TypeError as err:
         raise ValueError(f"loss.kwargs do not fit loss {cfg.name!r}: {err}") from err
 
@@ -128,14 +124,23 @@ def _batches(data: Dataset, config: TrainConfig, epoch: int, ddp: Distributed):
         yield x, y_all[idx]
 
 
+def subset_train(data: Dataset, size: int, seed: int) -> Dataset:
+    """``data`` with a seeded random subset of ``size`` training points (for quick runs)."""
+    if size > len(data.train):
+        raise ValueError(f"data.train_subset = {size} exceeds the {len(data.train)} training points")
+    keep = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:size]
+    train = Split(data.train.x[keep], data.train.y[keep])
+    return Dataset(data.name, train, data.test, data.class_names)
+
+
 def _steps_per_epoch(data: Dataset, config: TrainConfig) -> int:
     return max(1, len(data.train.y) // config.data.batch_size)
 
 
-def _check_finite(loss: Tensor, epoch: int, step: int, ckpt: Path) -> None:
-    if not torch.isfinite(loss):
+def _check_finite(value: Tensor, what: str, epoch: int, step: int, ckpt: Path) -> None:
+    if not torch.isfinite(value).all():
         raise TrainingDiverged(
-            f"loss became {loss.item()} at epoch {epoch}, step {step}; stopping. The last good "
+            f"{what} became non-finite at epoch {epoch + 1}, step {step}; stopping. The last good "
             f"checkpoint is kept at {ckpt} (lower the learning rate or enable optim.grad_clip)"
         )
 
@@ -152,8 +157,9 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, data, config, epoch, d
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
+        _check_finite(logits, "the logits", epoch, step, ckpt)
         loss = loss_fn(logits.float(), y)
-        _check_finite(loss, epoch, step, ckpt)
+        _check_finite(loss, "the loss", epoch, step, ckpt)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.optim.grad_clip:
@@ -204,7 +210,7 @@ def train(
     ckpt = run_dir / CHECKPOINT_NAME
     data = data or load_dataset(config.data.dataset, config.data.data_dir or None)
     if config.data.train_subset:
-        data = data.subset_train(config.data.train_subset)
+        data = subset_train(data, config.data.train_subset, config.seed)
     torch.manual_seed(config.seed)
     kwargs = {"input_shape": list(data.input_shape), "num_classes": data.num_classes}
     model = build_model(config.model.name, **kwargs, **config.model.kwargs).to(device)
@@ -213,7 +219,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(config.optim, s, steps * config.epochs, steps)
     )
-    loss_fn = make_loss(config.loss, max(config.certify.eps))
+    loss_fn = make_loss(config.loss)
     start_epoch, history = 0, []
     if resume:
         start_epoch, history = _restore(ckpt, model, optimizer, scheduler)

@@ -21,8 +21,9 @@ Why Cayley, and not SOC or BCOP
   (products of symmetric projectors) reaches, and every step re-orthogonalises its many parameter
   matrices, which is costly to parametrize and itself iterative.
 * Cayley is exact in exact arithmetic, for any kernel size and channel counts, at the cost of one
-  small linear solve per frequency, done once per weight update (cached in eval mode). The float
-  rounding that remains is measured a posteriori by :func:`semi_unitary_spectral_bound`.
+  small linear solve per frequency, done once per weight update (cached in eval mode) and in
+  float64 (:data:`SOLVE_DTYPE`). The rounding of Q to the layer's dtype that remains is measured
+  a posteriori by :func:`semi_unitary_spectral_bound`.
 
 C_out != C_in: with V = [U; R] (C_in x C_in on top of (C_out - C_in) x C_in), the first C_in
 columns of the Cayley transform of the skew-Hermitian [[U - U^H, -R^H], [R, 0]] are, by the Schur
@@ -42,6 +43,12 @@ from torch import Tensor, nn
 from lipcert.bounds.operator import gram_spectral_bound, rounding_safety
 from lipcert.nn.constrained import _check_positive, _init_torch_default
 from lipcert.nn.constraint import EvalCache, LipschitzLayer
+
+#: Precision of the per-frequency Cayley solve. Its error grows like ||A|| u (the solve's backward
+#: error against the unit eigenvalues of I + A): in float32 orthogonality is lost, or I + A turns
+#: numerically singular, once the kernel is ~1e3 times its init scale, which a few large optimizer
+#: steps reach; complex128 keeps Q unitary to ~1e-7 far beyond that, at ~2x the cost of the solve.
+SOLVE_DTYPE = torch.complex128
 
 
 def cayley(v: Tensor) -> Tensor:
@@ -143,7 +150,7 @@ class CayleyConv2d(LipschitzLayer, nn.Module):
         """
         (k_h, k_w), (height, width) = self.kernel_size, self.input_size
         padded = nn.functional.pad(self.weight, (0, width - k_w, 0, height - k_h))  # (O, I, H, W)
-        centred = torch.roll(padded, shifts=(-(k_h // 2), -(k_w // 2)), dims=(-2, -1))
+        centred = torch.roll(padded, shifts=(1, 0), dims=(-2, -1))
         return torch.fft.rfft2(centred).permute(2, 3, 0, 1)  # (H, W//2+1, O, I)
 
     def unitary(self) -> Tensor:
@@ -154,7 +161,8 @@ class CayleyConv2d(LipschitzLayer, nn.Module):
         return self._unitary_cache.get([self.weight], self._fresh_unitary, enabled=cached)
 
     def _fresh_unitary(self) -> Tensor:
-        return cayley(self.kernel_spectrum())
+        spectrum = self.kernel_spectrum()
+        return cayley(spectrum.to(SOLVE_DTYPE)).to(spectrum.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         expected = (self.in_channels, *self.input_size)

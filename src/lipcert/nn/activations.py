@@ -1,0 +1,169 @@
+"""Gradient-norm-preserving activations: GroupSort and MaxMin, and a string factory for configs.
+
+GroupSort (Anil, Lucas & Grosse, "Sorting out Lipschitz function approximation", ICML 2019, Sec. 4)
+splits the features along ``dim`` into contiguous groups of ``group_size`` and sorts each group.
+Convention here: **descending** order, so ``MaxMin`` (the paper's group size 2) maps every pair
+``(x_2i, x_2i+1)`` to ``(max, min)`` and ``GroupSort(2)`` is the same function as ``MaxMin()``.
+
+On each region where the order of the inputs is fixed the map is a permutation of coordinates, so
+its Jacobian is a permutation matrix (all singular values 1): it is 1-Lipschitz in every l_p norm
+and preserves gradient norms (ties are broken so that the Jacobian stays a permutation).
+
+Speed (``OMP_NUM_THREADS=1``, one CPU thread, float32, input (64, 64, 32, 32), min of 25 runs;
+script in the report of this module): ``sort`` on the grouped view: 43 ms forward / 61 ms
+forward+backward; ``torch.maximum``/``minimum`` + stack with torch's own backward: 5 / 66 ms;
+``torch.where`` swaps: 19 / 57 ms; max/min forward + the masked backward below: 6 / 26 ms. Groups
+of 2 therefore take the max/min path; larger groups sort the grouped view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from lipcert.nn.constraint import LipschitzLayer
+
+#: The order GroupSort sorts each group in (descending, so groups of 2 give max then min).
+SORT_DESCENDING = True
+
+
+def _maxmin_values(x: Tensor, dim: int) -> Tensor:
+    """(max, min) of every contiguous pair along ``dim`` (exact: no arithmetic on the values)."""
+    first, second = x.unflatten(dim, (-1, 2)).unbind(dim + 1)  # each (..., C/2, ...)
+    pairs = torch.stack((torch.maximum(first, second), torch.minimum(first, second)), dim + 1)
+    return pairs.flatten(dim, dim + 1)  # (..., C, ...)
+
+
+def _route_pairs(grad: Tensor, first_is_max: Tensor, dim: int) -> Tensor:
+    """Send the gradients of (max, min) back to the pair members they came from.
+
+    Multiplying by a boolean mask is exact and, on CPU, several times faster than ``torch.where``.
+    """
+    grad_max, grad_min = grad.unflatten(dim, (-1, 2)).unbind(dim + 1)  # each (..., C/2, ...)
+    second_is_max = ~first_is_max
+    routed = torch.stack(
+        (
+            grad_max * first_is_max + grad_min * second_is_max,
+            grad_max * second_is_max + grad_min * first_is_max,
+        ),
+        dim + 1,
+    )
+    return routed.flatten(dim, dim + 1)  # (..., C, ...)
+
+
+class _MaxMinFunction(torch.autograd.Function):
+    """MaxMin with a permutation backward (torch's max/min backward is slow and splits ties).
+
+    The pair mask is a second, non-differentiable output so that ``torch.func`` transforms
+    (``jacrev``, ``vmap``) can use the generated vmap rule. The backward is made of differentiable
+    ops, so double backward (gradient penalties) works: it is zero in ``x``, as it should be.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        first, second = x.unflatten(dim, (-1, 2)).unbind(dim + 1)  # each (..., C/2, ...)
+        return _maxmin_values(x, dim), first >= second
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, int], output: tuple[Tensor, Tensor]) -> None:
+        ctx.dim = inputs[1]
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_mask: Tensor) -> tuple[Tensor, None]:
+        (first_is_max,) = ctx.saved_tensors
+        return _route_pairs(grad, first_is_max, ctx.dim), None
+
+
+class GroupSort(LipschitzLayer, nn.Module):
+    """Sort contiguous groups of ``group_size`` features along ``dim`` in descending order.
+
+    Anil et al., ICML 2019, Sec. 4 (GroupSort). 1-Lipschitz and gradient-norm preserving.
+    ``group_size`` must divide the size of ``dim``; ``dim=1`` is the channel dimension of
+    ``(B, C, H, W)`` and the feature dimension of ``(B, F)`` inputs.
+    """
+
+    def __init__(self, group_size: int = 2, dim: int = 1) -> None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise ValueError(f"dim must be an integer, got {dim!r}")
+        super().__init__()
+        self.group_size = group_size
+        self.dim = dim
+
+    def extra_repr(self) -> str:
+        return f"group_size={self.group_size}, dim={self.dim}"
+
+    def _check_input(self, x: Tensor) -> int:
+        """The non-negative sort dimension of ``x``, after checking that the groups fit.
+
+        Skipped while tracing (ONNX export): the check would be recorded as graph ops.
+        """
+        if torch.jit.is_tracing():
+            return self.dim % x.dim()
+        if not -x.dim() <= self.dim < x.dim():
+            raise ValueError(
+                f"{self}: input of shape {tuple(x.shape)} has no dimension {self.dim}"
+            )
+        dim = self.dim % x.dim()
+        if x.shape[dim] % self.group_size != 0:
+            raise ValueError(
+                f"{self}: input of shape {tuple(x.shape)} has {x.shape[dim]} features along "
+                f"dim {self.dim}, not a multiple of group_size={self.group_size}"
+            )
+        return dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        dim = self._check_input(x)
+        if self.group_size == 2:
+            if torch.is_grad_enabled() and x.requires_grad:
+                return _MaxMinFunction.apply(x, dim)[0]
+            return _maxmin_values(x, dim)
+        groups = x.unflatten(dim, (-1, self.group_size))  # (..., C/g, g, ...)
+        ordered = groups.sort(dim=dim + 1, descending=SORT_DESCENDING).values
+        return ordered.flatten(dim, dim + 1)  # (..., C, ...)
+
+    def lipschitz_bound(self) -> float:
+        """Exactly 1: a permutation of the inputs on each region of fixed order."""
+        return 1.0
+
+    def export(self) -> GroupSort:
+        """Stateless: the layer itself is its export (ONNX: TopK, or Max/Min for groups of 2)."""
+        return self
+
+
+class MaxMin(GroupSort):
+    """``(x_2i, x_2i+1) -> (max, min)`` along ``dim``: GroupSort with groups of 2 (Anil et al.)."""
+
+    def __init__(self, dim: int = 1) -> None:
+        super().__init__(group_size=2, dim=dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+#: Activations a config may name: lipcert's gradient-norm-preserving ones and 1-Lipschitz torch
+#: ones (each has a bound rule in lipcert.bounds.network).
+ACTIVATIONS: dict[str, Callable[..., nn.Module]] = {
+    "groupsort": GroupSort,
+    "maxmin": MaxMin,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
+}
+
+
+def get_activation(name: str, **kwargs: object) -> nn.Module:
+    """A new activation module from its config name, e.g. ``get_activation("groupsort",
+    group_size=4)``. Case, ``_`` and ``-`` are ignored: ``"Max_Min"`` is ``"maxmin"``.
+    """
+    key = name.lower().replace("_", "").replace("-", "")
+    if key not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[key](**kwargs)

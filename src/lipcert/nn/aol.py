@@ -1,0 +1,224 @@
+"""Almost-Orthogonal Layers (Prach & Lampert, ECCV 2022, "Almost-Orthogonal Layers for Efficient
+General-Purpose Lipschitz Networks") and the Schur-test machinery that SLL reuses.
+
+AOL (Thm. 1 of the paper): for any matrix W, the column rescaling
+D = diag(sum_j |W^T W|_ij)^(-1/2) gives ||W D||_2 <= 1. The proof is the Schur test: for a
+symmetric G and positive weights p, lambda_max(G) <= max_i sum_j |G_ij| p_j / p_i; with
+G = D W^T W D and p_j = 1 / d_j every weighted row sum is sum_j |W^T W|_ij d_i^2 = 1.
+
+Convolutions (Thm. 2 of the paper): the Gram matrix of a convolution is built from the kernel's
+self-correlation (:func:`kernel_self_correlation`), so the rescaling is per input channel,
+d_i = (sum_j sum_offsets |corr_ij(offset)|)^(-1/2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from lipcert.bounds.operator import rounding_safety
+from lipcert.nn.constrained import BoundedWeightConstraint, ConstrainedConv2d, ConstrainedLinear
+from lipcert.nn.constraint import original
+
+#: Relative margin added to every Schur row sum in the forward: the rescaling uses
+#: (1 + ROW_SUM_MARGIN) r + RESCALE_EPS instead of r. It covers the float32 rounding of row sums of
+#: up to ~1,600 products (n * u32 <= 1e-4, Higham eq. 3.5), so the float64 a-posteriori check
+#: certifies <= 1 without a rounding surplus; it shrinks an AOL layer by at most 5e-5.
+ROW_SUM_MARGIN = 1e-4
+
+#: Added to every row sum so that an all-zero column (row sum 0) gets a finite scale. Enlarging a
+#: row sum only lowers the Schur-test sums below 1, so this never breaks a bound.
+RESCALE_EPS = 1e-12
+
+
+def as_kernel(weight: Tensor) -> Tensor:
+    """View a linear weight ``(out, in)`` as a 1x1 convolution kernel ``(out, in, 1, 1)``."""
+    return weight[:, :, None, None] if weight.dim() == 2 else weight
+
+
+def kernel_self_correlation(kernel: Tensor) -> Tensor:
+    """Self-correlation of a kernel over its output channels: the entries of the Gram ``A^T A``.
+
+    ``kernel`` is ``(c_out, c_in, kh, kw)`` (the operator A maps c_in to c_out channels). Returns
+    ``(c_in, c_in, 2kh-1, 2kw-1)`` with corr[i, j, d] = sum_o sum_u K[o, i, u + d] K[o, j, u]:
+    the entry of A^T A between channel i at position p + d and channel j at position p, for a
+    stride-1 convolution on the whole plane (Prach & Lampert 2022, Thm. 2). Differentiable.
+    """
+    kh, kw = kernel.shape[-2:]
+    per_input = kernel.transpose(0, 1)  # (c_in, c_out, kh, kw): one "image" per input channel
+    return F.conv2d(per_input, per_input, padding=(kh - 1, kw - 1))
+
+
+def correlation_row_sums(kernel: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Weighted Schur row sums r_i = sum_j sum_d |corr_ij(d)| w_j / w_i of ``kernel``'s Gram.
+
+    By the Schur test, max_i r_i bounds lambda_max(A^T A) = ||A||^2 for any positive ``weights``
+    (``None``: all ones). Differentiable; computed in the kernel's dtype.
+    """
+    abs_gram = kernel_self_correlation(kernel).abs().sum(dim=(-2, -1))  # (c_in, c_in)
+    if weights is None:
+        return abs_gram.sum(dim=1)
+    return (abs_gram @ weights) / weights
+
+
+def sound_row_sums(kernel: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Float64 upper bounds of the *exact* :func:`correlation_row_sums` of ``kernel``.
+
+    Computed on the CPU, where float64 convolution is im2col + GEMM, so each correlation entry is a
+    dot product of n = c_out kh kw terms with error <= gamma_n sum |terms| (Higham eq. 3.5), i.e.
+    at most (s - 1) times the correlation of |K| (s = :func:`rounding_safety`). That term is added,
+    then the row sum of nonnegative terms is enlarged by its own safety factor.
+    """
+    kernel = kernel.detach().to("cpu", torch.float64)
+    if weights is not None:
+        weights = weights.detach().to("cpu", torch.float64)
+    c_out, c_in, kh, kw = kernel.shape
+    dot_safety = rounding_safety(torch.float64, c_out * kh * kw)
+    cancellation = (dot_safety - 1) * dot_safety * correlation_row_sums(kernel.abs(), weights)
+    row_safety = rounding_safety(torch.float64, c_in * (2 * kh - 1) * (2 * kw - 1) + 3)
+    return (correlation_row_sums(kernel, weights) + cancellation) * row_safety
+
+
+def schur_scales(kernel: Tensor) -> Tensor:
+    """AOL's per-input-channel rescaling d_i = ((1 + margin) r_i + eps)^(-1/2) (Thm. 1 / Thm. 2)."""
+    row_sums = correlation_row_sums(kernel)
+    return torch.rsqrt(row_sums * (1 + ROW_SUM_MARGIN) + RESCALE_EPS)
+
+
+class AOLConstraint(BoundedWeightConstraint):
+    """AOL rescaling W -> W D of a linear weight ``(out, in)`` or a kernel ``(out, in, kh, kw)``.
+
+    ``operator_bound`` is the weighted Schur test (weights p_j = 1/d_j, the scales the forward
+    uses) on the float64 values of the constrained weight W' itself, with the rounding of that
+    float64 computation covered by :func:`sound_row_sums`: sqrt(max_i sum_j |W'^T W'|_ij p_j/p_i).
+    """
+
+    def constrain(self, weight: Tensor) -> Tensor:
+        scales = schur_scales(as_kernel(weight))
+        return weight * scales.view(1, -1, *([1] * (weight.dim() - 2)))
+
+    def operator_bound(self, layer: nn.Module, weight: Tensor) -> float:
+        with torch.no_grad():
+            weights = 1 / schur_scales(as_kernel(original(layer).detach()))
+        if not (torch.isfinite(weight).all() and torch.isfinite(weights).all()):
+            return math.inf
+        rows = sound_row_sums(as_kernel(weight), weights.double())
+        return math.sqrt(float(rows.max())) * rounding_safety(torch.float64, 1)
+
+
+def partial_isometry_(matrix: Tensor) -> Tensor:
+    """Fill ``matrix`` (rows, cols) in place with a random matrix that AOL leaves unchanged.
+
+    rows >= cols: orthonormal columns (W^T W = I). rows < cols: every column is a basis vector of
+    a random orthonormal basis of R^rows, each used by floor/ceil(cols/rows) columns scaled by
+    1/sqrt(count); then W^T W has unit absolute row sums and W W^T = I. This is the
+    "repeated orthogonal" initialization of the AOL reference code, with balanced counts.
+    """
+    rows, cols = matrix.shape
+    if rows >= cols:
+        return nn.init.orthogonal_(matrix)
+    basis = nn.init.orthogonal_(torch.empty(rows, rows, dtype=matrix.dtype, device=matrix.device))
+    groups = torch.randperm(cols, device=matrix.device) % rows  # every basis vector used
+    counts = torch.bincount(groups, minlength=rows).to(matrix.dtype)
+    with torch.no_grad():
+        return matrix.copy_(basis[:, groups] / counts[groups].sqrt())
+
+
+def orthogonal_centre_(kernel: Tensor) -> Tensor:
+    """AOL initialization (Prach & Lampert 2022, experiments; reference code "orthogonal_center"):
+    the spatial centre of the kernel is a :func:`partial_isometry_`, every other entry zero, so the
+    layer starts (almost) orthogonal and the rescaling starts as the identity.
+    """
+    with torch.no_grad():
+        kernel.zero_()
+        centre = tuple((size - 1) // 2 for size in kernel.shape[2:])
+        partial_isometry_(kernel[(slice(None), slice(None), *centre)])  # (out, in)
+    return kernel
+
+
+def check_input_shape(layer: nn.Module, x: Tensor, expected: str, ok: bool) -> None:
+    """Raise a ValueError naming ``layer``, the ``expected`` shape and the shape of ``x``."""
+    if not ok:
+        raise ValueError(f"{type(layer).__name__} expects input {expected}, got {tuple(x.shape)}")
+
+
+class AOLLinear(ConstrainedLinear):
+    """``nn.Linear`` with AOL rescaling (Prach & Lampert 2022, Thm. 1): ||W D||_2 <= 1."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype, constraint=AOLConstraint())
+
+    def init_weight(self, weight: Tensor) -> None:
+        orthogonal_centre_(weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ok = x.dim() >= 1 and x.shape[-1] == self.in_features
+        check_input_shape(self, x, f"(..., {self.in_features})", ok)
+        return super().forward(x)
+
+
+class AOLConv2d(ConstrainedConv2d):
+    """``nn.Conv2d`` with AOL's per-input-channel rescaling (Prach & Lampert 2022, Thm. 2).
+
+    The bound holds for any stride and for zero or circular padding:
+
+    * a stride-s convolution is the stride-1 one followed by subsampling, a coordinate projection
+      of norm <= 1, and D acts on the input side, so ||A_s D|| <= ||A_1 D||;
+    * a zero-padded convolution is (crop) o (convolution on a grid enlarged by the padding) o
+      (zero-embedding), both of norm 1; a circular one (2 * padding <= kernel_size - 1) is a
+      crop of a circular convolution, whose Gram on a small grid sums several correlation
+      offsets into one entry, which by the triangle inequality only lowers the absolute row sums.
+
+    Larger circular padding repeats input pixels and is refused, as are reflect/replicate.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = "same",
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if padding_mode == "circular" and not isinstance(padding, str):
+            if any(2 * p > k - 1 for p, k in zip(_pair(padding), _pair(kernel_size))):
+                raise ValueError(
+                    f"padding={padding!r} with padding_mode='circular' must be at most "
+                    f"(kernel_size - 1) / 2 = {tuple((k - 1) / 2 for k in _pair(kernel_size))}: "
+                    "larger circular padding repeats input pixels"
+                )
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+            constraint=AOLConstraint(),
+        )
+
+    def init_weight(self, weight: Tensor) -> None:
+        orthogonal_centre_(weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ok = x.dim() in (3, 4) and x.shape[-3] == self.in_channels
+        check_input_shape(self, x, f"(B, {self.in_channels}, H, W)", ok)
+        return super().forward(x)

@@ -1,0 +1,203 @@
+"""Stateless pooling and downsampling layers that are 1-Lipschitz in l2.
+
+* :class:`ScaledAvgPool2d`: y_w = (1 / sqrt(kh kw)) sum_{p in w} x_p, i.e. average pooling times
+  sqrt(kh kw). Each output is the inner product of its window with a unit vector.
+* :class:`L2NormPool2d`: y_w = sqrt(sum_{p in w} x_p^2 + eps), the l2-norm pooling of Boureau,
+  Ponce & LeCun (ICML 2010) with a smoothing eps. v -> sqrt(||v||^2 + eps) = ||(v, sqrt(eps))|| is
+  1-Lipschitz and its gradient v / sqrt(||v||^2 + eps) has norm < 1 and is 0 (not NaN) at v = 0.
+* :class:`InvertibleDownsample`: space-to-depth (pixel unshuffle), the invertible downsampling of
+  Jacobsen, Smeulders & Oyallon (i-RevNet, ICLR 2018): a permutation of the coordinates.
+
+Why the pools are 1-Lipschitz: with windows that do not overlap, the Jacobian rows of different
+outputs have disjoint supports and norms <= 1, so J J^T is diagonal with entries <= 1 and
+||J||_2 <= 1. With overlapping windows (stride < kernel) a pixel feeds up to
+ceil(kh/sh) * ceil(kw/sw) windows and the constant grows up to the square root of that count: both
+pools *refuse* such strides (ValueError) instead of carrying a constant above 1, so every layer
+here composes with lipcert's 1-Lipschitz layers as is. A stride larger than the kernel (gaps between
+windows) is fine. Pixels beyond the last full window are dropped, as in ``nn.AvgPool2d``; no
+padding and no ``ceil_mode`` (a partial window would scale a single pixel by sqrt(kh kw)).
+
+``kernel_size=None`` pools the whole map (``(B, C, H, W) -> (B, C, 1, 1)``), the global head of
+SLL / orthogonium networks. The float arithmetic of the pools (a sum and a scale) is left to the
+rounding safety of the certificate, like the arithmetic of every other layer.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lipcert.nn.constraint import LipschitzLayer
+
+#: Default eps of L2NormPool2d: offsets the output of an all-zero window by sqrt(eps) = 1e-6 (below
+#: the 1e-5 tolerance of export checks) and bounds the intermediate 1 / (2 sqrt(s + eps)) of the
+#: backward by 5e5; with eps = 0 the gradient at an all-zero window is NaN (as in nn.LPPool2d).
+DEFAULT_L2_POOL_EPS = 1e-12
+
+Pair = tuple[int, int]
+
+
+def _as_pair(value: int | tuple[int, int], name: str) -> Pair:
+    """``value`` as a pair of positive ints, or a ValueError naming ``name``."""
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
+    return pair
+
+
+def _check_feature_map(layer: nn.Module, x: Tensor) -> None:
+    """A (B, C, H, W) or (C, H, W) input, or a ValueError naming ``layer`` and both shapes."""
+    if x.dim() not in (3, 4):
+        raise ValueError(f"{layer}: expected a (B, C, H, W) or (C, H, W) input, got {tuple(x.shape)}")
+
+
+def _map_size(x: Tensor) -> Pair:
+    """(H, W) of ``x`` as ints. An ONNX trace has a fixed H and W, so they become constants there."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return int(x.shape[-2]), int(x.shape[-1])
+
+
+class _WindowPool2d(LipschitzLayer, nn.Module):
+    """Validation and window logic shared by the two pools (non-overlapping windows only)."""
+
+    def __init__(
+        self, kernel_size: int | tuple[int, int] | None, stride: int | tuple[int, int] | None
+    ) -> None:
+        super().__init__()
+        if kernel_size is None:
+            if stride is not None:
+                raise ValueError(
+                    f"stride must be None when kernel_size is None (global pooling), got {stride!r}"
+                )
+            self.kernel_size, self.stride = None, None
+            return
+        kernel = _as_pair(kernel_size, "kernel_size")
+        step = kernel if stride is None else _as_pair(stride, "stride")
+        if step[0] < kernel[0] or step[1] < kernel[1]:
+            uses = math.ceil(kernel[0] / step[0]) * math.ceil(kernel[1] / step[1])
+            raise ValueError(
+                f"stride={step} is smaller than kernel_size={kernel}: overlapping windows use a "
+                f"pixel up to {uses} times, so the layer would not be 1-Lipschitz (constant up to "
+                f"sqrt({uses})); use stride >= kernel_size"
+            )
+        self.kernel_size, self.stride = kernel, step
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+    def _window(self, x: Tensor) -> tuple[Pair, Pair]:
+        """(kernel, stride) for the input ``x``: the whole map for global pooling.
+
+        The input checks are skipped while tracing (ONNX export), where they would become graph ops.
+        """
+        if not torch.jit.is_tracing():
+            self._check_input(x)
+        if self.kernel_size is None:
+            whole = _map_size(x)
+            return whole, whole
+        return self.kernel_size, self.stride
+
+    def _check_input(self, x: Tensor) -> None:
+        _check_feature_map(self, x)
+        if self.kernel_size is not None and (
+            x.shape[-2] < self.kernel_size[0] or x.shape[-1] < self.kernel_size[1]
+        ):
+            raise ValueError(
+                f"{self}: input of shape {tuple(x.shape)} is smaller than the window "
+                f"{self.kernel_size}"
+            )
+
+    def lipschitz_bound(self) -> float:
+        """Exactly 1 (in l2) whenever the output is not empty: see the module docstring."""
+        return 1.0
+
+    def export(self) -> nn.Module:
+        """Stateless: the layer itself is its export (ONNX: AveragePool and elementwise ops)."""
+        return self
+
+
+class ScaledAvgPool2d(_WindowPool2d):
+    """Average pooling times sqrt(kh kw): 1-Lipschitz in l2 with stride >= kernel_size.
+
+    y_w = (1 / sqrt(kh kw)) sum_{p in w} x_p; its Jacobian has orthonormal rows, so it also
+    preserves the norm of the gradients it sends back. ``kernel_size=None`` pools the whole map.
+    """
+
+    def __init__(
+        self, kernel_size: int | tuple[int, int] | None, stride: int | tuple[int, int] | None = None
+    ) -> None:
+        super().__init__(kernel_size, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel, stride = self._window(x)
+        return F.avg_pool2d(x, kernel, stride) * math.sqrt(kernel[0] * kernel[1])
+
+
+class L2NormPool2d(_WindowPool2d):
+    """sqrt(sum over the window of x^2 + eps): 1-Lipschitz in l2 with stride >= kernel_size.
+
+    Boureau, Ponce & LeCun (ICML 2010) l2 pooling, smoothed by ``eps >= 0`` so that the gradient
+    at an all-zero window is 0 rather than NaN. Half-precision inputs are squared and summed in
+    float32 (x^2 overflows float16 above 256, and eps would round to 0); the output keeps the input
+    dtype. ``kernel_size=None`` pools the whole map.
+    """
+
+    def __init__(
+        self,
+        kernel_size: int | tuple[int, int] | None,
+        stride: int | tuple[int, int] | None = None,
+        eps: float = DEFAULT_L2_POOL_EPS,
+    ) -> None:
+        super().__init__(kernel_size, stride)
+        if not (isinstance(eps, int | float) and math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        self.eps = float(eps)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, eps={self.eps}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel, stride = self._window(x)
+        work = x.to(torch.promote_types(x.dtype, torch.float32))
+        sums = F.avg_pool2d(work.square(), kernel, stride) * (kernel[0] * kernel[1])
+        return sums.add(self.eps).sqrt().to(x.dtype)
+
+
+class InvertibleDownsample(LipschitzLayer, nn.Module):
+    """Space-to-depth by ``factor``: (B, C, H, W) -> (B, C f^2, H / f, W / f).
+
+    The invertible downsampling of i-RevNet (Jacobsen et al., ICLR 2018): every output is one input
+    pixel, so the map is a permutation (orthogonal, Lipschitz constant exactly 1 in every l_p).
+    Exports to ``nn.PixelUnshuffle(factor)``; H and W must be multiples of ``factor``.
+    """
+
+    def __init__(self, factor: int = 2) -> None:
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"factor must be an integer >= 1, got {factor!r}")
+        super().__init__()
+        self.factor = factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_tracing():
+            _check_feature_map(self, x)
+            if x.shape[-2] % self.factor or x.shape[-1] % self.factor:
+                raise ValueError(
+                    f"{self}: input of shape {tuple(x.shape)} has a height or width that is not "
+                    f"a multiple of factor={self.factor}"
+                )
+        return F.pixel_unshuffle(x, self.factor)
+
+    def lipschitz_bound(self) -> float:
+        """Exactly 1: a permutation of the coordinates."""
+        return 1.0
+
+    def export(self) -> nn.PixelUnshuffle:
+        return nn.PixelUnshuffle(self.factor)

@@ -1,0 +1,263 @@
+"""SDP-based Lipschitz Layers (Araujo et al., ICLR 2023, "A Unified Algebraic Perspective on
+Lipschitz Neural Networks", Thm. 3).
+
+h(x) = x - 2 W T^-1 relu(W^T x + b) with T = diag(t), t_i = sum_j |W^T W|_ij q_j / q_i, q > 0
+(learned as q = exp(log_q)). W^T x is ``linear(x, K)`` / ``conv2d(x, K)`` with the stored weight
+K = W^T of shape (inner, features[, k, k]); W is the transposed map. Why it is 1-Lipschitz:
+h(x) - h(y) = (I - 2 W T^-1 L W^T)(x - y) with L diagonal in [0, 1] (ReLU slopes), a symmetric
+matrix with eigenvalues in [-1, 1] as soon as T >= W^T W, and T - W^T W is positive semidefinite
+because Q (T - W^T W) Q, Q = diag(q), is diagonally dominant with a nonnegative diagonal
+(Gershgorin). For convolutions W^T W is the block-Toeplitz Gram whose entries are the kernel
+self-correlation (:func:`lipcert.nn.aol.kernel_self_correlation`); zero 'same' padding is a
+crop of the convolution on a larger grid, which only sets some slopes of L to 0.
+
+The forward folds 2 T^-1 into the outer weight: B = C K with C = diag(c),
+c_i = 2 / ((1 + ROW_SUM_MARGIN) t_i + RESCALE_EPS). Both additions only enlarge T, and
+T' >= T >= W^T W keeps the argument above intact; the margin absorbs float rounding of t.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from lipcert.bounds.operator import rounding_safety
+from lipcert.nn.aol import (
+    ROW_SUM_MARGIN,
+    RESCALE_EPS,
+    as_kernel,
+    check_input_shape,
+    correlation_row_sums,
+    sound_row_sums,
+)
+from lipcert.nn.constrained import _check_positive
+from lipcert.nn.constraint import EvalCache, LipschitzLayer
+from lipcert.nn.residual import Residual
+
+#: Smallest Gershgorin slack, relative to c_i, that :func:`residual_bound` trades against the
+#: rounding error of the folded weight. The forward leaves a slack of about 2 c_i ROW_SUM_MARGIN;
+#: this floor only matters when rounding ate it, and then the bound grows smoothly above 1.
+SLACK_FLOOR = 1e-6
+
+#: Unit roundoff of float64, used to enclose the few elementwise operations of the bound.
+_U64 = torch.finfo(torch.float64).eps / 2
+
+
+def sll_scales(kernel: Tensor, log_q: Tensor) -> Tensor:
+    """c_i = 2 / t'_i for ``kernel`` K = W^T of shape (inner, features, kh, kw) (Thm. 3)."""
+    weights = torch.exp(log_q - log_q.max())  # q up to a common factor, which t ignores
+    t = correlation_row_sums(kernel.transpose(0, 1), weights)  # rows of W^T W: inner channels
+    return 2 / (t * (1 + ROW_SUM_MARGIN) + RESCALE_EPS)
+
+
+def residual_bound(kernel: Tensor, outer: Tensor, scales: Tensor, weights: Tensor) -> float:
+    """Sound bound (float64) of Lip(x -> x - B^T relu(A x + b)), A = conv(K), B = conv(outer).
+
+    With C = diag(scales), E = B - C A (float rounding of the fold) and z = L A (x - y),
+    L the ReLU slopes in [0, 1], one has <C A(x-y), z> >= z^T C z, hence
+    ||h(x) - h(y)||^2 <= ||x-y||^2 - z^T (2C - B B^T) z + 2 <E (x-y), z>.
+    Gershgorin on Q^-1 (2C - B B^T) Q with Q = diag(weights / scales) gives
+    2C - B B^T >= S = diag(slack). With S' = max(S, floor) > 0 and N = (floor - S)_+,
+    maximizing over z: Lip^2 <= 1 + max(N) ||A||^2 + ||S'^-1/2 E||^2, where the norms are Schur
+    bounds. When the forward's margin survived rounding N = 0 and the excess is second order in E.
+    """
+    k, b, c, q = (t.detach().to("cpu", torch.float64) for t in (kernel, outer, scales, weights))
+    if not all(torch.isfinite(t).all() for t in (k, b, c, q)) or (c <= 0).any():
+        return math.inf
+    product = k * c.view(-1, 1, 1, 1)  # exact for float32 inputs, else within u64 |product|
+    fold_error = ((b - product).abs() + 2 * _U64 * product.abs()) * (1 + 4 * _U64)
+    rows = sound_row_sums(b.transpose(0, 1), q / c)  # rows of |B B^T|, weighted
+    slack = 2 * c - rows - 2 * _U64 * (2 * c + rows)  # a lower bound of 2 c - rows
+    floor = SLACK_FLOOR * c
+    deficit = (floor - slack).clamp_min(0) * (1 + 2 * _U64)
+    scaled_error = fold_error / torch.maximum(slack, floor).sqrt() * (1 + 8 * _U64)
+    excess = (
+        float(deficit.max()) * float(sound_row_sums(k).max())
+        + float(sound_row_sums(scaled_error).max())
+    ) * rounding_safety(torch.float64, 2)
+    if excess == 0:
+        return 1.0
+    return math.sqrt(1 + excess) * rounding_safety(torch.float64, 2)
+
+
+class _SLL(LipschitzLayer, nn.Module):
+    """Parameters, folding, eval cache, bound and export shared by the SLL layers.
+
+    Subclasses give the two maps: ``_inner(x)`` = W^T x + b and ``_outer(z, B)`` = B^T z, and their
+    plain-module versions.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        inner: int,
+        kernel_size: tuple[int, ...],
+        bias: bool,
+        device: torch.device | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(inner, features, *kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(inner, **factory)) if bias else None
+        self.log_q = nn.Parameter(torch.empty(inner, **factory))
+        self.cache = EvalCache()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Araujo et al.'s reference init: Xavier-normal K, uniform(+-1/sqrt(fan_in)) bias; and
+        q = 1, where T is the plain Gershgorin row sum of W^T W."""
+        nn.init.xavier_normal_(self.weight)
+        nn.init.zeros_(self.log_q)
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.weight[0].numel())
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def fold(self) -> tuple[Tensor, Tensor]:
+        """(c, B): the scales c = 2 / t' and the folded outer weight B = diag(c) K."""
+        scales = sll_scales(as_kernel(self.weight), self.log_q)
+        return scales, self.weight * scales.view(-1, *([1] * (self.weight.dim() - 1)))
+
+    def outer_weight(self) -> Tensor:
+        """B, cached in eval mode on the raw tensors (weight, log_q)."""
+        sources = [self.weight, self.log_q]
+        return self.cache.get(sources, lambda: self.fold()[1], enabled=not self.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return x - self._outer(F.relu(self._inner(x)), self.outer_weight())
+
+    def lipschitz_bound(self) -> float:
+        with torch.no_grad():
+            scales, outer = self.fold()
+            weights = torch.exp(self.log_q.double() - self.log_q.double().max())
+            return residual_bound(as_kernel(self.weight), as_kernel(outer), scales, weights)
+
+    def export(self) -> Residual:
+        """x + (-B^T) relu(W^T x + b) as plain modules; -B is an exact negation."""
+        with torch.no_grad():
+            outer = self.fold()[1]
+            return Residual(nn.Sequential(self._plain_inner(), nn.ReLU(), self._plain_outer(-outer)))
+
+    def _factory(self) -> dict:
+        return {"device": self.weight.device, "dtype": self.weight.dtype}
+
+    def _check_input(self, x: Tensor) -> None:
+        raise NotImplementedError
+
+    def _inner(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _outer(self, z: Tensor, outer: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _plain_inner(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _plain_outer(self, weight: Tensor) -> nn.Module:
+        raise NotImplementedError
+
+
+class SLLLinear(_SLL):
+    """x - 2 W T^-1 relu(W^T x + b) on vectors (Araujo et al. 2023, Thm. 3); W^T: features ->
+    inner_features."""
+
+    def __init__(
+        self,
+        features: int,
+        inner_features: int,
+        bias: bool = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        _check_positive(features=features, inner_features=inner_features)
+        self.features, self.inner_features = features, inner_features
+        super().__init__(features, inner_features, (), bias, device, dtype)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, inner_features={self.inner_features}"
+
+    def _check_input(self, x: Tensor) -> None:
+        ok = x.dim() >= 1 and x.shape[-1] == self.features
+        check_input_shape(self, x, f"(..., {self.features})", ok)
+
+    def _inner(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)  # (..., inner)
+
+    def _outer(self, z: Tensor, outer: Tensor) -> Tensor:
+        return F.linear(z, outer.t())  # (..., features)
+
+    def _plain_inner(self) -> nn.Linear:
+        plain = nn.Linear(self.features, self.inner_features, self.bias is not None, **self._factory())
+        plain.weight.copy_(self.weight)
+        if self.bias is not None:
+            plain.bias.copy_(self.bias)
+        return plain
+
+    def _plain_outer(self, weight: Tensor) -> nn.Linear:
+        plain = nn.Linear(self.inner_features, self.features, bias=False, **self._factory())
+        plain.weight.copy_(weight.t())
+        return plain
+
+
+class SLLConv2d(_SLL):
+    """Convolutional SLL (Araujo et al. 2023, Thm. 3): x - 2 W T^-1 relu(W^T x + b) with
+    W^T x = conv2d(x, K) and W = conv_transpose2d(., K), K of shape (inner, channels, k, k), odd
+    k, zero 'same' padding; T from the self-correlation of K weighted by q."""
+
+    def __init__(
+        self,
+        channels: int,
+        inner_channels: int,
+        kernel_size: int | tuple[int, int] = 3,
+        bias: bool = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        _check_positive(channels=channels, inner_channels=inner_channels)
+        size = _pair(kernel_size)
+        if not all(isinstance(k, int) and k > 0 and k % 2 == 1 for k in size):
+            raise ValueError(
+                f"kernel_size must be odd positive integers ('same' padding), got {kernel_size!r}"
+            )
+        self.channels, self.inner_channels, self.kernel_size = channels, inner_channels, size
+        self.padding = (size[0] // 2, size[1] // 2)
+        super().__init__(channels, inner_channels, size, bias, device, dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, inner_channels={self.inner_channels}, "
+            f"kernel_size={self.kernel_size}"
+        )
+
+    def _check_input(self, x: Tensor) -> None:
+        ok = x.dim() in (3, 4) and x.shape[-3] == self.channels
+        check_input_shape(self, x, f"(B, {self.channels}, H, W)", ok)
+
+    def _inner(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight, self.bias, padding=self.padding)  # (B, inner, H, W)
+
+    def _outer(self, z: Tensor, outer: Tensor) -> Tensor:
+        return F.conv_transpose2d(z, outer, padding=self.padding)  # (B, channels, H, W)
+
+    def _plain_inner(self) -> nn.Conv2d:
+        plain = nn.Conv2d(
+            self.channels, self.inner_channels, self.kernel_size, padding=self.padding,
+            bias=self.bias is not None, **self._factory(),
+        )  # fmt: skip
+        plain.weight.copy_(self.weight)
+        if self.bias is not None:
+            plain.bias.copy_(self.bias)
+        return plain
+
+    def _plain_outer(self, weight: Tensor) -> nn.ConvTranspose2d:
+        plain = nn.ConvTranspose2d(
+            self.inner_channels, self.channels, self.kernel_size, padding=self.padding,
+            bias=False, **self._factory(),
+        )  # fmt: skip
+        plain.weight.copy_(weight)
+        return plain

@@ -1,0 +1,148 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lipcert
+from lipcert.attacks import pgd, wrong_class_margin
+from lipcert.certify import certified_accuracy, certify, certify_batched, logit_rounding_bound
+from lipcert.nn.constrained import BoundedWeightConstraint, ConstrainedLinear
+from lipcert.bounds import gram_spectral_bound
+
+
+class _Spectral(BoundedWeightConstraint):
+    def constrain(self, weight):
+        return weight / gram_spectral_bound(weight)
+
+    def operator_bound(self, layer, weight):
+        return float(gram_spectral_bound(weight))
+
+
+def _net(head=True, seed=0):
+    torch.manual_seed(seed)
+    layers = [ConstrainedLinear(6, 32, constraint=_Spectral()), nn.ReLU(),
+              ConstrainedLinear(32, 32, constraint=_Spectral()), nn.ReLU()]
+    last = nn.Linear(32, 4) if head else ConstrainedLinear(32, 4, constraint=_Spectral())
+    return nn.Sequential(*layers, last)
+
+
+def _data(n=200, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=gen)
+    return x, torch.randint(0, 4, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("head", [True, False])
+def test_misclassified_points_have_nonpositive_radius(head):
+    model = _net(head)
+    x, y = _data()
+    radii = certify(model, x, y)
+    wrong = model(x).argmax(1) != y
+    assert wrong.any() and (radii[wrong] <= 0).all()
+    assert (radii[~wrong] > 0).any()
+
+
+def test_head_form_is_tighter_than_sqrt2_form():
+    model = _net(head=True)
+    x, y = _data()
+    tight = certify(model, x, y)
+    loose = certify(model, x, y, lipschitz=lipcert.lipschitz_upper_bound(model))
+    ok = tight > 0.01  # margins far above the rounding slack, which differs between the forms
+    assert ok.sum() >= 10
+    assert (tight[ok] >= loose[ok]).all() and (tight[ok] > loose[ok]).any()
+
+
+@pytest.mark.parametrize("head", [True, False])
+def test_pgd_at_the_radius_never_breaks_a_certificate(head):
+    model = _net(head)
+    x, y = _data()
+    radii = certify(model, x, y)
+    ok = radii > 0
+    _, success = pgd(model, x[ok], y[ok], radii[ok] * (1 - 1e-6), "l2", steps=60, restarts=3)
+    assert not success.any()
+
+
+def test_radius_is_exact_for_a_linear_model():
+    """With an identity body the last-layer certificate is exact: 1.01 x radius breaks points."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), nn.Linear(6, 4))
+    x, y = _data()
+    radii = certify(model, x, y)
+    ok = radii > 0.1  # well above the rounding slack
+    _, inside = pgd(model, x[ok], y[ok], radii[ok] * (1 - 1e-6), "l2", steps=60, restarts=2)
+    _, outside = pgd(model, x[ok], y[ok], radii[ok] * 1.05, "l2", steps=100, restarts=5)
+    assert not inside.any() and outside.float().mean() > 0.9
+
+
+def test_rounding_bound_covers_float64_recomputation():
+    model = _net()
+    x, y = _data()
+    logits32 = model(x).detach()
+    body = lipcert.lipschitz_upper_bound(model[:-1])
+    logits64 = model.double()(x.double()).detach()
+    err = (logits32.double() - logits64).abs().amax(1)
+    bound = logit_rounding_bound(logits32.double(), x.double(), body, torch.float32)
+    assert (err * 10 < bound).all()
+
+
+def test_linf_radius_is_l2_over_sqrt_d():
+    model = _net()
+    x, y = _data()
+    r2, rinf = certify(model, x, y, "l2"), certify(model, x, y, "linf")
+    ok = r2 > 0
+    assert torch.allclose(rinf[ok], r2[ok] / math.sqrt(6))
+    _, success = pgd(model, x[ok], y[ok], rinf[ok], "linf", steps=60, restarts=2)
+    assert not success.any()
+
+
+def test_bound_is_cached_and_follows_weight_changes():
+    model = _net()
+    x, y = _data(20)
+    r1 = certify(model, x, y)
+    with torch.no_grad():
+        model[-1].weight.mul_(2)
+    r2 = certify(model, x, y)
+    assert not torch.allclose(r1, r2)
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "match"),
+    [
+        (torch.full((2, 6), math.nan), torch.tensor([0, 1]), "NaN"),
+        (torch.zeros(2, 6, dtype=torch.int64), torch.tensor([0, 1]), "floating"),
+        (torch.zeros(2, 6), torch.tensor([0.0, 1.0]), "integer"),
+        (torch.zeros(2, 6), torch.tensor([0, 1, 2]), "shape"),
+        (torch.zeros(2, 6), torch.tensor([0, 7]), "labels"),
+    ],
+)
+def test_bad_inputs(x, y, match):
+    with pytest.raises(ValueError, match=match):
+        certify(_net(), x, y)
+
+
+def test_bad_norm_and_lipschitz():
+    x, y = _data(4)
+    with pytest.raises(ValueError, match="norm"):
+        certify(_net(), x, y, norm="l1")
+    with pytest.raises(ValueError, match="lipschitz"):
+        certify(_net(), x, y, lipschitz=-1.0)
+    with pytest.raises(ValueError, match=r"shape \(2, 5\)"):
+        certify(_net(), torch.zeros(2, 5), torch.tensor([0, 1]))
+
+
+def test_certified_accuracy_and_batching():
+    model = _net()
+    x, y = _data()
+    radii = certify(model, x, y)
+    assert torch.equal(certify_batched(model, x, y, batch_size=37), radii)
+    acc = certified_accuracy(radii, [0.0, 0.1, 10.0])
+    assert acc[0.0] == pytest.approx(float((model(x).argmax(1) == y).float().mean()))
+    assert acc[0.0] >= acc[0.1] >= acc[10.0]
+    with pytest.raises(ValueError, match="empty"):
+        certify_batched(model, x[:0], y[:0])
+
+
+def test_wrong_class_margin():
+    logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 5.0]])
+    assert torch.equal(wrong_class_margin(logits, torch.tensor([0, 1])), torch.tensor([-1.0, 0.0]))
