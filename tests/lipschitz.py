@@ -9,18 +9,22 @@ from torch import nn
 LIPSCHITZ_TOL = 1e-6
 
 
-def jacobian_spectral_norm(module: nn.Module, x: torch.Tensor) -> float:
-    """Exact spectral norm of the Jacobian of ``module`` at the single input ``x`` (no batch dim).
-
-    Computed with ``torch.func.jacrev`` and an SVD; use float64 modules and inputs.
-    """
+def jacobian_matrix(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Jacobian of ``module`` at the single input ``x`` (no batch dim), as an (out, in) matrix."""
 
     def f(inp: torch.Tensor) -> torch.Tensor:
         return module(inp.unsqueeze(0)).squeeze(0)
 
     jac = torch.func.jacrev(f)(x)
-    jac = jac.reshape(f(x).numel(), x.numel())
-    return float(torch.linalg.matrix_norm(jac, ord=2))
+    return jac.reshape(f(x).numel(), x.numel())
+
+
+def jacobian_spectral_norm(module: nn.Module, x: torch.Tensor) -> float:
+    """Exact spectral norm of the Jacobian of ``module`` at the single input ``x`` (no batch dim).
+
+    Computed with ``torch.func.jacrev`` and an SVD; use float64 modules and inputs.
+    """
+    return float(torch.linalg.matrix_norm(jacobian_matrix(module, x), ord=2))
 
 
 def max_jacobian_norm(module: nn.Module, input_shape: tuple[int, ...], n_points: int = 3) -> float:
@@ -33,8 +37,9 @@ def max_jacobian_norm(module: nn.Module, input_shape: tuple[int, ...], n_points:
     )
 
 
-def adversarial_steps(module: nn.Module, input_shape: tuple[int, ...], steps: int = 3,
-                      lr: float = 10.0) -> None:
+def adversarial_steps(
+    module: nn.Module, input_shape: tuple[int, ...], steps: int = 3, lr: float = 10.0
+) -> None:
     """A few large SGD steps that push the module's output norm up (weights go far from init)."""
     opt = torch.optim.SGD(module.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(1)

@@ -6,9 +6,9 @@ from torch import nn
 
 import lipcert
 from lipcert.attacks import pgd, wrong_class_margin
+from lipcert.bounds import gram_spectral_bound
 from lipcert.certify import certified_accuracy, certify, certify_batched, logit_rounding_bound
 from lipcert.nn.constrained import BoundedWeightConstraint, ConstrainedLinear
-from lipcert.bounds import gram_spectral_bound
 
 
 class _Spectral(BoundedWeightConstraint):
@@ -21,8 +21,12 @@ class _Spectral(BoundedWeightConstraint):
 
 def _net(head=True, seed=0):
     torch.manual_seed(seed)
-    layers = [ConstrainedLinear(6, 32, constraint=_Spectral()), nn.ReLU(),
-              ConstrainedLinear(32, 32, constraint=_Spectral()), nn.ReLU()]
+    layers = [
+        ConstrainedLinear(6, 32, constraint=_Spectral()),
+        nn.ReLU(),
+        ConstrainedLinear(32, 32, constraint=_Spectral()),
+        nn.ReLU(),
+    ]
     last = nn.Linear(32, 4) if head else ConstrainedLinear(32, 4, constraint=_Spectral())
     return nn.Sequential(*layers, last)
 
@@ -77,7 +81,7 @@ def test_radius_is_exact_for_a_linear_model():
 
 def test_rounding_bound_covers_float64_recomputation():
     model = _net()
-    x, y = _data()
+    x, _ = _data()
     logits32 = model(x).detach()
     body = lipcert.lipschitz_upper_bound(model[:-1])
     logits64 = model.double()(x.double()).detach()

@@ -18,8 +18,9 @@ from lipcert.models import build_model, register_model
 
 @register_model
 def _tiny_test_net(input_shape, num_classes, width: int = 6) -> nn.Sequential:
-    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], width), nn.ReLU(),
-                         nn.Linear(width, num_classes))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(input_shape[0], width), nn.ReLU(), nn.Linear(width, num_classes)
+    )
 
 
 def _model(width=6):

@@ -40,5 +40,7 @@ def test_files(tmp_path):
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
     good = tmp_path / "good.toml"
-    good.write_text('name = "x"\nepochs = 2\n[model]\nname = "sll_mlp"\n[model.kwargs]\nwidth = 8\n')
+    good.write_text(
+        'name = "x"\nepochs = 2\n[model]\nname = "sll_mlp"\n[model.kwargs]\nwidth = 8\n'
+    )
     assert load_config(good).model.kwargs == {"width": 8}

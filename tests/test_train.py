@@ -16,21 +16,24 @@ from lipcert.train import CHECKPOINT_NAME, TrainingDiverged, train
 
 @register_model
 def _tiny_train_net(input_shape, num_classes, width: int = 16) -> nn.Sequential:
-    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], width), nn.ReLU(),
-                         nn.Linear(width, num_classes))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(input_shape[0], width), nn.ReLU(), nn.Linear(width, num_classes)
+    )
 
 
 def _data(n_train=96, n_test=32) -> Dataset:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n_train + n_test, 5, generator=gen)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-    return Dataset("toy", Split(x[:n_train], y[:n_train]), Split(x[n_train:], y[n_train:]),
-                   ("a", "b", "c"))
+    return Dataset(
+        "toy", Split(x[:n_train], y[:n_train]), Split(x[n_train:], y[n_train:]), ("a", "b", "c")
+    )
 
 
 def _config(**overrides):
     raw = {
-        "epochs": 4, "seed": 3,
+        "epochs": 4,
+        "seed": 3,
         "data": {"batch_size": 16},
         "model": {"name": "_tiny_train_net"},
         "loss": {"name": "ce"},
@@ -51,11 +54,14 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     train(_config(), tmp_path / "split", data=_data(), stop_after_epochs=2)
     assert read_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)[1]["state"]
     train(_config(), tmp_path / "split", data=_data(), resume=True)
-    full, split = _weights(tmp_path / "full" / CHECKPOINT_NAME), _weights(
-        tmp_path / "split" / CHECKPOINT_NAME)
+    full, split = (
+        _weights(tmp_path / "full" / CHECKPOINT_NAME),
+        _weights(tmp_path / "split" / CHECKPOINT_NAME),
+    )
     assert full.keys() == split.keys()
     assert all(torch.equal(full[k], split[k]) for k in full)
-    rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    metrics = (tmp_path / "split" / "metrics.jsonl").read_text()
+    rows = [json.loads(line) for line in metrics.splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert "cert_acc@0.1" in rows[-1] and "clean_acc" in rows[-1]
     assert json.loads((tmp_path / "full" / "config.json").read_text())["seed"] == 3
@@ -85,8 +91,13 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, run_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     train(_config(epochs=2), run_dir, data=_data())
     torch.distributed.destroy_process_group()
@@ -95,7 +106,9 @@ def _ddp_worker(rank: int, world: int, port: int, run_dir: str) -> None:
 def test_ddp_two_processes_match_one(tmp_path):
     train(_config(epochs=2), tmp_path / "one", data=_data())
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
-    one, two = _weights(tmp_path / "one" / CHECKPOINT_NAME), _weights(
-        tmp_path / "two" / CHECKPOINT_NAME)
+    one, two = (
+        _weights(tmp_path / "one" / CHECKPOINT_NAME),
+        _weights(tmp_path / "two" / CHECKPOINT_NAME),
+    )
     for key in one:
         torch.testing.assert_close(one[key], two[key], atol=1e-5, rtol=1e-4)

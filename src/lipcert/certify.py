@@ -1,7 +1,7 @@
 """Certified radii from Lipschitz bounds, with a float-rounding safety.
 
-**l2** (design.md §4). If the logit map f is L-Lipschitz (l2 -> l2), the margin f_y - f_j can fall by
-at most sqrt(2) L ||delta|| (the vector e_y - e_j has norm sqrt(2)), so
+**l2** (design.md §4). If the logit map f is L-Lipschitz (l2 -> l2), the margin f_y - f_j can
+fall by at most sqrt(2) L ||delta|| (the vector e_y - e_j has norm sqrt(2)), so
 r(x) = (f_y(x) - max_{j != y} f_j(x)) / (sqrt(2) L) is a certified radius. When the model ends in a
 linear layer with rows w_k and the rest of the network (the *body*) is L_b-Lipschitz, the margin
 f_y - f_j is (L_b ||w_y - w_j||)-Lipschitz, so r(x) = min_j (f_y - f_j) / (L_b ||w_y - w_j||)
@@ -11,14 +11,14 @@ is a tighter radius (Araujo et al. 2023; SLL's ``eval_certified``). Both come fr
 **l_inf from l2.** ||delta||_2 <= sqrt(d) ||delta||_inf, so an l2 radius r gives the l_inf radius
 r / sqrt(d) (d = input dimension). This is sound but loose; l_inf-distance nets certify directly.
 
-**Rounding.** Logits are computed in floating point: each differs from the exact value by some
-delta. Bounding the float32 forward error of a whole network tightly is impractical, so we use a
+**Rounding.** Logits are computed in floating point, each off its exact value by some delta.
+Bounding the float32 forward error of a whole network tightly is impractical, so we use a
 documented a-priori bound, checked against float64 recomputation in the tests:
-delta_logit(x) = ROUNDING_REL * (1 + max_k |f_k(x)| + L_b ||x||_2) for float32 (scaled by the dtype's
-eps otherwise). L ||x||_2 bounds the size of the intermediate activations (each layer is Lipschitz
-with zero-input output folded into the 1). With delta_m = 2 delta_logit (a margin is a difference of
-two logits) and L_b the body bound, the radius is r = (m_computed - 3 delta_m) / L_pair: at any x' with ||x' - x|| <= r the
-exact margin is >= 2 delta_m and the computed one >= delta_m > 0, so even a float tie is excluded.
+delta_logit(x) = ROUNDING_REL * (1 + max_k |f_k(x)| + L_b ||x||_2) for float32 (scaled by the
+dtype's eps otherwise), L_b the body bound: L_b ||x||_2 bounds the size of the intermediate
+activations. With delta_m = 2 delta_logit (a margin is a difference of two logits), the radius is
+r = (m_computed - 3 delta_m) / L_pair: at any x' with ||x' - x|| <= r the exact margin is
+>= 2 delta_m and the computed one >= delta_m > 0, so even a float tie is excluded.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ NORMS = ("l2", "linf")
 
 @dataclass(frozen=True)
 class LipschitzSummary:
-    """What a certificate needs from a model: a body bound and, when known, its last linear layer."""
+    """What a certificate needs: a body bound and, when known, the last linear layer."""
 
     body_bound: float
     head_weight: Tensor | None  # (C, D) float64 rows w_k of the last linear layer, or None
@@ -69,7 +69,7 @@ def _head_weight(module: nn.Module) -> Tensor | None:
 
 
 def summarize(model: nn.Module) -> LipschitzSummary:
-    """Sound Lipschitz summary of ``model`` (eval mode), split as body + linear head when possible."""
+    """Sound Lipschitz summary of ``model`` (eval mode): body + linear head when possible."""
     if isinstance(model, nn.Sequential) and len(model) > 1:
         head = _head_weight(model[-1])
         if head is not None:
@@ -111,9 +111,7 @@ def logit_rounding_bound(
     return rel * scale
 
 
-def radii_from_logits(
-    logits: Tensor, x: Tensor, y: Tensor, summary: LipschitzSummary
-) -> Tensor:
+def radii_from_logits(logits: Tensor, x: Tensor, y: Tensor, summary: LipschitzSummary) -> Tensor:
     """l2 radii (<= 0 where misclassified or not certifiable) from precomputed logits."""
     logits64 = logits.detach().double()
     y = y.long()
@@ -161,7 +159,8 @@ def certify(
         with torch.no_grad():
             logits = model(x)
     except RuntimeError as err:
-        raise ValueError(f"the model does not accept inputs of shape {tuple(x.shape)}: {err}") from err
+        shape = tuple(x.shape)
+        raise ValueError(f"the model does not accept inputs of shape {shape}: {err}") from err
     finally:
         model.train(was_training)
     if logits.dim() != 2 or logits.shape[1] < 2:
@@ -186,8 +185,11 @@ def certify_batched(
     if len(y) == 0:
         raise ValueError("cannot certify an empty dataset")
     device = next(model.parameters()).device
-    return torch.cat([
-        certify(model, x[i : i + batch_size].to(device), y[i : i + batch_size].to(device), norm)
-        .cpu()
-        for i in range(0, len(y), batch_size)
-    ])
+    return torch.cat(
+        [
+            certify(
+                model, x[i : i + batch_size].to(device), y[i : i + batch_size].to(device), norm
+            ).cpu()
+            for i in range(0, len(y), batch_size)
+        ]
+    )

@@ -151,6 +151,6 @@ def load(path: str | Path) -> nn.Module:
     try:
         model = build_model(spec["name"], **spec["kwargs"])
     except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot rebuild the model from its spec {spec}: {err}") from err
+        raise CheckpointError(f"{path}: cannot rebuild the model from {spec}: {err}") from err
     load_into(model, tensors, path)
     return model.eval()

@@ -7,10 +7,11 @@ An unknown key, a missing required key or a bad value raises :class:`ConfigError
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
+
+import tomllib
 
 
 class ConfigError(ValueError):
@@ -27,8 +28,9 @@ def _positive() -> dict:
 
 @dataclass
 class DataConfig:
-    dataset: str = field(default="digits", metadata=_choice(
-        "digits", "moons", "mnist", "fashion-mnist", "cifar10"))
+    dataset: str = field(
+        default="digits", metadata=_choice("digits", "moons", "mnist", "fashion-mnist", "cifar10")
+    )
     data_dir: str = ""
     batch_size: int = field(default=128, metadata=_positive())
     eval_batch_size: int = field(default=1000, metadata=_positive())
@@ -45,8 +47,10 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = field(default="multiclass_hkr", metadata=_choice(
-        "multiclass_hkr", "multiclass_hinge", "tau_ce", "ce"))
+    name: str = field(
+        default="multiclass_hkr",
+        metadata=_choice("multiclass_hkr", "multiclass_hinge", "tau_ce", "ce"),
+    )
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -94,7 +98,8 @@ def _check_value(section: str, f: dataclasses.Field, value: Any, hint: Any) -> A
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
         raise ConfigError(f"{key} must be of type {base.__name__}, got {value!r}")
     if "choices" in f.metadata and value not in f.metadata["choices"]:
-        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {f.metadata['choices']}")
+        allowed = f.metadata["choices"]
+        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {allowed}")
     if f.metadata.get("positive") and not value > 0:
         raise ConfigError(f"{key} must be > 0, got {value!r}")
     if base in (int, float) and value < 0:

@@ -43,6 +43,8 @@ def run_demo(out_dir: Path, epochs: int | None = None) -> dict[float, float]:
     accuracy = certified_accuracy(radii, [0.0, *config.certify.eps])
     print(accuracy_table(accuracy, config.certify.norm))
     plot = plot_certified_curve(radii, out_dir / "certified_accuracy.png", "l2", "digits demo")
-    print(f"checkpoint {out_dir / CHECKPOINT_NAME}, metrics {out_dir / 'metrics.jsonl'}, "
-          f"plot {plot}; {time.perf_counter() - started:.1f} s")
+    print(
+        f"checkpoint {out_dir / CHECKPOINT_NAME}, metrics {out_dir / 'metrics.jsonl'}, "
+        f"plot {plot}; {time.perf_counter() - started:.1f} s"
+    )
     return accuracy

@@ -40,13 +40,8 @@ def export(
     With ``onnx_path`` (and ``input_shape``, without the batch dimension) also write an ONNX file
     with a dynamic batch dimension.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            plain = _export_tree(copy.deepcopy(model)).eval()
-    finally:
-        model.train(was_training)
+    with torch.no_grad():  # the copy goes to eval mode; the original keeps every module's mode
+        plain = _export_tree(copy.deepcopy(model).eval()).eval()
     if onnx_path is not None:
         if input_shape is None:
             raise ValueError("export(onnx_path=...) needs input_shape (without the batch dim)")
@@ -60,7 +55,12 @@ def write_onnx(plain: nn.Module, path: Path, input_shape: tuple[int, ...]) -> No
     example = torch.zeros((2, *input_shape), dtype=param.dtype if param is not None else None)
     tmp = path.with_name(path.name + ".tmp")
     torch.onnx.export(
-        plain, (example,), str(tmp), input_names=["input"], output_names=["output"],
-        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, dynamo=False,
+        plain,
+        (example,),
+        str(tmp),
+        input_names=["input"],
+        output_names=["output"],
+        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        dynamo=False,
     )
     tmp.replace(path)

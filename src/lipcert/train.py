@@ -127,7 +127,8 @@ def _batches(data: Dataset, config: TrainConfig, epoch: int, ddp: Distributed):
 def subset_train(data: Dataset, size: int, seed: int) -> Dataset:
     """``data`` with a seeded random subset of ``size`` training points (for quick runs)."""
     if size > len(data.train):
-        raise ValueError(f"data.train_subset = {size} exceeds the {len(data.train)} training points")
+        available = len(data.train)
+        raise ValueError(f"data.train_subset = {size} exceeds the {available} training points")
     keep = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:size]
     train = Split(data.train.x[keep], data.train.y[keep])
     return Dataset(data.name, train, data.test, data.class_names)
@@ -150,8 +151,11 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, data, config, epoch, d
     total_loss, correct, seen = 0.0, 0, 0
     amp = config.amp and device.type == "cuda"
     bar = tqdm(
-        _batches(data, config, epoch, ddp), total=_steps_per_epoch(data, config),
-        desc=f"epoch {epoch + 1}/{config.epochs}", disable=not ddp.is_main, leave=False,
+        _batches(data, config, epoch, ddp),
+        total=_steps_per_epoch(data, config),
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        disable=not ddp.is_main,
+        leave=False,
     )
     for step, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

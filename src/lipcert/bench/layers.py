@@ -32,8 +32,18 @@ ConvFactory = Callable[[int, int], nn.Module]
 def _net(conv: ConvFactory, act: Callable[[], nn.Module], pool: nn.Module, head: nn.Module):
     (a, b), (c, d), (e, f), (g, h) = CONVS
     return nn.Sequential(
-        conv(a, b), act(), conv(c, d), act(), nn.PixelUnshuffle(2),
-        conv(e, f), act(), conv(g, h), act(), pool, nn.Flatten(), head,
+        conv(a, b),
+        act(),
+        conv(c, d),
+        act(),
+        nn.PixelUnshuffle(2),
+        conv(e, f),
+        act(),
+        conv(g, h),
+        act(),
+        pool,
+        nn.Flatten(),
+        head,
     )
 
 
@@ -52,13 +62,17 @@ def families() -> dict[str, Callable[[], nn.Module]]:
     """Name -> constructor of the benchmark net for each family (peers when importable)."""
     nets: dict[str, Callable[[], nn.Module]] = {
         "plain Conv2d+ReLU": lambda: _net(
-            lambda i, o: nn.Conv2d(i, o, 3, padding=1), nn.ReLU, nn.AdaptiveAvgPool2d(1),
+            lambda i, o: nn.Conv2d(i, o, 3, padding=1),
+            nn.ReLU,
+            nn.AdaptiveAvgPool2d(1),
             nn.Linear(128, CLASSES),
         ),
         "lipcert AOLConv2d": lambda: _lipcert_net(
-            lambda i, o: lnn.AOLConv2d(i, o, 3), lnn.AOLLinear),
+            lambda i, o: lnn.AOLConv2d(i, o, 3), lnn.AOLLinear
+        ),
         "lipcert SpectralConv2d": lambda: _lipcert_net(
-            lambda i, o: lnn.SpectralConv2d(i, o, 3), lnn.SpectralLinear),
+            lambda i, o: lnn.SpectralConv2d(i, o, 3), lnn.SpectralLinear
+        ),
         "lipcert SLLConv2d": lambda: _lipcert_net(_sll_conv, lnn.AOLLinear),
     }
     nets.update(_peer_families())
@@ -74,7 +88,8 @@ def _peer_families() -> dict[str, Callable[[], nn.Module]]:
     if torchlip is not None:
         peers["deel-torchlip SpectralConv2d"] = lambda: _net(
             lambda i, o: torchlip.SpectralConv2d(i, o, 3, padding=1),
-            lambda: torchlip.GroupSort2(), torchlip.ScaledAdaptiveAvgPool2d((1, 1)),
+            lambda: torchlip.GroupSort2(),
+            torchlip.ScaledAdaptiveAvgPool2d((1, 1)),
             torchlip.SpectralLinear(128, CLASSES),
         )
     try:
@@ -84,7 +99,9 @@ def _peer_families() -> dict[str, Callable[[], nn.Module]]:
         return peers
     for name, conv in (("AOLConv2D", AOLConv2D), ("AdaptiveOrthoConv2d", AdaptiveOrthoConv2d)):
         peers[f"orthogonium {name}"] = lambda conv=conv: _net(
-            lambda i, o: conv(i, o, 3, padding="same"), lnn.MaxMin, lnn.ScaledAvgPool2d(16),
+            lambda i, o: conv(i, o, 3, padding="same"),
+            lnn.MaxMin,
+            lnn.ScaledAvgPool2d(16),
             lnn.AOLLinear(128, CLASSES),
         )
     return peers
@@ -153,10 +170,18 @@ def main(as_json: bool = False) -> None:
         return
     header = ("family", "train ms", "train x", "eval ms", "eval x", "exported eval x")
     table = [
-        (r["family"], f"{r['train_ms']:.1f}", f"{r['train_ratio']:.2f}", f"{r['eval_ms']:.1f}",
-         f"{r['eval_ratio']:.2f}", f"{r.get('exported_eval_ratio', float('nan')):.2f}")
+        (
+            r["family"],
+            f"{r['train_ms']:.1f}",
+            f"{r['train_ratio']:.2f}",
+            f"{r['eval_ms']:.1f}",
+            f"{r['eval_ratio']:.2f}",
+            f"{r.get('exported_eval_ratio', float('nan')):.2f}",
+        )
         for r in rows
     ]
     print(format_table(header, table))
-    print(f"batch {BATCH}, input {INPUT_SHAPE}, {THREADS} threads, median of {REPEATS}; "
-          "ratios to the plain Conv2d+ReLU net in this run")
+    print(
+        f"batch {BATCH}, input {INPUT_SHAPE}, {THREADS} threads, median of {REPEATS}; "
+        "ratios to the plain Conv2d+ReLU net in this run"
+    )

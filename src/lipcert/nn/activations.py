@@ -53,6 +53,13 @@ def _route_pairs(grad: Tensor, first_is_max: Tensor, dim: int) -> Tensor:
     return routed.flatten(dim, dim + 1)  # (..., C, ...)
 
 
+def _sort_groups(x: Tensor, group_size: int, dim: int) -> Tensor:
+    """Sort contiguous groups of ``group_size`` along ``dim`` (any group size; sort's backward)."""
+    groups = x.unflatten(dim, (-1, group_size))  # (..., C/g, g, ...)
+    ordered = groups.sort(dim=dim + 1, descending=SORT_DESCENDING).values
+    return ordered.flatten(dim, dim + 1)  # (..., C, ...)
+
+
 class _MaxMinFunction(torch.autograd.Function):
     """MaxMin with a permutation backward (torch's max/min backward is slow and splits ties).
 
@@ -125,9 +132,7 @@ class GroupSort(LipschitzLayer, nn.Module):
             if torch.is_grad_enabled() and x.requires_grad:
                 return _MaxMinFunction.apply(x, dim)[0]
             return _maxmin_values(x, dim)
-        groups = x.unflatten(dim, (-1, self.group_size))  # (..., C/g, g, ...)
-        ordered = groups.sort(dim=dim + 1, descending=SORT_DESCENDING).values
-        return ordered.flatten(dim, dim + 1)  # (..., C, ...)
+        return _sort_groups(x, self.group_size, dim)
 
     def lipschitz_bound(self) -> float:
         """Exactly 1: a permutation of the inputs on each region of fixed order."""

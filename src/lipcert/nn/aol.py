@@ -146,6 +146,21 @@ def check_input_shape(layer: nn.Module, x: Tensor, expected: str, ok: bool) -> N
         raise ValueError(f"{type(layer).__name__} expects input {expected}, got {tuple(x.shape)}")
 
 
+def _check_circular_padding(
+    kernel_size: int | tuple[int, int], padding: str | int | tuple[int, int], padding_mode: str
+) -> None:
+    """Circular padding beyond (kernel_size - 1) / 2 wraps input pixels into the output twice."""
+    if padding_mode != "circular" or isinstance(padding, str):
+        return
+    sizes = _pair(kernel_size)
+    if any(2 * p > k - 1 for p, k in zip(_pair(padding), sizes, strict=True)):
+        raise ValueError(
+            f"padding={padding!r} with padding_mode='circular' must be at most "
+            f"(kernel_size - 1) / 2 = {tuple((k - 1) / 2 for k in sizes)}: larger circular "
+            "padding repeats input pixels"
+        )
+
+
 class AOLLinear(ConstrainedLinear):
     """``nn.Linear`` with AOL rescaling (Prach & Lampert 2022, Thm. 1): ||W D||_2 <= 1."""
 
@@ -195,13 +210,7 @@ class AOLConv2d(ConstrainedConv2d):
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if padding_mode == "circular" and not isinstance(padding, str):
-            if any(2 * p > k - 1 for p, k in zip(_pair(padding), _pair(kernel_size))):
-                raise ValueError(
-                    f"padding={padding!r} with padding_mode='circular' must be at most "
-                    f"(kernel_size - 1) / 2 = {tuple((k - 1) / 2 for k in _pair(kernel_size))}: "
-                    "larger circular padding repeats input pixels"
-                )
+        _check_circular_padding(kernel_size, padding, padding_mode)
         super().__init__(
             in_channels,
             out_channels,

@@ -150,7 +150,7 @@ class CayleyConv2d(LipschitzLayer, nn.Module):
         """
         (k_h, k_w), (height, width) = self.kernel_size, self.input_size
         padded = nn.functional.pad(self.weight, (0, width - k_w, 0, height - k_h))  # (O, I, H, W)
-        centred = torch.roll(padded, shifts=(1, 0), dims=(-2, -1))
+        centred = torch.roll(padded, shifts=(-(k_h // 2), -(k_w // 2)), dims=(-2, -1))
         return torch.fft.rfft2(centred).permute(2, 3, 0, 1)  # (H, W//2+1, O, I)
 
     def unitary(self) -> Tensor:

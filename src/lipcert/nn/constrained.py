@@ -22,7 +22,7 @@ SUPPORTED_PADDING_MODES = ("zeros", "circular")
 
 
 class BoundedWeightConstraint(WeightConstraint):
-    """A constraint that can also bound the operator of a weight it produced, soundly, in float64."""
+    """A constraint that can also bound, soundly and in float64, the operator of its output."""
 
     def operator_bound(self, layer: nn.Module, weight: Tensor) -> float:
         raise NotImplementedError
@@ -84,7 +84,9 @@ class ConstrainedLinear(_ConstrainedMixin, nn.Linear):
 
     def export(self) -> nn.Linear:
         plain = nn.Linear(
-            self.in_features, self.out_features, self.bias is not None,
+            self.in_features,
+            self.out_features,
+            self.bias is not None,
             device=self.bias.device if self.bias is not None else None,
             dtype=original(self).dtype,
         )
@@ -119,18 +121,33 @@ class ConstrainedConv2d(_ConstrainedMixin, nn.Conv2d):
                 f"input pixels; use one of {SUPPORTED_PADDING_MODES}"
             )
         if padding == "same" and stride not in (1, (1, 1)):
-            raise ValueError("padding='same' needs stride=1; give an explicit padding for stride > 1")
+            raise ValueError(
+                "padding='same' needs stride=1; give an integer padding for stride > 1"
+            )
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding,
-            bias=bias, padding_mode=padding_mode, device=device, dtype=dtype,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            bias=bias,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
         )
         self._register(constraint)
 
     def export(self) -> nn.Conv2d:
         plain = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            bias=self.bias is not None, padding_mode=self.padding_mode,
-            device=original(self).device, dtype=original(self).dtype,
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device=original(self).device,
+            dtype=original(self).dtype,
         )
         with torch.no_grad():
             plain.weight.copy_(self.constrained_weight())

@@ -27,8 +27,8 @@ from torch.nn.modules.utils import _pair
 
 from lipcert.bounds.operator import rounding_safety
 from lipcert.nn.aol import (
-    ROW_SUM_MARGIN,
     RESCALE_EPS,
+    ROW_SUM_MARGIN,
     as_kernel,
     check_input_shape,
     correlation_row_sums,
@@ -141,7 +141,9 @@ class _SLL(LipschitzLayer, nn.Module):
         """x + (-B^T) relu(W^T x + b) as plain modules; -B is an exact negation."""
         with torch.no_grad():
             outer = self.fold()[1]
-            return Residual(nn.Sequential(self._plain_inner(), nn.ReLU(), self._plain_outer(-outer)))
+            return Residual(
+                nn.Sequential(self._plain_inner(), nn.ReLU(), self._plain_outer(-outer))
+            )
 
     def _factory(self) -> dict:
         return {"device": self.weight.device, "dtype": self.weight.dtype}
@@ -192,7 +194,9 @@ class SLLLinear(_SLL):
         return F.linear(z, outer.t())  # (..., features)
 
     def _plain_inner(self) -> nn.Linear:
-        plain = nn.Linear(self.features, self.inner_features, self.bias is not None, **self._factory())
+        plain = nn.Linear(
+            self.features, self.inner_features, self.bias is not None, **self._factory()
+        )
         plain.weight.copy_(self.weight)
         if self.bias is not None:
             plain.bias.copy_(self.bias)
@@ -246,9 +250,13 @@ class SLLConv2d(_SLL):
 
     def _plain_inner(self) -> nn.Conv2d:
         plain = nn.Conv2d(
-            self.channels, self.inner_channels, self.kernel_size, padding=self.padding,
-            bias=self.bias is not None, **self._factory(),
-        )  # fmt: skip
+            self.channels,
+            self.inner_channels,
+            self.kernel_size,
+            padding=self.padding,
+            bias=self.bias is not None,
+            **self._factory(),
+        )
         plain.weight.copy_(self.weight)
         if self.bias is not None:
             plain.bias.copy_(self.bias)
@@ -256,8 +264,12 @@ class SLLConv2d(_SLL):
 
     def _plain_outer(self, weight: Tensor) -> nn.ConvTranspose2d:
         plain = nn.ConvTranspose2d(
-            self.inner_channels, self.channels, self.kernel_size, padding=self.padding,
-            bias=False, **self._factory(),
-        )  # fmt: skip
+            self.inner_channels,
+            self.channels,
+            self.kernel_size,
+            padding=self.padding,
+            bias=False,
+            **self._factory(),
+        )
         plain.weight.copy_(weight)
         return plain

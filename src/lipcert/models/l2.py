@@ -1,44 +1,14 @@
-"""Named architectures (a small registry), built from configs and rebuilt from checkpoints.
-
-``build_model(name, **kwargs)`` records ``{"name", "kwargs"}`` on the model as ``lipcert_spec``,
-which :func:`lipcert.save` stores so :func:`lipcert.load` can rebuild the architecture.
-"""
+"""l2 1-Lipschitz architectures built from lipcert's layers (SLL, AOL, RowNormLinear head)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
 from lipcert import nn as lnn
-
-ModelFactory = Callable[..., nn.Module]
-MODELS: dict[str, ModelFactory] = {}
-
-
-def register_model(factory: ModelFactory) -> ModelFactory:
-    """Add ``factory`` to the registry under its function name."""
-    MODELS[factory.__name__] = factory
-    return factory
-
-
-def build_model(name: str, **kwargs) -> nn.Module:
-    """Build the registered architecture ``name``; unknown names list the known ones."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; registered models: {sorted(MODELS)}")
-    model = MODELS[name](**kwargs)
-    model.lipcert_spec = {"name": name, "kwargs": kwargs}
-    return model
-
-
-def _check_shape(input_shape: Sequence[int], num_classes: int) -> tuple[int, ...]:
-    shape = tuple(int(s) for s in input_shape)
-    if not shape or any(s <= 0 for s in shape):
-        raise ValueError(f"input_shape must be positive sizes, got {input_shape!r}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    return shape
+from lipcert.models.registry import check_shape, register_model
 
 
 @register_model
@@ -50,7 +20,7 @@ def sll_mlp(
     depth: int = 4,
 ) -> nn.Sequential:
     """Flatten -> AOLLinear -> depth x SLLLinear -> RowNormLinear (1-Lipschitz body)."""
-    shape = _check_shape(input_shape, num_classes)
+    shape = check_shape(input_shape, num_classes)
     return nn.Sequential(
         nn.Flatten(),
         lnn.AOLLinear(math.prod(shape), width),
@@ -76,7 +46,7 @@ def sll_convnet(
     space-to-depth downsampling followed by a 1x1 AOLConv2d that halves the channels; a dense SLL
     head ends in RowNormLinear for the last-layer certificate.
     """
-    channels, height, width_px = _check_shape(input_shape, num_classes)
+    channels, height, width_px = check_shape(input_shape, num_classes)
     layers: list[nn.Module] = [lnn.AOLConv2d(channels, width, 3)]
     c, h, w = width, height, width_px
     for _ in range(stages):

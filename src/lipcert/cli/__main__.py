@@ -1,0 +1,5 @@
+import sys
+
+from lipcert.cli import main
+
+sys.exit(main())

@@ -1,0 +1,18 @@
+"""``lipcert bench WHAT``: benchmarks printing ratios measured in one run."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: ratios to a plain network, measured in one run")
+    p.add_argument("what", choices=("layers",), help="which benchmark (design.md §6)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from lipcert.bench import run_bench
+
+    run_bench(args.what, as_json=args.json)

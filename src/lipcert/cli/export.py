@@ -1,0 +1,31 @@
+"""``lipcert export CKPT [--onnx OUT]``: plain torch.nn model (and ONNX) with equal outputs."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="plain torch.nn model (and ONNX) from a checkpoint")
+    p.add_argument("checkpoint", help="a lipcert .safetensors checkpoint")
+    p.add_argument("--onnx", help="write ONNX here")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from lipcert.checkpoint import load, read_checkpoint
+    from lipcert.export import export
+
+    model = load(args.checkpoint)
+    _, meta = read_checkpoint(args.checkpoint)
+    shape = tuple(meta["model_spec"]["kwargs"]["input_shape"])
+    plain = export(model, onnx_path=args.onnx, input_shape=shape)
+    x = torch.rand(4, *shape)
+    with torch.no_grad():
+        diff = (plain(x) - model(x)).abs().max().item()
+    print(plain)
+    print(f"max |exported - original| on random inputs: {diff:.2e}")
+    if args.onnx:
+        print(f"ONNX written to {args.onnx}")

@@ -1,0 +1,27 @@
+"""``lipcert train CONFIG``: train from a TOML config (progress, checkpoints, resume)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train from a TOML config")
+    p.add_argument("config", help="a TOML config (see configs/)")
+    p.add_argument("--run-dir", help="output folder (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from run-dir/last.safetensors")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="override the config's device")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from lipcert.config import load_config
+    from lipcert.train import train
+
+    config = load_config(args.config)
+    if args.device:
+        config.device = args.device
+    run_dir = Path(args.run_dir or Path("runs") / config.name)
+    _, history = train(config, run_dir, resume=args.resume)
+    print(f"run written to {run_dir}; last epoch: {history[-1] if history else 'none'}")
