@@ -145,5 +145,5 @@ def test_get_activation_names_and_arguments() -> None:
     assert type(get_activation("relu")) is nn.ReLU
     layer = get_activation("group-sort", group_size=4, dim=-1)
     assert isinstance(layer, GroupSort) and (layer.group_size, layer.dim) == (4, -1)
-    with pytest.raises(ValueError, match="unknown activation 'gelu'.*groupsort"):
+    with pytest.raises(ValueError, match=r"unknown activation 'gelu'.*groupsort"):
         get_activation("gelu")

@@ -113,7 +113,9 @@ def test_export_is_a_circular_conv2d_with_equal_outputs(c_in, c_out, kernel, gri
     _assert_export_matches(layer)
 
 
-@pytest.mark.parametrize(("c_in", "c_out", "grid"), [(3, 3, (5, 5)), (2, 4, (4, 6)), (4, 2, (7, 4))])
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "grid"), [(3, 3, (5, 5)), (2, 4, (4, 6)), (4, 2, (7, 4))]
+)
 def test_onnx_export_runs_with_equal_outputs(tmp_path, c_in, c_out, grid):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")

@@ -150,3 +150,38 @@ def test_certified_accuracy_and_batching():
 def test_wrong_class_margin():
     logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 5.0]])
     assert torch.equal(wrong_class_margin(logits, torch.tensor([0, 1])), torch.tensor([-1.0, 0.0]))
+
+
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_binary_and_two_class_models_are_sound(outputs):
+    """One logit: class 1 iff f > 0 (margin +-f); two logits: the sqrt(2) form still applies."""
+    torch.manual_seed(0)
+    body = [ConstrainedLinear(6, 16, constraint=_Spectral()), nn.ReLU()]
+    model = nn.Sequential(*body, ConstrainedLinear(16, outputs, constraint=_Spectral()))
+    x, _ = _data()
+    y = (model(x)[:, -1] > (0 if outputs == 1 else model(x)[:, 0])).long()
+    y[:20] = 1 - y[:20]  # some misclassified points
+    for lipschitz in (None, lipcert.lipschitz_upper_bound(model)):
+        radii = certify(model, x, y, lipschitz=lipschitz)
+        assert (radii[:20] <= 0).all()
+        assert (radii[20:] > 0).float().mean() > 0.9  # the rest: tiny margins within the slack
+        ok = radii > 0
+        if outputs == 1:  # binary wrapper for the attack: logits (0, f)
+            attacked = nn.Sequential(model, _Binary())
+        else:
+            attacked = model
+        _, success = pgd(attacked, x[ok], y[ok], radii[ok] * (1 - 1e-6), "l2", steps=60)
+        assert not success.any()
+
+
+class _Binary(nn.Module):
+    def forward(self, f):
+        return torch.cat([torch.zeros_like(f), f], dim=1)
+
+
+def test_two_logit_radius_uses_sqrt2():
+    """A 2-logit model with a user-given L gets margin / (sqrt(2) L), not margin / L."""
+    model = nn.Sequential(nn.Identity())
+    x = torch.tensor([[0.0, 1.0]])
+    r = certify(model, x, torch.tensor([1]), lipschitz=1.0)
+    assert r.item() == pytest.approx(1 / math.sqrt(2), rel=5e-3)

@@ -8,8 +8,14 @@ f_y - f_j is (L_b ||w_y - w_j||)-Lipschitz, so r(x) = min_j (f_y - f_j) / (L_b |
 is a tighter radius (Araujo et al. 2023; SLL's ``eval_certified``). Both come from sound bounds
 (``lipcert.bounds``), never from an assumed 1.0.
 
-**l_inf from l2.** ||delta||_2 <= sqrt(d) ||delta||_inf, so an l2 radius r gives the l_inf radius
-r / sqrt(d) (d = input dimension). This is sound but loose; l_inf-distance nets certify directly.
+**l_inf.** In l_inf -> l_inf terms each logit moves by at most L ||delta||_inf, so a margin moves
+by at most 2 L ||delta||_inf (l_inf-distance nets: L = 1, r = margin / 2, Zhang et al. 2021); with
+a linear head the pair bound is L_b ||w_y - w_j||_1 (Hölder). **Binary** models with one logit f
+(class 1 iff f > 0) have margin +-f, moving by at most L ||delta||.
+
+**Norm conversion.** A model bounded only in l2 gets l_inf radii r_2 / sqrt(d)
+(||delta||_2 <= sqrt(d) ||delta||_inf); a model bounded only in l_inf gets l2 radii r_inf
+(||delta||_inf <= ||delta||_2). Both are sound; the native norm is always tighter.
 
 **Rounding.** Logits are computed in floating point, each off its exact value by some delta.
 Bounding the float32 forward error of a whole network tightly is impractical, so we use a
@@ -30,7 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lipcert.bounds.network import module_bound
+from lipcert.bounds.network import UnsupportedNorm, module_bound
+from lipcert.bounds.operator import rounding_safety
 from lipcert.nn.constraint import EvalCache
 
 #: Relative float32 logit error allowed for: 2^-14 ~ 6.1e-5 = 1024 * float32 unit roundoff
@@ -43,47 +50,55 @@ NORMS = ("l2", "linf")
 
 @dataclass(frozen=True)
 class LipschitzSummary:
-    """What a certificate needs: a body bound and, when known, the last linear layer."""
+    """What a certificate needs: bounds in ``norm``, with the last linear layer when known."""
 
-    body_bound: float
-    head_weight: Tensor | None  # (C, D) float64 rows w_k of the last linear layer, or None
-    head_pair_bound: Tensor | None  # (C, C) sound upper bounds of ||w_i - w_j||
-
-
-_SUMMARIES: weakref.WeakKeyDictionary[nn.Module, EvalCache] = weakref.WeakKeyDictionary()
+    norm: str  # the input norm the bounds hold in: "l2" or "linf"
+    body_bound: float  # the whole model's bound when there is no head
+    head_pair_bound: Tensor | None  # (C, C): ||w_i - w_j||_* (dual norm), float64, or None
 
 
-def _pairwise_row_distance_bound(weight: Tensor) -> Tensor:
-    """Upper bounds of ||w_i - w_j||_2 in float64 (+ a relative rounding slack)."""
+_SUMMARIES: weakref.WeakKeyDictionary[nn.Module, dict[str, EvalCache]] = weakref.WeakKeyDictionary()
+#: Dual norm of each input norm: the margin (w_y - w_j) . h moves by ||w_y - w_j||_* ||dh||.
+_DUAL_P = {"l2": 2.0, "linf": 1.0}
+
+
+def _pairwise_row_distance_bound(weight: Tensor, norm: str) -> Tensor:
+    """Upper bounds of ||w_i - w_j||_* in float64 (+ a relative rounding slack)."""
     weight = weight.detach().double()
-    dist = torch.cdist(weight[None], weight[None])[0]  # (C, C)
-    return dist * (1 + 1e-12) + 1e-300
+    if weight.shape[0] == 1:  # binary head: logits (0, w.h + b), one pair
+        weight = torch.cat([torch.zeros_like(weight), weight])
+    dist = torch.cdist(weight[None], weight[None], p=_DUAL_P[norm])[0]  # (C, C)
+    return dist * rounding_safety(torch.float64, weight.shape[1])
 
 
-def _head_weight(module: nn.Module) -> Tensor | None:
-    """The effective weight of a final linear layer (nn.Linear or a constrained/exported one)."""
-    if isinstance(module, nn.Linear):
-        with torch.no_grad():
-            return module.weight.detach().double().clone()
-    return None
-
-
-def summarize(model: nn.Module) -> LipschitzSummary:
+def summarize(model: nn.Module, norm: str = "l2") -> LipschitzSummary:
     """Sound Lipschitz summary of ``model`` (eval mode): body + linear head when possible."""
-    if isinstance(model, nn.Sequential) and len(model) > 1:
-        head = _head_weight(model[-1])
-        if head is not None:
-            body_bound = module_bound(model[:-1])
-            return LipschitzSummary(body_bound, head, _pairwise_row_distance_bound(head))
-    return LipschitzSummary(module_bound(model), None, None)
+    if isinstance(model, nn.Sequential) and len(model) > 1 and isinstance(model[-1], nn.Linear):
+        body_bound = module_bound(model[:-1], norm)
+        return LipschitzSummary(
+            norm, body_bound, _pairwise_row_distance_bound(model[-1].weight, norm)
+        )
+    return LipschitzSummary(norm, module_bound(model, norm), None)
 
 
-def cached_summary(model: nn.Module) -> LipschitzSummary:
+def cached_summary(model: nn.Module, norm: str) -> LipschitzSummary:
     """:func:`summarize`, computed once per model state (keyed on every parameter and buffer)."""
-    cache = _SUMMARIES.setdefault(model, EvalCache())
+    cache = _SUMMARIES.setdefault(model, {}).setdefault(norm, EvalCache())
     sources = [*model.parameters(), *model.buffers()]
     with torch.no_grad():
-        return cache.get(sources, lambda: summarize(model), enabled=True)
+        return cache.get(sources, lambda: summarize(model, norm), enabled=True)
+
+
+def native_summary(model: nn.Module, norm: str) -> LipschitzSummary:
+    """The summary in ``norm`` or, when the model is bounded only in the other norm, in that one."""
+    try:
+        return cached_summary(model, norm)
+    except UnsupportedNorm as first:
+        other = "linf" if norm == "l2" else "l2"
+        try:
+            return cached_summary(model, other)
+        except UnsupportedNorm as second:
+            raise ValueError(f"cannot bound the model in l2 ({first}) or linf ({second})") from None
 
 
 def _check_inputs(x: Tensor, y: Tensor, norm: str) -> None:
@@ -111,16 +126,31 @@ def logit_rounding_bound(
     return rel * scale
 
 
+def _pair_bounds(summary: LipschitzSummary, num_logits: int, device) -> Tensor:
+    """(C, C) Lipschitz bounds of every margin f_i - f_j in ``summary.norm`` (C >= 2).
+
+    ``num_logits`` is the model's own output width: 1 means a binary model whose margin is +-f.
+    """
+    num_classes = max(2, num_logits)
+    if summary.head_pair_bound is not None:
+        return summary.head_pair_bound.to(device) * summary.body_bound
+    if num_logits == 1:
+        factor = 1.0
+    else:  # ||e_i - e_j|| in the output's norm: sqrt(2) for l2, 2 (two moving logits) for l_inf
+        factor = SQRT2 if summary.norm == "l2" else 2.0
+    return torch.full((num_classes, num_classes), factor * summary.body_bound, device=device)
+
+
 def radii_from_logits(logits: Tensor, x: Tensor, y: Tensor, summary: LipschitzSummary) -> Tensor:
-    """l2 radii (<= 0 where misclassified or not certifiable) from precomputed logits."""
+    """Radii in ``summary.norm`` (<= 0 where misclassified or not certifiable) from logits."""
     logits64 = logits.detach().double()
+    num_logits = logits64.shape[1]
+    if num_logits == 1:  # binary: class 1 iff f > 0, as logits (0, f)
+        logits64 = torch.cat([torch.zeros_like(logits64), logits64], dim=1)
     y = y.long()
     true_logit = logits64.gather(1, y[:, None])  # (B, 1)
     margins = true_logit - logits64  # (B, C); 0 at the true class
-    if summary.head_pair_bound is not None:
-        pair = summary.head_pair_bound.to(logits64.device)[y] * summary.body_bound  # (B, C)
-    else:
-        pair = torch.full_like(margins, SQRT2 * summary.body_bound)
+    pair = _pair_bounds(summary, num_logits, logits64.device)[y]  # (B, C)
     computed_in = torch.promote_types(logits.dtype, x.dtype)
     delta_margin = 2 * logit_rounding_bound(logits64, x.double(), summary.body_bound, computed_in)
     safe = margins - 3 * delta_margin[:, None]
@@ -132,6 +162,13 @@ def radii_from_logits(logits: Tensor, x: Tensor, y: Tensor, summary: LipschitzSu
     return torch.where(wrong, torch.minimum(radius, torch.zeros_like(radius)), radius).float()
 
 
+def convert_radius(radius: Tensor, source: str, target: str, input_dim: int) -> Tensor:
+    """Radii certified in norm ``source`` as radii in norm ``target`` (sound, see docstring)."""
+    if source == "l2" and target == "linf":
+        return radius / math.sqrt(input_dim)
+    return radius  # same norm, or linf -> l2 (||delta||_inf <= ||delta||_2)
+
+
 def certify(
     model: nn.Module,
     x: Tensor,
@@ -141,9 +178,10 @@ def certify(
 ) -> Tensor:
     """Per-sample certified radius in ``norm`` around each input; <= 0 means not certified.
 
-    ``lipschitz``: a known l2 Lipschitz constant of the whole logit map (then the sqrt(2) form is
-    used); by default a sound bound is computed once per model state (body + last-layer form when
-    the model is an ``nn.Sequential`` ending in a linear layer). Costs one forward pass.
+    ``lipschitz``: a known Lipschitz constant (in ``norm``) of the whole logit map; by default a
+    sound bound is computed once per model state (body + last-layer form when the model is an
+    ``nn.Sequential`` ending in a linear layer). A model with one logit is binary (class 1 iff
+    f > 0). Costs one forward pass.
     """
     _check_inputs(x, y, norm)
     if lipschitz is not None and not (math.isfinite(lipschitz) and lipschitz > 0):
@@ -152,9 +190,9 @@ def certify(
     model.eval()
     try:
         summary = (
-            LipschitzSummary(float(lipschitz), None, None)
+            LipschitzSummary(norm, float(lipschitz), None)
             if lipschitz is not None
-            else cached_summary(model)
+            else native_summary(model, norm)
         )
         with torch.no_grad():
             logits = model(x)
@@ -163,14 +201,13 @@ def certify(
         raise ValueError(f"the model does not accept inputs of shape {shape}: {err}") from err
     finally:
         model.train(was_training)
-    if logits.dim() != 2 or logits.shape[1] < 2:
-        raise ValueError(f"certify needs (B, C>=2) logits, the model gave {tuple(logits.shape)}")
-    if bool((y < 0).any()) or bool((y >= logits.shape[1]).any()):
-        raise ValueError(f"labels must lie in [0, {logits.shape[1]}), got {y.min()}..{y.max()}")
+    if logits.dim() != 2:
+        raise ValueError(f"certify needs (B, C) logits, the model gave {tuple(logits.shape)}")
+    num_classes = max(2, logits.shape[1])
+    if bool((y < 0).any()) or bool((y >= num_classes).any()):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {y.min()}..{y.max()}")
     radius = radii_from_logits(logits, x, y, summary)
-    if norm == "linf":
-        radius = radius / math.sqrt(x[0].numel())
-    return radius
+    return convert_radius(radius, summary.norm, norm, x[0].numel())
 
 
 def certified_accuracy(radii: Tensor, eps: list[float] | tuple[float, ...]) -> dict[float, float]:

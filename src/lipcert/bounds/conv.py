@@ -66,7 +66,7 @@ DEFAULT_CONV_GRAM_ITERATIONS = 8
 SYMBOL_CHUNK_ELEMENTS = 2**24
 
 
-def _pair(name: str, value: int | tuple[int, int]) -> tuple[int, int]:
+def to_pair(name: str, value: int | tuple[int, int]) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
@@ -87,9 +87,10 @@ def polyphase_kernel(kernel: Tensor, stride: tuple[int, int]) -> Tensor:
 
 
 def grid_size(kernel_size: tuple[int, int], grid_slack: float) -> tuple[int, int]:
-    """Smallest grid with each axis' share of s at most half the s allowed by ``grid_slack``."""
+    """Smallest grid whose s splits evenly over the axes of size > 1 within ``grid_slack``."""
     s_max = math.sqrt(2 * grid_slack / (1 + grid_slack))  # 1 / (1 - s^2 / 2) = 1 + grid_slack
-    return tuple(max(1, math.ceil(math.pi * (k - 1) / s_max)) for k in kernel_size)
+    axes = sum(k > 1 for k in kernel_size)
+    return tuple(max(1, math.ceil(math.pi * (k - 1) * axes / (2 * s_max))) for k in kernel_size)
 
 
 def grid_factor(kernel_size: tuple[int, int], grid: tuple[int, int]) -> float:
@@ -165,7 +166,7 @@ def conv2d_operator_bound(
         raise ValueError(f"kernel must have shape (c_out, c_in, kh, kw), got {tuple(kernel.shape)}")
     if not 0 < grid_slack < 1:
         raise ValueError(f"grid_slack must lie in (0, 1), got {grid_slack}")
-    kernel = polyphase_kernel(kernel, _pair("stride", stride))  # (c_out, c_in*s1*s2, bh, bw)
+    kernel = polyphase_kernel(kernel, to_pair("stride", stride))  # (c_out, c_in*s1*s2, bh, bw)
     kernel_size = tuple(kernel.shape[-2:])
     grid = grid_size(kernel_size, grid_slack)
     twiddles = _twiddles(kernel_size, grid, kernel)

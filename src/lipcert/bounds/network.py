@@ -1,10 +1,12 @@
-"""Whole-network Lipschitz bounds.
+"""Whole-network Lipschitz bounds, in l2 or l_inf.
 
 ``lipschitz_upper_bound`` composes per-module sound bounds: L(g o h) <= L(g) L(h). Each module type
-has a *rule* (:data:`BOUND_RULES`, extended with :func:`register_bound_rule`); lipcert layers bring
-their own through ``LipschitzLayer.lipschitz_bound``. A module without a rule is refused by name:
-nothing is ever assumed to be 1-Lipschitz. Containers are walked as ``nn.Sequential`` chains here;
-general graphs (``torch.fx``) plug in as another rule for arbitrary modules.
+has a *rule* (:data:`BOUND_RULES`, extended with :func:`register_bound_rule`) giving its operator
+bound in a norm ("l2": l2 -> l2; "linf": l_inf -> l_inf); lipcert layers bring their own through
+``LipschitzLayer.lipschitz_bound`` for the norm they declare. A module without a rule is refused by
+name, and a rule that cannot bound a norm raises :class:`UnsupportedNorm`: nothing is ever assumed
+to be 1-Lipschitz. Containers are walked as ``nn.Sequential`` chains; general graphs plug in as
+another rule.
 """
 
 from __future__ import annotations
@@ -14,26 +16,32 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from lipcert.bounds.operator import gram_spectral_bound
+from lipcert.bounds.operator import gram_spectral_bound, rounding_safety
 from lipcert.nn.constraint import LipschitzLayer
 
-BoundRule = Callable[[nn.Module], float]
+NORMS = ("l2", "linf")
+BoundRule = Callable[[nn.Module, str], float]
 BOUND_RULES: dict[type[nn.Module], BoundRule] = {}
 
-#: Modules that are 1-Lipschitz in l2 with no parameters to look at.
+#: Modules that are 1-Lipschitz in every l_p norm: coordinate-wise 1-Lipschitz maps and
+#: permutations of coordinates.
 ONE_LIPSCHITZ_MODULES: tuple[type[nn.Module], ...] = (
     nn.Identity,
     nn.ReLU,
     nn.Flatten,
     nn.Unflatten,
-    nn.PixelUnshuffle,  # a permutation of coordinates
+    nn.PixelUnshuffle,
     nn.PixelShuffle,
     nn.Tanh,
 )
 
 
+class UnsupportedNorm(TypeError):
+    """A module has no sound bound in the requested norm."""
+
+
 def register_bound_rule(*module_types: type[nn.Module]) -> Callable[[BoundRule], BoundRule]:
-    """Register ``rule(module) -> float`` as the sound l2 bound for ``module_types``."""
+    """Register ``rule(module, norm) -> float`` as the sound bound for ``module_types``."""
 
     def decorate(rule: BoundRule) -> BoundRule:
         for module_type in module_types:
@@ -44,41 +52,52 @@ def register_bound_rule(*module_types: type[nn.Module]) -> Callable[[BoundRule],
 
 
 @register_bound_rule(*ONE_LIPSCHITZ_MODULES)
-def _one(module: nn.Module) -> float:
+def _one(module: nn.Module, norm: str) -> float:
     return 1.0
 
 
 @register_bound_rule(nn.Dropout)
-def _dropout(module: nn.Module) -> float:
+def _dropout(module: nn.Module, norm: str) -> float:
     if module.training and module.p > 0:
         raise ValueError("Dropout in training mode is random: call model.eval() before bounding")
     return 1.0
 
 
+def matrix_operator_bound(weight: Tensor, norm: str) -> float:
+    """Sound bound of a matrix's operator norm: spectral (l2) or max absolute row sum (l_inf)."""
+    weight = weight.detach().double()
+    if norm == "l2":
+        return float(gram_spectral_bound(weight))
+    row_sums = weight.abs().sum(dim=1)
+    return float(row_sums.max()) * rounding_safety(torch.float64, weight.shape[1])
+
+
 @register_bound_rule(nn.Linear)
-def _linear(module: nn.Module) -> float:
-    return float(gram_spectral_bound(module.weight.detach().double()))
+def _linear(module: nn.Module, norm: str) -> float:
+    return matrix_operator_bound(module.weight, norm)
 
 
 @register_bound_rule(nn.Sequential)
-def _sequential(module: nn.Module) -> float:
+def _sequential(module: nn.Module, norm: str) -> float:
     bound = 1.0
     for child in module:
-        bound *= module_bound(child)
+        bound *= module_bound(child, norm)
     return bound
 
 
-def module_bound(module: nn.Module) -> float:
-    """Sound upper bound of ``module``'s l2 Lipschitz constant."""
+def module_bound(module: nn.Module, norm: str = "l2") -> float:
+    """Sound upper bound of ``module``'s Lipschitz constant in ``norm``."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if isinstance(module, LipschitzLayer):
-        if module.lipschitz_norm != "l2":
-            raise ValueError(
-                f"{type(module).__name__} is Lipschitz in {module.lipschitz_norm}, not l2"
+        if module.lipschitz_norm not in (norm, "any"):
+            raise UnsupportedNorm(
+                f"{type(module).__name__} is Lipschitz in {module.lipschitz_norm}, not {norm}"
             )
         return module.lipschitz_bound()
     for module_type in type(module).__mro__:
         if module_type in BOUND_RULES:
-            return BOUND_RULES[module_type](module)
+            return BOUND_RULES[module_type](module, norm)
     raise TypeError(
         f"no Lipschitz bound rule for {type(module).__name__}; wrap it in supported modules or "
         "register one with lipcert.bounds.network.register_bound_rule"
@@ -98,8 +117,10 @@ def _check_input_shape(model: nn.Module, input_shape: tuple[int, ...]) -> None:
         ) from err
 
 
-def lipschitz_upper_bound(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> float:
-    """Sound upper bound of the l2 -> l2 Lipschitz constant of ``model`` (eval mode).
+def lipschitz_upper_bound(
+    model: nn.Module, input_shape: tuple[int, ...] | None = None, norm: str = "l2"
+) -> float:
+    """Sound upper bound of the Lipschitz constant of ``model`` (eval mode) in ``norm``.
 
     ``input_shape`` (without the batch dimension) is checked against the model by one forward.
     """
@@ -108,7 +129,7 @@ def lipschitz_upper_bound(model: nn.Module, input_shape: tuple[int, ...] | None 
     was_training = model.training
     model.eval()
     try:
-        return module_bound(model)
+        return module_bound(model, norm)
     finally:
         model.train(was_training)
 
@@ -116,7 +137,7 @@ def lipschitz_upper_bound(model: nn.Module, input_shape: tuple[int, ...] | None 
 def lipschitz_lower_bound(
     model: nn.Module, x: Tensor, n_power: int = 20, n_ascent: int = 20, step: float = 0.05
 ) -> float:
-    """Empirical lower bound: the largest Jacobian spectral norm found near the points ``x``.
+    """Empirical l2 lower bound: the largest Jacobian spectral norm found near the points ``x``.
 
     For each point, power iteration on J^T J (``torch.func`` jvp/vjp) finds the top singular
     direction; gradient ascent on the input then increases ||J(x) v||. Every value reported is
@@ -142,7 +163,9 @@ def _jacobian_norm_along(model: nn.Module, x: Tensor, v: Tensor) -> tuple[Tensor
     return jv.norm(), jtjv / jtjv.norm().clamp_min(1e-30)
 
 
-def _local_jacobian_norm(model: nn.Module, x: Tensor, n_power: int, n_ascent: int, step: float):
+def _local_jacobian_norm(
+    model: nn.Module, x: Tensor, n_power: int, n_ascent: int, step: float
+) -> float:
     x = x.detach().clone()
     v = torch.randn_like(x)
     v = v / v.norm()
@@ -150,7 +173,7 @@ def _local_jacobian_norm(model: nn.Module, x: Tensor, n_power: int, n_ascent: in
     for _ in range(n_ascent + 1):
         for _ in range(n_power):
             norm, v = _jacobian_norm_along(model, x, v)
-            best = max(best, float(norm))
+            best = max(best, float(norm.detach()))
         x.requires_grad_(True)
         with torch.enable_grad():
             norm, _ = _jacobian_norm_along(model, x, v.detach())

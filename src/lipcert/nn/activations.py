@@ -9,11 +9,11 @@ On each region where the order of the inputs is fixed the map is a permutation o
 its Jacobian is a permutation matrix (all singular values 1): it is 1-Lipschitz in every l_p norm
 and preserves gradient norms (ties are broken so that the Jacobian stays a permutation).
 
-Speed (``OMP_NUM_THREADS=1``, one CPU thread, float32, input (64, 64, 32, 32), min of 25 runs;
-script in the report of this module): ``sort`` on the grouped view: 43 ms forward / 61 ms
-forward+backward; ``torch.maximum``/``minimum`` + stack with torch's own backward: 5 / 66 ms;
-``torch.where`` swaps: 19 / 57 ms; max/min forward + the masked backward below: 6 / 26 ms. Groups
-of 2 therefore take the max/min path; larger groups sort the grouped view.
+Speed, float32 input (64, 64, 32, 32) on one CPU thread, best of 25 (forward / forward+backward):
+``sort`` of the grouped view 43 / 59 ms; ``torch.maximum``/``minimum`` + stack with torch's own
+backward 5 / 70 ms; ``torch.where`` swaps 20 / 67 ms; max/min with the masked backward of
+:class:`_MaxMinFunction` 5 / 26 ms. Groups of 2 take that last path (and plain max/min when no
+gradient is needed); larger groups sort the grouped view (GroupSort(4): 40 / 57 ms).
 """
 
 from __future__ import annotations
@@ -115,9 +115,7 @@ class GroupSort(LipschitzLayer, nn.Module):
         if torch.jit.is_tracing():
             return self.dim % x.dim()
         if not -x.dim() <= self.dim < x.dim():
-            raise ValueError(
-                f"{self}: input of shape {tuple(x.shape)} has no dimension {self.dim}"
-            )
+            raise ValueError(f"{self}: input of shape {tuple(x.shape)} has no dimension {self.dim}")
         dim = self.dim % x.dim()
         if x.shape[dim] % self.group_size != 0:
             raise ValueError(

@@ -43,7 +43,7 @@ Pair = tuple[int, int]
 
 def _as_pair(value: int | tuple[int, int], name: str) -> Pair:
     """``value`` as a pair of positive ints, or a ValueError naming ``name``."""
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    pair = tuple(value) if isinstance(value, tuple | list) else (value, value)
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
     return pair
@@ -52,11 +52,13 @@ def _as_pair(value: int | tuple[int, int], name: str) -> Pair:
 def _check_feature_map(layer: nn.Module, x: Tensor) -> None:
     """A (B, C, H, W) or (C, H, W) input, or a ValueError naming ``layer`` and both shapes."""
     if x.dim() not in (3, 4):
-        raise ValueError(f"{layer}: expected a (B, C, H, W) or (C, H, W) input, got {tuple(x.shape)}")
+        raise ValueError(
+            f"{layer}: expected a (B, C, H, W) or (C, H, W) input, got {tuple(x.shape)}"
+        )
 
 
 def _map_size(x: Tensor) -> Pair:
-    """(H, W) of ``x`` as ints. An ONNX trace has a fixed H and W, so they become constants there."""
+    """(H, W) of ``x`` as ints (an ONNX trace has a fixed H and W: they become constants there)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         return int(x.shape[-2]), int(x.shape[-1])

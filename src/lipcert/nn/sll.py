@@ -43,14 +43,23 @@ from lipcert.nn.residual import Residual
 #: this floor only matters when rounding ate it, and then the bound grows smoothly above 1.
 SLACK_FLOOR = 1e-6
 
+#: Range of log q kept below its maximum: q_j / q_i stays within e^(+-20), so T and its gradients
+#: stay finite in float32 (with kernels up to ~1e3). A unit clamped at the bottom has a t_i about
+#: e^20 times its Gershgorin sum, i.e. it is silenced; any positive q keeps Thm. 3 valid.
+LOG_Q_RANGE = 20.0
+
 #: Unit roundoff of float64, used to enclose the few elementwise operations of the bound.
 _U64 = torch.finfo(torch.float64).eps / 2
 
 
+def q_weights(log_q: Tensor) -> Tensor:
+    """q = exp(log_q) up to a common factor (which t ignores), clamped to [e^-LOG_Q_RANGE, 1]."""
+    return torch.exp((log_q - log_q.max()).clamp_min(-LOG_Q_RANGE))
+
+
 def sll_scales(kernel: Tensor, log_q: Tensor) -> Tensor:
     """c_i = 2 / t'_i for ``kernel`` K = W^T of shape (inner, features, kh, kw) (Thm. 3)."""
-    weights = torch.exp(log_q - log_q.max())  # q up to a common factor, which t ignores
-    t = correlation_row_sums(kernel.transpose(0, 1), weights)  # rows of W^T W: inner channels
+    t = correlation_row_sums(kernel.transpose(0, 1), q_weights(log_q))  # rows of W^T W (inner)
     return 2 / (t * (1 + ROW_SUM_MARGIN) + RESCALE_EPS)
 
 
@@ -134,7 +143,7 @@ class _SLL(LipschitzLayer, nn.Module):
     def lipschitz_bound(self) -> float:
         with torch.no_grad():
             scales, outer = self.fold()
-            weights = torch.exp(self.log_q.double() - self.log_q.double().max())
+            weights = q_weights(self.log_q.double())
             return residual_bound(as_kernel(self.weight), as_kernel(outer), scales, weights)
 
     def export(self) -> Residual:
