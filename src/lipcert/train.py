@@ -146,19 +146,35 @@ def _check_finite(value: Tensor, what: str, epoch: int, step: int, ckpt: Path) -
         )
 
 
+def set_progress(modules: list[nn.Module], progress: float) -> None:
+    """Tell every module with a ``set_progress(progress)`` hook how far training is (0 -> 1).
+
+    Schedules that depend on training progress (the l_p -> l_inf relaxation of LinfDist layers,
+    the decaying loss mix of LinfDistLoss) live in the modules and read it from here, so they are
+    a function of the global step and survive resume exactly.
+    """
+    for module in modules:
+        hook = getattr(module, "set_progress", None)
+        if callable(hook):
+            hook(progress)
+
+
 def train_one_epoch(model, loss_fn, optimizer, scheduler, data, config, epoch, device, ddp, ckpt):
     model.train()
+    scheduled = [*model.modules(), *loss_fn.modules()]
+    steps = _steps_per_epoch(data, config)
     total_loss, correct, seen = 0.0, 0, 0
     amp = config.amp and device.type == "cuda"
     bar = tqdm(
         _batches(data, config, epoch, ddp),
-        total=_steps_per_epoch(data, config),
+        total=steps,
         desc=f"epoch {epoch + 1}/{config.epochs}",
         disable=not ddp.is_main,
         leave=False,
     )
     for step, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        set_progress(scheduled, (epoch * steps + step) / (config.epochs * steps))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
         _check_finite(logits, "the logits", epoch, step, ckpt)

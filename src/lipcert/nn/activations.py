@@ -1,6 +1,6 @@
 """Gradient-norm-preserving activations: GroupSort and MaxMin, and a string factory for configs.
 
-GroupSort (Anil, Lucas & Grosse, "Sorting out Lipschitz function approximation", ICML 2019, Sec. 4)
+GroupSort (Anil, Lucas & Grosse, "Sorting out Lipschitz function approximation", ICML 2019)
 splits the features along ``dim`` into contiguous groups of ``group_size`` and sorts each group.
 Convention here: **descending** order, so ``MaxMin`` (the paper's group size 2) maps every pair
 ``(x_2i, x_2i+1)`` to ``(max, min)`` and ``GroupSort(2)`` is the same function as ``MaxMin()``.
@@ -90,7 +90,7 @@ class _MaxMinFunction(torch.autograd.Function):
 class GroupSort(LipschitzLayer, nn.Module):
     """Sort contiguous groups of ``group_size`` features along ``dim`` in descending order.
 
-    Anil et al., ICML 2019, Sec. 4 (GroupSort). 1-Lipschitz and gradient-norm preserving.
+    Anil et al., ICML 2019 (GroupSort). 1-Lipschitz and gradient-norm preserving.
     ``group_size`` must divide the size of ``dim``; ``dim=1`` is the channel dimension of
     ``(B, C, H, W)`` and the feature dimension of ``(B, F)`` inputs.
     """

@@ -24,12 +24,6 @@ from lipcert.bounds.operator import rounding_safety
 from lipcert.nn.constrained import BoundedWeightConstraint, ConstrainedConv2d, ConstrainedLinear
 from lipcert.nn.constraint import original
 
-#: Relative margin added to every Schur row sum in the forward: the rescaling uses
-#: (1 + ROW_SUM_MARGIN) r + RESCALE_EPS instead of r. It covers the float32 rounding of row sums of
-#: up to ~1,600 products (n * u32 <= 1e-4, Higham eq. 3.5), so the float64 a-posteriori check
-#: certifies <= 1 without a rounding surplus; it shrinks an AOL layer by at most 5e-5.
-ROW_SUM_MARGIN = 1e-4
-
 #: Added to every row sum so that an all-zero column (row sum 0) gets a finite scale. Enlarging a
 #: row sum only lowers the Schur-test sums below 1, so this never breaks a bound.
 RESCALE_EPS = 1e-12
@@ -65,28 +59,37 @@ def correlation_row_sums(kernel: Tensor, weights: Tensor | None = None) -> Tenso
     return (abs_gram @ weights) / weights
 
 
-def sound_row_sums(kernel: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Float64 upper bounds of the *exact* :func:`correlation_row_sums` of ``kernel``.
+def row_sum_bounds(kernel: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Upper bounds of the *exact* :func:`correlation_row_sums`, computed in ``kernel``'s dtype.
 
-    Computed on the CPU, where float64 convolution is im2col + GEMM, so each correlation entry is a
-    dot product of n = c_out kh kw terms with error <= gamma_n sum |terms| (Higham eq. 3.5), i.e.
-    at most (s - 1) times the correlation of |K| (s = :func:`rounding_safety`). That term is added,
-    then the row sum of nonnegative terms is enlarged by its own safety factor.
+    Each correlation entry is a dot product of n = c_out kh kw terms, whose rounding error is at
+    most gamma_n sum |terms| (Higham eq. 3.5), i.e. at most (s - 1) times the correlation of |K|,
+    s = :func:`rounding_safety`: that term is added (it matters where the correlation cancels and
+    q amplifies it), then the row sum of nonnegative terms is enlarged by its own safety factor.
+    This holds for convolutions evaluated as dot products (im2col + GEMM, direct); TF32 or
+    Winograd/FFT algorithms round differently, which the float64 a-posteriori bounds still catch.
+    Differentiable.
     """
-    kernel = kernel.detach().to("cpu", torch.float64)
-    if weights is not None:
-        weights = weights.detach().to("cpu", torch.float64)
     c_out, c_in, kh, kw = kernel.shape
-    dot_safety = rounding_safety(torch.float64, c_out * kh * kw)
+    dot_safety = rounding_safety(kernel.dtype, c_out * kh * kw)
     cancellation = (dot_safety - 1) * dot_safety * correlation_row_sums(kernel.abs(), weights)
-    row_safety = rounding_safety(torch.float64, c_in * (2 * kh - 1) * (2 * kw - 1) + 3)
+    row_safety = rounding_safety(kernel.dtype, c_in * (2 * kh - 1) * (2 * kw - 1) + 3)
     return (correlation_row_sums(kernel, weights) + cancellation) * row_safety
 
 
+def sound_row_sums(kernel: Tensor, weights: Tensor | None = None) -> Tensor:
+    """:func:`row_sum_bounds` in float64 on the CPU (where float64 convolution is im2col + GEMM),
+    for the a-posteriori bounds; ``kernel`` and ``weights`` are taken as exact values."""
+    kernel = kernel.detach().to("cpu", torch.float64)
+    if weights is not None:
+        weights = weights.detach().to("cpu", torch.float64)
+    return row_sum_bounds(kernel, weights)
+
+
 def schur_scales(kernel: Tensor) -> Tensor:
-    """AOL's per-input-channel rescaling d_i = ((1 + margin) r_i + eps)^(-1/2) (Thm. 1 / Thm. 2)."""
-    row_sums = correlation_row_sums(kernel)
-    return torch.rsqrt(row_sums * (1 + ROW_SUM_MARGIN) + RESCALE_EPS)
+    """AOL's per-input-channel rescaling d_i = (r_i + eps)^(-1/2) (Thm. 1 / Thm. 2), with r_i the
+    float-safe :func:`row_sum_bounds`, so the float32 weights keep their weighted Schur sums <= 1."""
+    return torch.rsqrt(row_sum_bounds(kernel) + RESCALE_EPS)
 
 
 class AOLConstraint(BoundedWeightConstraint):

@@ -64,6 +64,12 @@ class _ConstrainedMixin(LipschitzLayer):
     def lipschitz_bound(self) -> float:
         return self.constraint.operator_bound(self, self.constrained_weight().double())
 
+    def _check_input(self, x: Tensor, ok: bool, expected: str) -> None:
+        """Raise a ValueError naming the layer, the expected and the given shape unless ``ok``."""
+        if not ok:
+            name = type(self).__name__.removeprefix("Parametrized")  # parametrize's subclass
+            raise ValueError(f"{name} expects input of shape {expected}, got {tuple(x.shape)}")
+
 
 class ConstrainedLinear(_ConstrainedMixin, nn.Linear):
     """``nn.Linear`` with a weight constraint."""
@@ -81,6 +87,11 @@ class ConstrainedLinear(_ConstrainedMixin, nn.Linear):
         _check_positive(in_features=in_features, out_features=out_features)
         super().__init__(in_features, out_features, bias, device, dtype)
         self._register(constraint)
+
+    def forward(self, input: Tensor) -> Tensor:
+        ok = input.dim() >= 1 and input.shape[-1] == self.in_features
+        self._check_input(input, ok, f"(*, {self.in_features})")
+        return super().forward(input)
 
     def export(self) -> nn.Linear:
         plain = nn.Linear(
@@ -136,6 +147,11 @@ class ConstrainedConv2d(_ConstrainedMixin, nn.Conv2d):
             dtype=dtype,
         )
         self._register(constraint)
+
+    def forward(self, input: Tensor) -> Tensor:
+        ok = input.dim() in (3, 4) and input.shape[-3] == self.in_channels
+        self._check_input(input, ok, f"(B, {self.in_channels}, H, W)")
+        return super().forward(input)
 
     def export(self) -> nn.Conv2d:
         plain = nn.Conv2d(

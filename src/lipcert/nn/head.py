@@ -7,7 +7,7 @@ r(x) = min_{j != y} (f_y(x) - f_j(x)) / (L_b ||w_y - w_j||) is a certified l2 ra
 
 The layer as a whole is *not* 1-Lipschitz: unit rows give ||W||_2 up to sqrt(out_features).
 ``lipschitz_bound()`` is therefore the sound spectral bound of the normalized matrix, and
-:meth:`RowNormLinear.pairwise_row_distance_bound` gives the sound ||w_i - w_j|| the certificate uses.
+:meth:`RowNormLinear.pairwise_row_distance_bound` gives the sound ||w_i - w_j|| for certificates.
 """
 
 from __future__ import annotations

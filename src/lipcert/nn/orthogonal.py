@@ -27,7 +27,7 @@ from lipcert.nn.constrained import BoundedWeightConstraint, ConstrainedLinear
 
 
 def bjorck_step(weight: Tensor) -> Tensor:
-    """One first-order Björck step, through the smaller Gram matrix (Björck & Bowie 1971, Eq. 13)."""
+    """One first-order Björck step via the smaller Gram matrix (Björck & Bowie 1971, Eq. 13)."""
     if weight.shape[-2] >= weight.shape[-1]:
         return 1.5 * weight - 0.5 * weight @ (weight.mT @ weight)  # W^T W: (in, in)
     return 1.5 * weight - 0.5 * (weight @ weight.mT) @ weight  # W W^T: (out, out)

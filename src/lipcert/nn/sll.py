@@ -11,9 +11,11 @@ because Q (T - W^T W) Q, Q = diag(q), is diagonally dominant with a nonnegative 
 self-correlation (:func:`lipcert.nn.aol.kernel_self_correlation`); zero 'same' padding is a
 crop of the convolution on a larger grid, which only sets some slopes of L to 0.
 
-The forward folds 2 T^-1 into the outer weight: B = C K with C = diag(c),
-c_i = 2 / ((1 + ROW_SUM_MARGIN) t_i + RESCALE_EPS). Both additions only enlarge T, and
-T' >= T >= W^T W keeps the argument above intact; the margin absorbs float rounding of t.
+The forward folds 2 T^-1 into the outer weight: B = C K with C = diag(c), c_i = 2 / (t_i + eps),
+t_i computed as a float-safe upper bound (:func:`lipcert.nn.aol.row_sum_bounds`) and
+eps = :data:`~lipcert.nn.aol.RESCALE_EPS` so that an all-zero unit gets a finite c_i. Both only
+enlarge T, and T' >= T >= W^T W keeps the argument above intact. :func:`residual_bound` then checks
+the float weights actually used, in float64.
 """
 
 from __future__ import annotations
@@ -28,20 +30,14 @@ from torch.nn.modules.utils import _pair
 from lipcert.bounds.operator import rounding_safety
 from lipcert.nn.aol import (
     RESCALE_EPS,
-    ROW_SUM_MARGIN,
     as_kernel,
     check_input_shape,
-    correlation_row_sums,
+    row_sum_bounds,
     sound_row_sums,
 )
 from lipcert.nn.constrained import _check_positive
 from lipcert.nn.constraint import EvalCache, LipschitzLayer
 from lipcert.nn.residual import Residual
-
-#: Smallest Gershgorin slack, relative to c_i, that :func:`residual_bound` trades against the
-#: rounding error of the folded weight. The forward leaves a slack of about 2 c_i ROW_SUM_MARGIN;
-#: this floor only matters when rounding ate it, and then the bound grows smoothly above 1.
-SLACK_FLOOR = 1e-6
 
 #: Range of log q kept below its maximum: q_j / q_i stays within e^(+-20), so T and its gradients
 #: stay finite in float32 (with kernels up to ~1e3). A unit clamped at the bottom has a t_i about
@@ -59,8 +55,14 @@ def q_weights(log_q: Tensor) -> Tensor:
 
 def sll_scales(kernel: Tensor, log_q: Tensor) -> Tensor:
     """c_i = 2 / t'_i for ``kernel`` K = W^T of shape (inner, features, kh, kw) (Thm. 3)."""
-    t = correlation_row_sums(kernel.transpose(0, 1), q_weights(log_q))  # rows of W^T W (inner)
-    return 2 / (t * (1 + ROW_SUM_MARGIN) + RESCALE_EPS)
+    t = row_sum_bounds(kernel.transpose(0, 1), q_weights(log_q))  # rows of W^T W (inner)
+    return 2 / (t + RESCALE_EPS)
+
+
+def _fold_error(kernel: Tensor, outer: Tensor, scales: Tensor) -> Tensor:
+    """Elementwise upper bound of |B - C K| (float64): the rounding of the fold B = fl(C K)."""
+    product = kernel * scales.view(-1, 1, 1, 1)  # exact for float32 inputs, else within u64
+    return ((outer - product).abs() + 2 * _U64 * product.abs()) * (1 + 4 * _U64)
 
 
 def residual_bound(kernel: Tensor, outer: Tensor, scales: Tensor, weights: Tensor) -> float:
@@ -69,28 +71,29 @@ def residual_bound(kernel: Tensor, outer: Tensor, scales: Tensor, weights: Tenso
     With C = diag(scales), E = B - C A (float rounding of the fold) and z = L A (x - y),
     L the ReLU slopes in [0, 1], one has <C A(x-y), z> >= z^T C z, hence
     ||h(x) - h(y)||^2 <= ||x-y||^2 - z^T (2C - B B^T) z + 2 <E (x-y), z>.
-    Gershgorin on Q^-1 (2C - B B^T) Q with Q = diag(weights / scales) gives
-    2C - B B^T >= S = diag(slack). With S' = max(S, floor) > 0 and N = (floor - S)_+,
-    maximizing over z: Lip^2 <= 1 + max(N) ||A||^2 + ||S'^-1/2 E||^2, where the norms are Schur
-    bounds. When the forward's margin survived rounding N = 0 and the excess is second order in E.
+    Gershgorin on Q^-1 (2C - B B^T) Q with Q = diag(weights / scales) gives 2C - B B^T >= S,
+    S = diag(slack). For any S' > 0, N = (S' - S)_+, maximizing over z:
+    Lip^2 <= 1 + max(N) ||A||^2 + ||S'^-1/2 E||^2 (norms by the Schur test). Per unit,
+    S'_i = max(S_i, ||E_i|| / ||A||) (the minimizer of (s - S_i) ||A||^2 + ||E_i||^2 / s): N = 0
+    when the forward's slack survived rounding, and the excess is then second order in E.
     """
     k, b, c, q = (t.detach().to("cpu", torch.float64) for t in (kernel, outer, scales, weights))
     if not all(torch.isfinite(t).all() for t in (k, b, c, q)) or (c <= 0).any():
         return math.inf
-    product = k * c.view(-1, 1, 1, 1)  # exact for float32 inputs, else within u64 |product|
-    fold_error = ((b - product).abs() + 2 * _U64 * product.abs()) * (1 + 4 * _U64)
+    fold_error = _fold_error(k, b, c)
     rows = sound_row_sums(b.transpose(0, 1), q / c)  # rows of |B B^T|, weighted
     slack = 2 * c - rows - 2 * _U64 * (2 * c + rows)  # a lower bound of 2 c - rows
-    floor = SLACK_FLOOR * c
-    deficit = (floor - slack).clamp_min(0) * (1 + 2 * _U64)
-    scaled_error = fold_error / torch.maximum(slack, floor).sqrt() * (1 + 8 * _U64)
-    excess = (
-        float(deficit.max()) * float(sound_row_sums(k).max())
-        + float(sound_row_sums(scaled_error).max())
-    ) * rounding_safety(torch.float64, 2)
+    norm_a2 = float(sound_row_sums(k).max())  # >= ||A||^2
+    balance = fold_error.flatten(1).norm(dim=1) / math.sqrt(norm_a2) if norm_a2 > 0 else 0
+    chosen = torch.maximum(slack, balance + torch.finfo(torch.float64).tiny)  # S', positive
+    deficit = (chosen - slack).clamp_min(0) * (1 + 2 * _U64)  # N
+    scaled_error = fold_error / chosen.sqrt().view(-1, 1, 1, 1) * (1 + 8 * _U64)  # S'^-1/2 E
+    excess = float(deficit.max()) * norm_a2 + float(sound_row_sums(scaled_error).max())
     if excess == 0:
         return 1.0
-    return math.sqrt(1 + excess) * rounding_safety(torch.float64, 2)
+    return math.sqrt(1 + excess * rounding_safety(torch.float64, 2)) * rounding_safety(
+        torch.float64, 2
+    )
 
 
 class _SLL(LipschitzLayer, nn.Module):
@@ -143,7 +146,7 @@ class _SLL(LipschitzLayer, nn.Module):
     def lipschitz_bound(self) -> float:
         with torch.no_grad():
             scales, outer = self.fold()
-            weights = q_weights(self.log_q.double())
+            weights = q_weights(self.log_q)  # the q the forward used
             return residual_bound(as_kernel(self.weight), as_kernel(outer), scales, weights)
 
     def export(self) -> Residual:

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from lipcert.bounds.conv import (
     DEFAULT_CONV_GRAM_ITERATIONS,
     DEFAULT_GRID_SLACK,
-    to_pair,
     conv2d_operator_bound,
+    to_pair,
 )
 from lipcert.bounds.operator import DEFAULT_GRAM_ITERATIONS, gram_spectral_bound
 from lipcert.nn.constrained import BoundedWeightConstraint, ConstrainedConv2d, ConstrainedLinear
@@ -108,6 +108,14 @@ class SpectralConv2d(ConstrainedConv2d):
     ) -> None:
         bound_stride = to_pair("stride", stride) if padding_mode == "zeros" else (1, 1)
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, bias, padding_mode,
-            device, dtype, constraint=ConvSpectralNormalization(bound_stride),
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+            constraint=ConvSpectralNormalization(bound_stride),
         )
