@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from lipschitz import LIPSCHITZ_TOL, jacobian_matrix, max_jacobian_norm
 from torch import nn
+from torch.autograd import forward_ad
 
 from lipcert.bounds.network import lipschitz_upper_bound
 from lipcert.nn.activations import ACTIVATIONS, GroupSort, MaxMin, _sort_groups, get_activation
@@ -80,6 +81,16 @@ def test_maxmin_equals_groupsort_2_with_and_without_grad() -> None:
         torch.testing.assert_close(MaxMin()(x), _sort_groups(x, 2, 1), rtol=0, atol=0)
 
 
+def test_maxmin_forward_mode_matches_the_sort_path() -> None:
+    x = torch.randn(3, 6, 2, requires_grad=True)
+    tangent = torch.randn(3, 6, 2)
+    with forward_ad.dual_level():
+        fast = forward_ad.unpack_dual(MaxMin()(forward_ad.make_dual(x, tangent))).tangent
+        dual = forward_ad.make_dual(x.detach(), tangent)
+        reference = forward_ad.unpack_dual(_sort_groups(dual, 2, 1)).tangent
+    torch.testing.assert_close(fast, reference, rtol=0, atol=0)
+
+
 def test_maxmin_gradient_penalty_matches_the_sort_path() -> None:
     """A gradient penalty differentiates through MaxMin's backward (double backward)."""
     torch.manual_seed(0)
@@ -147,3 +158,13 @@ def test_get_activation_names_and_arguments() -> None:
     assert isinstance(layer, GroupSort) and (layer.group_size, layer.dim) == (4, -1)
     with pytest.raises(ValueError, match=r"unknown activation 'gelu'.*groupsort"):
         get_activation("gelu")
+
+
+@pytest.mark.parametrize("layer", [GroupSort(2), GroupSort(4), MaxMin()])
+def test_one_lipschitz_in_linf_on_random_pairs(layer):
+    """lipschitz_norm = "any": the l_inf bound of 1 holds too (sorting is l_inf-1-Lipschitz)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=gen, dtype=torch.float64)
+    x2 = x + torch.randn(512, 8, generator=gen, dtype=torch.float64) * 0.3
+    ratio = (layer(x) - layer(x2)).abs().amax(1) / (x - x2).abs().amax(1)
+    assert layer.lipschitz_norm == "any" and ratio.max() <= 1 + 1e-12

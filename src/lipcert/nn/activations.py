@@ -36,21 +36,23 @@ def _maxmin_values(x: Tensor, dim: int) -> Tensor:
     return pairs.flatten(dim, dim + 1)  # (..., C, ...)
 
 
-def _route_pairs(grad: Tensor, first_is_max: Tensor, dim: int) -> Tensor:
-    """Send the gradients of (max, min) back to the pair members they came from.
+def _swap_pairs(values: Tensor, first_is_max: Tensor, dim: int) -> Tensor:
+    """Apply MaxMin's Jacobian at the point where ``first_is_max`` was computed to ``values``.
 
+    That Jacobian swaps exactly the pairs whose second member is the larger: a symmetric
+    permutation (J = J^T), so it serves both the backward (J^T g) and forward-mode AD (J t).
     Multiplying by a boolean mask is exact and, on CPU, several times faster than ``torch.where``.
     """
-    grad_max, grad_min = grad.unflatten(dim, (-1, 2)).unbind(dim + 1)  # each (..., C/2, ...)
+    first, second = values.unflatten(dim, (-1, 2)).unbind(dim + 1)  # each (..., C/2, ...)
     second_is_max = ~first_is_max
-    routed = torch.stack(
+    swapped = torch.stack(
         (
-            grad_max * first_is_max + grad_min * second_is_max,
-            grad_max * second_is_max + grad_min * first_is_max,
+            first * first_is_max + second * second_is_max,
+            first * second_is_max + second * first_is_max,
         ),
         dim + 1,
     )
-    return routed.flatten(dim, dim + 1)  # (..., C, ...)
+    return swapped.flatten(dim, dim + 1)  # (..., C, ...)
 
 
 def _sort_groups(x: Tensor, group_size: int, dim: int) -> Tensor:
@@ -61,11 +63,11 @@ def _sort_groups(x: Tensor, group_size: int, dim: int) -> Tensor:
 
 
 class _MaxMinFunction(torch.autograd.Function):
-    """MaxMin with a permutation backward (torch's max/min backward is slow and splits ties).
+    """MaxMin with a permutation derivative (torch's max/min backward is slow and splits ties).
 
     The pair mask is a second, non-differentiable output so that ``torch.func`` transforms
-    (``jacrev``, ``vmap``) can use the generated vmap rule. The backward is made of differentiable
-    ops, so double backward (gradient penalties) works: it is zero in ``x``, as it should be.
+    (``jacrev``, ``vmap``) can use the generated vmap rule. Backward and jvp are made of
+    differentiable ops, so double backward (gradient penalties) works.
     """
 
     generate_vmap_rule = True
@@ -80,11 +82,17 @@ class _MaxMinFunction(torch.autograd.Function):
         ctx.dim = inputs[1]
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(output[1])
+        ctx.save_for_forward(output[1])
 
     @staticmethod
     def backward(ctx, grad: Tensor, _grad_mask: Tensor) -> tuple[Tensor, None]:
         (first_is_max,) = ctx.saved_tensors
-        return _route_pairs(grad, first_is_max, ctx.dim), None
+        return _swap_pairs(grad, first_is_max, ctx.dim), None
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor, _dim_tangent: None) -> tuple[Tensor, None]:
+        (first_is_max,) = ctx.saved_tensors
+        return _swap_pairs(tangent, first_is_max, ctx.dim), None
 
 
 class GroupSort(LipschitzLayer, nn.Module):
@@ -94,6 +102,9 @@ class GroupSort(LipschitzLayer, nn.Module):
     ``group_size`` must divide the size of ``dim``; ``dim=1`` is the channel dimension of
     ``(B, C, H, W)`` and the feature dimension of ``(B, F)`` inputs.
     """
+
+    #: Sorting within groups is 1-Lipschitz in every l_p norm (a per-input permutation).
+    lipschitz_norm = "any"
 
     def __init__(self, group_size: int = 2, dim: int = 1) -> None:
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:

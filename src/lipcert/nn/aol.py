@@ -87,8 +87,11 @@ def sound_row_sums(kernel: Tensor, weights: Tensor | None = None) -> Tensor:
 
 
 def schur_scales(kernel: Tensor) -> Tensor:
-    """AOL's per-input-channel rescaling d_i = (r_i + eps)^(-1/2) (Thm. 1 / Thm. 2), with r_i the
-    float-safe :func:`row_sum_bounds`, so the float32 weights keep their weighted Schur sums <= 1."""
+    """AOL's per-input-channel rescaling d_i = (r_i + eps)^(-1/2) (Thm. 1 / Thm. 2).
+
+    r_i is the float-safe :func:`row_sum_bounds`, so that the rounded weights keep their weighted
+    Schur sums <= 1 and the float64 check certifies them.
+    """
     return torch.rsqrt(row_sum_bounds(kernel) + RESCALE_EPS)
 
 
@@ -146,7 +149,8 @@ def orthogonal_centre_(kernel: Tensor) -> Tensor:
 def check_input_shape(layer: nn.Module, x: Tensor, expected: str, ok: bool) -> None:
     """Raise a ValueError naming ``layer``, the ``expected`` shape and the shape of ``x``."""
     if not ok:
-        raise ValueError(f"{type(layer).__name__} expects input {expected}, got {tuple(x.shape)}")
+        name = type(layer).__name__.removeprefix("Parametrized")  # parametrize's subclass
+        raise ValueError(f"{name} expects input {expected}, got {tuple(x.shape)}")
 
 
 def _check_circular_padding(

@@ -178,6 +178,9 @@ class InvertibleDownsample(LipschitzLayer, nn.Module):
     Exports to ``nn.PixelUnshuffle(factor)``; H and W must be multiples of ``factor``.
     """
 
+    #: A permutation of coordinates: 1-Lipschitz (an isometry) in every l_p norm.
+    lipschitz_norm = "any"
+
     def __init__(self, factor: int = 2) -> None:
         if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
             raise ValueError(f"factor must be an integer >= 1, got {factor!r}")

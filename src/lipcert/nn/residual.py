@@ -19,6 +19,6 @@ class Residual(nn.Module):
 
 
 @register_bound_rule(Residual)
-def _residual(module: nn.Module) -> float:
-    """L(x + g(x)) <= 1 + L(g) (triangle inequality)."""
-    return 1.0 + module_bound(module.branch)
+def _residual(module: nn.Module, norm: str) -> float:
+    """L(x + g(x)) <= 1 + L(g) in any norm (triangle inequality)."""
+    return 1.0 + module_bound(module.branch, norm)

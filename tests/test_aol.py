@@ -1,0 +1,194 @@
+"""AOLLinear / AOLConv2d: exact Jacobian norms, sound bounds, init, export, state, eval cache."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from lipschitz import LIPSCHITZ_TOL, adversarial_steps, jacobian_matrix, max_jacobian_norm
+from torch import nn
+
+from lipcert.bounds.network import lipschitz_upper_bound
+from lipcert.export import export
+from lipcert.nn.aol import AOLConv2d, AOLLinear, correlation_row_sums, kernel_self_correlation
+from lipcert.nn.constraint import original
+
+#: Largest allowed gap between a lipcert layer's output and its export's (house rule).
+EXPORT_TOL = 1e-5
+#: Slack of "bound >= measured norm" for the float64 SVD of the measurement itself.
+SVD_SLACK = 1e-12
+
+
+def assert_one_lipschitz_and_bounded(layer: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Exact float64 Jacobian norm <= 1 + tol (train and eval), and the layer's own bound, which
+    covers its current (float32) weights, is <= 1 + tol and above the exported function's norm."""
+    for training in (True, False):
+        probe = copy.deepcopy(layer).train(training)
+        assert max_jacobian_norm(probe, input_shape) <= 1 + LIPSCHITZ_TOL
+    bound = layer.lipschitz_bound()
+    measured = max_jacobian_norm(export(layer), input_shape)  # the same weights, in float64
+    assert measured <= bound + SVD_SLACK
+    assert bound <= 1 + LIPSCHITZ_TOL
+
+
+def scale_raw_weight(layer: nn.Module, scale: float, seed: int) -> nn.Module:
+    """Replace the unconstrained weight by large random values."""
+    with torch.no_grad():
+        raw = original(layer)
+        gen = torch.Generator().manual_seed(seed)
+        raw.copy_(scale * torch.randn(raw.shape, generator=gen, dtype=raw.dtype))
+    return layer
+
+
+@given(st.integers(1, 8), st.integers(1, 8), st.sampled_from([1.0, 100.0]), st.integers(0, 99))
+def test_aol_linear_is_one_lipschitz_at_init_and_after_adversarial_steps(n_in, n_out, scale, seed):
+    torch.manual_seed(seed)
+    layer = AOLLinear(n_in, n_out)
+    assert_one_lipschitz_and_bounded(layer, (n_in,))
+    scale_raw_weight(layer, scale, seed)
+    assert_one_lipschitz_and_bounded(layer, (n_in,))
+    adversarial_steps(layer, (n_in,))
+    assert_one_lipschitz_and_bounded(layer, (n_in,))
+
+
+@st.composite
+def conv_configs(draw):
+    """(layer kwargs, input shape): stride 1-2, zero padding 0..k or circular <= (k-1)/2."""
+    k = draw(st.integers(1, 4))
+    stride = draw(st.integers(1, 2))
+    mode = draw(st.sampled_from(["zeros", "circular"]))
+    max_pad = k if mode == "zeros" else (k - 1) // 2
+    padding = draw(st.integers(0, max_pad))
+    if stride == 1 and draw(st.booleans()):
+        padding = "same"
+    c_in, c_out = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    height, width = draw(st.integers(max(k, 5), 8)), draw(st.integers(max(k, 5), 8))
+    kwargs = {"stride": stride, "padding": padding, "padding_mode": mode}
+    return (c_in, c_out, k), kwargs, (c_in, height, width)
+
+
+@given(conv_configs(), st.sampled_from([1.0, 100.0]), st.integers(0, 99))
+def test_aol_conv_is_one_lipschitz_for_any_stride_and_padding(config, scale, seed):
+    args, kwargs, input_shape = config
+    torch.manual_seed(seed)
+    layer = AOLConv2d(*args, **kwargs)
+    assert_one_lipschitz_and_bounded(layer, input_shape)
+    scale_raw_weight(layer, scale, seed)
+    assert_one_lipschitz_and_bounded(layer, input_shape)
+    adversarial_steps(layer, input_shape)
+    assert_one_lipschitz_and_bounded(layer, input_shape)
+
+
+def _explicit_gram_row_sums(kernel: torch.Tensor, size: int) -> torch.Tensor:
+    """Absolute row sums of A^T A at the central pixel of each input channel, A the convolution
+    on a size x size zero-padded grid, as an explicit matrix."""
+    c_in = kernel.shape[1]
+    x = torch.zeros(c_in, size, size, dtype=torch.float64)
+    a = jacobian_matrix(lambda v: F.conv2d(v, kernel, padding="same"), x)  # (out, in)
+    gram = (a.T @ a).abs().sum(dim=1).reshape(c_in, size, size)
+    return gram[:, size // 2, size // 2]
+
+
+@given(st.integers(1, 4), st.integers(1, 4), st.sampled_from([1, 3, 5]), st.integers(0, 99))
+def test_self_correlation_gives_the_gram_of_the_convolution(c_in, c_out, k, seed):
+    kernel = torch.randn((c_out, c_in, k, k), generator=torch.Generator().manual_seed(seed))
+    kernel = kernel.double()
+    corr = kernel_self_correlation(kernel)
+    assert corr.shape == (c_in, c_in, 2 * k - 1, 2 * k - 1)
+    expected = _explicit_gram_row_sums(kernel, size=4 * k + 1)  # no border within reach
+    torch.testing.assert_close(correlation_row_sums(kernel), expected)
+
+
+def test_init_is_orthogonal_or_a_coisometry():
+    torch.manual_seed(0)
+    for n_in, n_out in [(4, 8), (8, 4), (6, 6)]:
+        sv = torch.linalg.svdvals(AOLLinear(n_in, n_out).weight.detach().double())
+        torch.testing.assert_close(sv, torch.ones_like(sv), atol=1e-4, rtol=0)
+    layer = AOLConv2d(4, 4, 3, padding_mode="circular").double()
+    sv = torch.linalg.svdvals(jacobian_matrix(layer, torch.zeros(4, 5, 6, dtype=torch.float64)))
+    torch.testing.assert_close(sv, torch.ones_like(sv), atol=1e-4, rtol=0)
+
+
+def test_bound_is_sound_for_a_weight_the_rescaling_did_not_produce():
+    torch.manual_seed(0)
+    layer = scale_raw_weight(AOLLinear(5, 7), 10.0, seed=0)
+    grown = 1.01 * layer.constrained_weight().double()
+    bound = layer.constraint.operator_bound(layer, grown)
+    exact = float(torch.linalg.matrix_norm(grown, ord=2))
+    assert exact <= bound <= 1.01 * (1 + LIPSCHITZ_TOL)
+
+
+@pytest.mark.parametrize(
+    ("layer", "input_shape"),
+    [
+        (AOLLinear(6, 3), (6,)),
+        (AOLConv2d(3, 5, 3, stride=2, padding=1), (3, 7, 6)),
+        (AOLConv2d(2, 4, (3, 2), padding_mode="circular", bias=False), (2, 5, 6)),
+    ],
+)
+def test_export_state_dict_and_eval_cache(layer, input_shape):
+    scale_raw_weight(layer, 3.0, seed=1)
+    x = torch.randn((4, *input_shape))
+    layer.eval()
+    with torch.no_grad():
+        y = layer(x)
+        assert (export(layer)(x) - y).abs().max() <= EXPORT_TOL
+        twin = scale_raw_weight(copy.deepcopy(layer), 1.0, seed=2)
+        layer.load_state_dict(twin.state_dict())  # the cached constrained weight must follow
+        assert torch.equal(layer(x), twin(x))
+    opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+    layer(x).sum().backward()  # eval mode with grad: computed afresh
+    opt.step()
+    with torch.no_grad():
+        fresh = layer.constraint.constrain(original(layer))
+        torch.testing.assert_close(layer.weight, fresh, rtol=0, atol=0)
+
+
+def test_lipschitz_upper_bound_of_a_network():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        AOLConv2d(3, 8, 3),
+        nn.ReLU(),
+        AOLConv2d(8, 8, 3, stride=2, padding=1),
+        nn.Flatten(),
+        AOLLinear(8 * 3 * 3, 10),
+    )
+    assert lipschitz_upper_bound(model, input_shape=(3, 6, 6)) <= 1 + LIPSCHITZ_TOL
+
+
+def test_bad_arguments_raise_value_errors_naming_them():
+    with pytest.raises(ValueError, match="in_features"):
+        AOLLinear(0, 3)
+    with pytest.raises(ValueError, match="out_channels"):
+        AOLConv2d(2, -1, 3)
+    with pytest.raises(ValueError, match="padding_mode"):
+        AOLConv2d(2, 2, 3, padding_mode="reflect")
+    with pytest.raises(ValueError, match="padding"):
+        AOLConv2d(2, 2, 3, padding=2, padding_mode="circular")
+    with pytest.raises(ValueError, match="stride"):
+        AOLConv2d(2, 2, 3, stride=2)  # 'same' padding
+
+
+def test_wrong_input_shape_names_the_layer_and_both_shapes():
+    with pytest.raises(ValueError, match=r"AOLLinear expects input \(\.\.\., 3\), got \(2, 5\)"):
+        AOLLinear(3, 4)(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=r"AOLConv2d expects input \(B, 3, H, W\), got \(1, 2, "):
+        AOLConv2d(3, 4, 3)(torch.zeros(1, 2, 5, 5))
+
+
+def test_matches_orthogonium_aol_when_out_channels_cover_in_channels():
+    """orthogonium rescales the input channels when out >= in (then the layers agree up to our
+    float-safe row sums, a few 1e-6 relative); for out < in it rescales the output channels."""
+    aol = pytest.importorskip("orthogonium.layers.conv.AOL.aol")
+    torch.manual_seed(0)
+    for c_in, c_out in [(3, 5), (4, 4)]:
+        ours = scale_raw_weight(AOLConv2d(c_in, c_out, 3, padding=1), 1.0, seed=c_in)
+        theirs = aol.AOLConv2D(c_in, c_out, 3, padding=1, niter=1)
+        with torch.no_grad():
+            theirs.parametrizations.weight.original.copy_(original(ours))
+            ratio = ours.weight / theirs.weight
+        assert ratio.max() <= 1 and ratio.min() >= 1 - 1e-4  # ours: larger, sound row sums

@@ -1,0 +1,210 @@
+"""SLLLinear / SLLConv2d: exact Jacobian norms, sound bounds, T, export, state, eval cache."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from lipschitz import LIPSCHITZ_TOL, adversarial_steps, jacobian_matrix, max_jacobian_norm
+from test_aol import EXPORT_TOL, SVD_SLACK, assert_one_lipschitz_and_bounded
+from torch import nn
+
+from lipcert.bounds.network import lipschitz_upper_bound
+from lipcert.export import export
+from lipcert.nn.aol import correlation_row_sums
+from lipcert.nn.residual import Residual
+from lipcert.nn.sll import SLLConv2d, SLLLinear, q_weights, residual_bound
+
+
+def randomize(layer: nn.Module, scale: float, seed: int) -> nn.Module:
+    """Large random K, a spread-out q and a random bias."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in layer.named_parameters():
+            spread = {"weight": scale, "log_q": 2.0}.get(name, 1.0)
+            param.copy_(spread * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+    return layer
+
+
+@given(st.integers(1, 8), st.integers(1, 10), st.sampled_from([1.0, 100.0]), st.integers(0, 99))
+def test_sll_linear_is_one_lipschitz_at_init_and_after_adversarial_steps(n, inner, scale, seed):
+    torch.manual_seed(seed)
+    layer = SLLLinear(n, inner)
+    assert_one_lipschitz_and_bounded(layer, (n,))
+    randomize(layer, scale, seed)
+    assert_one_lipschitz_and_bounded(layer, (n,))
+    adversarial_steps(layer, (n,))
+    assert_one_lipschitz_and_bounded(layer, (n,))
+
+
+@given(
+    st.integers(1, 4),
+    st.integers(1, 6),
+    st.sampled_from([1, 3, 5]),
+    st.tuples(st.integers(4, 7), st.integers(4, 7)),
+    st.sampled_from([1.0, 100.0]),
+    st.integers(0, 99),
+)
+def test_sll_conv_is_one_lipschitz_at_init_and_after_adversarial_steps(
+    channels, inner, k, grid, scale, seed
+):
+    torch.manual_seed(seed)
+    layer = SLLConv2d(channels, inner, k)
+    shape = (channels, *grid)
+    assert_one_lipschitz_and_bounded(layer, shape)
+    randomize(layer, scale, seed)
+    assert_one_lipschitz_and_bounded(layer, shape)
+    adversarial_steps(layer, shape)
+    assert_one_lipschitz_and_bounded(layer, shape)
+
+
+def test_t_is_the_weighted_gershgorin_sum_of_the_gram():
+    """c_i = 2 / t_i with t_i = sum_j |W^T W|_ij q_j / q_i (Araujo et al. 2023, Thm. 3), from an
+    explicit Gram matrix; the float-safe t may exceed it by a few 1e-5 relative."""
+    layer = randomize(SLLLinear(5, 7), 1.0, seed=0).double()
+    gram = layer.weight @ layer.weight.T  # W^T W, (inner, inner)
+    q = torch.exp(layer.log_q)
+    t = (gram.abs() @ q) / q
+    scales, outer = layer.fold()
+    torch.testing.assert_close(scales, 2 / t, rtol=1e-4, atol=0)
+    torch.testing.assert_close(outer, layer.weight * scales[:, None])
+    kernel = randomize(SLLConv2d(3, 4, 3), 1.0, seed=1).weight.detach().double()
+    big = torch.zeros(1, 3, 11, 11, dtype=torch.float64)
+    a = jacobian_matrix(lambda v: nn.functional.conv2d(v, kernel, padding=1), big[0])  # W^T
+    rows = (a @ a.T).abs().sum(dim=1).reshape(4, 11, 11)[:, 5, 5]  # central pixel: no border
+    torch.testing.assert_close(correlation_row_sums(kernel.transpose(0, 1)), rows)
+
+
+def _plain_residual(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    """x - B^T relu(A x + bias) as plain float64 modules."""
+    inner = nn.Linear(a.shape[1], a.shape[0], dtype=torch.float64)
+    outer = nn.Linear(a.shape[0], a.shape[1], bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        inner.weight.copy_(a), inner.bias.copy_(bias), outer.weight.copy_(-b.T)
+    return Residual(nn.Sequential(inner, nn.ReLU(), outer))
+
+
+@pytest.mark.parametrize("inflation", [1.0, 1.001, 1.5])
+def test_residual_bound_is_honest_when_the_sdp_condition_fails(inflation):
+    """An outer weight larger than 2 T^-1 W breaks 1-Lipschitzness: the bound must grow with it
+    (never 1.0 unverified) and stay above the exact Jacobian norm."""
+    layer = randomize(SLLLinear(4, 6), 1.0, seed=3)
+    with torch.no_grad():
+        layer.bias.fill_(10.0)  # all units active: the Jacobian is I - B^T A everywhere
+        scales, outer = layer.fold()
+        grown = inflation * outer
+        kernel, grown_kernel = layer.weight[..., None, None], grown[..., None, None]
+        bound = residual_bound(kernel, grown_kernel, scales, q_weights(layer.log_q))
+    plain = _plain_residual(layer.weight.double(), grown.double(), layer.bias.double())
+    measured = max_jacobian_norm(plain, (4,))
+    assert measured <= bound + SVD_SLACK
+    if inflation == 1.0:
+        assert bound <= 1 + LIPSCHITZ_TOL
+    else:
+        assert bound > 1 + (inflation - 1) / 10
+
+
+def test_an_all_zero_unit_stays_finite_and_silent():
+    layer = randomize(SLLConv2d(2, 3, 3), 1.0, seed=4)
+    with torch.no_grad():
+        layer.weight[1].zero_()
+    x = torch.randn(2, 2, 5, 5)
+    assert torch.isfinite(layer(x)).all() and torch.isfinite(layer.fold()[0]).all()
+    assert layer.fold()[1][1].abs().max() == 0
+    assert layer.lipschitz_bound() <= 1 + LIPSCHITZ_TOL
+
+
+@pytest.mark.parametrize(
+    ("layer", "input_shape"),
+    [
+        (SLLLinear(6, 9), (6,)),
+        (SLLConv2d(3, 5, 3), (3, 6, 5)),
+        (SLLConv2d(2, 4, 5, bias=False), (2, 5, 7)),
+    ],
+)
+def test_export_state_dict_and_eval_cache(layer, input_shape):
+    randomize(layer, 3.0, seed=5)
+    x = torch.randn((4, *input_shape))
+    layer.eval()
+    with torch.no_grad():
+        y = layer(x)
+        assert (export(layer)(x) - y).abs().max() <= EXPORT_TOL
+        twin = randomize(copy.deepcopy(layer), 1.0, seed=6)
+        layer.load_state_dict(twin.state_dict())  # the cached outer weight must follow
+        assert torch.equal(layer(x), twin(x))
+        assert not torch.equal(layer(x), y)
+    opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+    layer(x).pow(2).sum().backward()  # eval mode with grad: computed afresh
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(layer.outer_weight(), layer.fold()[1], rtol=0, atol=0)
+
+
+def test_onnx_export_matches(tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    layer = randomize(SLLConv2d(3, 5, 3), 1.0, seed=7)
+    x = torch.randn(2, 3, 6, 5)
+    export(layer, onnx_path=tmp_path / "sll.onnx", input_shape=(3, 6, 5))
+    (out,) = ort.InferenceSession(str(tmp_path / "sll.onnx")).run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        assert (torch.from_numpy(out) - layer.eval()(x)).abs().max() <= EXPORT_TOL
+
+
+def test_network_bounds_compose():
+    torch.manual_seed(0)
+    model = nn.Sequential(SLLConv2d(3, 6, 3), SLLConv2d(3, 4, 3), nn.Flatten(), SLLLinear(48, 16))
+    assert lipschitz_upper_bound(model, input_shape=(3, 4, 4)) <= 1 + LIPSCHITZ_TOL
+    plain = export(SLLLinear(5, 7))
+    branch = lipschitz_upper_bound(plain.branch)
+    assert lipschitz_upper_bound(plain, input_shape=(5,)) == 1 + branch  # generic: sound, loose
+
+
+def test_bad_arguments_raise_value_errors_naming_them():
+    with pytest.raises(ValueError, match="inner_features"):
+        SLLLinear(3, 0)
+    with pytest.raises(ValueError, match="features"):
+        SLLLinear(-2, 3)
+    with pytest.raises(ValueError, match="channels"):
+        SLLConv2d(0, 3)
+    with pytest.raises(ValueError, match="kernel_size"):
+        SLLConv2d(3, 3, kernel_size=2)
+
+
+def test_wrong_input_shape_names_the_layer_and_both_shapes():
+    with pytest.raises(ValueError, match=r"SLLLinear expects input \(\.\.\., 3\), got \(2, 5\)"):
+        SLLLinear(3, 4)(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=r"SLLConv2d expects input \(B, 3, H, W\), got \(2, 5\)"):
+        SLLConv2d(3, 4)(torch.zeros(2, 5))
+
+
+def test_matches_orthogonium_dense_with_the_same_weights_and_q():
+    sll = pytest.importorskip("orthogonium.layers.conv.SLL")
+    ours = randomize(SLLLinear(6, 10), 1.0, seed=8)
+    theirs = sll.SDPBasedLipschitzDense(6, 6, 10)
+    with torch.no_grad():
+        theirs.weight.copy_(ours.weight), theirs.bias.copy_(ours.bias), theirs.q.copy_(ours.log_q)
+        x = torch.randn(4, 6)
+        branch_ours, branch_theirs = ours(x) - x, theirs(x) - x
+    torch.testing.assert_close(branch_ours, branch_theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_matches_orthogonium_conv_block_with_q_one_and_rescaled_bias():
+    """orthogonium's block is x - 2 conv_T(relu(conv(x, s K) + b'), s K), s the AOL row scale of
+    K: equal to ours with q = 1 and b' = s b. Its own q cancels (q_i / q_i), so it has no effect."""
+    sll = pytest.importorskip("orthogonium.layers.conv.SLL")
+    ours = randomize(SLLConv2d(3, 6, 3), 1.0, seed=9)
+    theirs = sll.SDPBasedLipschitzResBlock(3, 2, kernel_size=3)
+    with torch.no_grad():
+        ours.log_q.zero_()
+        row_scale = correlation_row_sums(ours.weight.transpose(0, 1)).rsqrt()
+        theirs.parametrizations.kernel.original.copy_(ours.weight)
+        theirs.bias.copy_((row_scale * ours.bias).view(1, -1, 1, 1))
+        x = torch.randn(2, 3, 5, 6)
+        branch_ours, branch_theirs = ours(x) - x, theirs(x) - x
+        theirs.parametrizations.kernel[0].q.normal_()
+        assert torch.allclose(theirs(x) - x, branch_theirs, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(branch_ours, branch_theirs, rtol=1e-4, atol=1e-6)
