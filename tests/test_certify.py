@@ -131,7 +131,7 @@ def test_bad_norm_and_lipschitz():
         certify(_net(), x, y, norm="l1")
     with pytest.raises(ValueError, match="lipschitz"):
         certify(_net(), x, y, lipschitz=-1.0)
-    with pytest.raises(ValueError, match=r"shape \(2, 5\)"):
+    with pytest.raises(ValueError, match=r"\(2, 5\)"):
         certify(_net(), torch.zeros(2, 5), torch.tensor([0, 1]))
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from lipcert.bounds.network import UnsupportedNorm, module_bound
-from lipcert.bounds.operator import rounding_safety
+from lipcert.bounds.operator import pairwise_row_distance_bound
 from lipcert.nn.constraint import EvalCache
 
 #: Relative float32 logit error allowed for: 2^-14 ~ 6.1e-5 = 1024 * float32 unit roundoff
@@ -62,22 +62,18 @@ _SUMMARIES: weakref.WeakKeyDictionary[nn.Module, dict[str, EvalCache]] = weakref
 _DUAL_P = {"l2": 2.0, "linf": 1.0}
 
 
-def _pairwise_row_distance_bound(weight: Tensor, norm: str) -> Tensor:
-    """Upper bounds of ||w_i - w_j||_* in float64 (+ a relative rounding slack)."""
-    weight = weight.detach().double()
+def _head_pair_bound(weight: Tensor, norm: str) -> Tensor:
+    """(C, C) bounds of ||w_i - w_j||_* (dual norm); a binary head's one row w stands for (0, w)."""
     if weight.shape[0] == 1:  # binary head: logits (0, w.h + b), one pair
         weight = torch.cat([torch.zeros_like(weight), weight])
-    dist = torch.cdist(weight[None], weight[None], p=_DUAL_P[norm])[0]  # (C, C)
-    return dist * rounding_safety(torch.float64, weight.shape[1])
+    return pairwise_row_distance_bound(weight, _DUAL_P[norm])
 
 
 def summarize(model: nn.Module, norm: str = "l2") -> LipschitzSummary:
     """Sound Lipschitz summary of ``model`` (eval mode): body + linear head when possible."""
     if isinstance(model, nn.Sequential) and len(model) > 1 and isinstance(model[-1], nn.Linear):
         body_bound = module_bound(model[:-1], norm)
-        return LipschitzSummary(
-            norm, body_bound, _pairwise_row_distance_bound(model[-1].weight, norm)
-        )
+        return LipschitzSummary(norm, body_bound, _head_pair_bound(model[-1].weight, norm))
     return LipschitzSummary(norm, module_bound(model, norm), None)
 
 
@@ -139,6 +135,13 @@ def _pair_bounds(summary: LipschitzSummary, num_logits: int, device) -> Tensor:
     else:  # ||e_i - e_j|| in the output's norm: sqrt(2) for l2, 2 (two moving logits) for l_inf
         factor = SQRT2 if summary.norm == "l2" else 2.0
     return torch.full((num_classes, num_classes), factor * summary.body_bound, device=device)
+
+
+def predict(logits: Tensor) -> Tensor:
+    """Predicted class ids of (B, C) logits; one logit is binary: class 1 iff f > 0."""
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > 0).long()
+    return logits.argmax(dim=1)
 
 
 def radii_from_logits(logits: Tensor, x: Tensor, y: Tensor, summary: LipschitzSummary) -> Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 import tomllib
 
@@ -37,6 +37,7 @@ class DataConfig:
     crop_padding: int = 0
     flip: bool = False
     train_subset: int = 0  # 0: the whole training split
+    classes: list[int] = field(default_factory=list)  # e.g. [0, 8]: only these, relabelled 0, 1
 
 
 @dataclass
@@ -49,7 +50,7 @@ class ModelConfig:
 class LossConfig:
     name: str = field(
         default="multiclass_hkr",
-        metadata=_choice("multiclass_hkr", "multiclass_hinge", "tau_ce", "ce"),
+        metadata=_choice("multiclass_hkr", "multiclass_hinge", "tau_ce", "ce", "hkr", "kr"),
     )
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -92,9 +93,11 @@ def _check_value(section: str, f: dataclasses.Field, value: Any, hint: Any) -> A
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if base is list and isinstance(value, list):
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            raise ConfigError(f"{key} must be a list of numbers, got {value!r}")
-        value = [float(v) for v in value]
+        item = get_args(hint)[0]
+        allowed = (int,) if item is int else (int, float)
+        if not all(isinstance(v, allowed) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{key} must be a list of {item.__name__}s, got {value!r}")
+        value = [item(v) for v in value]
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
         raise ConfigError(f"{key} must be of type {base.__name__}, got {value!r}")
     if "choices" in f.metadata and value not in f.metadata["choices"]:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from lipcert import losses
-from lipcert.certify import certified_accuracy, certify_batched
+from lipcert.certify import certified_accuracy, certify_batched, predict
 from lipcert.checkpoint import load_into, read_checkpoint, unflatten, write_checkpoint
 from lipcert.config import LossConfig, OptimConfig, TrainConfig, to_dict
 from lipcert.data import Dataset, Split, load_dataset, random_crop, random_flip
@@ -65,6 +65,8 @@ def make_loss(cfg: LossConfig) -> nn.Module:
         "multiclass_hinge": losses.MulticlassHingeLoss,
         "tau_ce": losses.TauCrossEntropyLoss,
         "ce": nn.CrossEntropyLoss,
+        "hkr": losses.HKRLoss,
+        "kr": losses.KRLoss,
     }
     try:
         return factories[cfg.name](**cfg.kwargs)
@@ -134,6 +136,26 @@ def subset_train(data: Dataset, size: int, seed: int) -> Dataset:
     return Dataset(data.name, train, data.test, data.class_names)
 
 
+def select_classes(data: Dataset, classes: list[int]) -> Dataset:
+    """Only the samples of ``classes`` (``data.classes``; all when empty), relabelled 0, 1, ...
+    in the order given: ``[0, 8]`` makes MNIST a binary 0-vs-8 task with 8 as class 1."""
+    if not classes:
+        return data
+    if len(set(classes)) != len(classes) or len(classes) < 2:
+        raise ValueError(f"data.classes must list at least 2 distinct classes, got {classes}")
+    if not all(0 <= c < data.num_classes for c in classes):
+        raise ValueError(f"data.classes {classes} must lie in 0..{data.num_classes - 1}")
+    relabel = torch.full((data.num_classes,), -1, dtype=torch.int64)
+    relabel[classes] = torch.arange(len(classes))
+
+    def keep(split: Split) -> Split:
+        mask = relabel[split.y] >= 0
+        return Split(split.x[mask], relabel[split.y[mask]])
+
+    names = tuple(data.class_names[c] for c in classes)
+    return Dataset(data.name, keep(data.train), keep(data.test), names)
+
+
 def _steps_per_epoch(data: Dataset, config: TrainConfig) -> int:
     return max(1, len(data.train.y) // config.data.batch_size)
 
@@ -169,7 +191,7 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, data, config, epoch, d
         _batches(data, config, epoch, ddp),
         total=steps,
         desc=f"epoch {epoch + 1}/{config.epochs}",
-        disable=not ddp.is_main,
+        disable=None if ddp.is_main else True,  # None: off when stdout is not a terminal
         leave=False,
     )
     for step, (x, y) in enumerate(bar):
@@ -187,7 +209,7 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, data, config, epoch, d
         optimizer.step()
         scheduler.step()
         total_loss += loss.item() * len(y)
-        correct += int((logits.argmax(1) == y).sum())
+        correct += int((predict(logits) == y).sum())
         seen += len(y)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
     return {"train_loss": total_loss / seen, "train_acc": correct / seen}
@@ -229,6 +251,7 @@ def train(
     run_dir = Path(run_dir)
     ckpt = run_dir / CHECKPOINT_NAME
     data = data or load_dataset(config.data.dataset, config.data.data_dir or None)
+    data = select_classes(data, config.data.classes)
     if config.data.train_subset:
         data = subset_train(data, config.data.train_subset, config.seed)
     torch.manual_seed(config.seed)

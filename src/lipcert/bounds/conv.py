@@ -9,6 +9,8 @@ sigma_1(K^(w)) over the grid. Hence F = sup over *all* w in [0, 2 pi)^2 of sigma
 the circular convolution on every torus. A zero-padded convolution (any padding, any input size)
 is a restriction of the circular one on a torus large enough that nothing wraps around: embed the
 zero-extended input, keep the valid outputs, both of norm <= 1. Stride keeps a subset of outputs.
+Circular padding of at most (k - 1) / 2 a side is the circular convolution on the input's own
+torus, restricted to some outputs; more padding wraps twice and repeats outputs (not covered).
 
 Stride, tighter: a stride-s convolution equals a stride-1 convolution of the space-to-depth input
 (a permutation) with the *polyphase* kernel K'[:, (i, r), b] = K[:, i, s b + r] (c_in s1 s2 input
@@ -24,7 +26,7 @@ is a real exponential sum with frequencies a - c, |a_i - c_i| <= (k_i - 1) / 2, 
 p <= sigma_1(K^(w)) <= F everywhere, with p(w*) = F. Along the segment from w* to its nearest grid
 point g (|g_i - w*_i| <= pi / N_i), q(t) = p(w* + t (g - w*)) has exponential type at most
 s = sum_i ((k_i - 1) / 2) pi / N_i, and |q| <= F. Bernstein's inequality for bounded functions of
-exponential type (Bernstein 1923; Boas, *Entire Functions*, Thm. 11.1.2), applied twice, gives
+exponential type (Bernstein 1923; Boas, *Entire Functions*, 1954, Ch. 11), applied twice, gives
 |q''| <= s^2 F; q'(0) = 0 at the maximum, so by Taylor q(1) >= F (1 - s^2 / 2). Hence
 
     F <= max_grid sigma_1(K^(g)) / (1 - s^2 / 2),
@@ -44,6 +46,25 @@ adds u), so ||E(g)||_2 <= ||E(g)||_F <= gamma ||A||_F with A[o, i] = sum_a |K[o,
 Weyl's inequality. All of it runs in the kernel's dtype. The maximum over frequencies is taken
 without autograd; only the maximising frequency is recomputed with gradients, which is exactly
 the gradient of the maximum and keeps the backward pass small.
+
+Measured (random Gaussian 3 x 3 kernels, float64, 3 seeds; "exact" is the zero-padded "same"
+convolution's norm: dense SVD up to 16 x 16, converged power iteration at 32 x 32, a lower bound,
+so those ratios are over-estimates). bound / exact, never below 1:
+
+=================== ========= ========= ==========
+grid_slack          16 ch 16² 16 ch 32² 64 ch 32²
+=================== ========= ========= ==========
+0.02 (default)      1.031     1.022     1.022
+0.01                1.021     1.012     1.012
+0.005               1.016     1.008     1.007
+=================== ========= ========= ==========
+
+The grid factor dominates (the grid maximum is within ~0.2% of the supremum); the rest is the
+zero-padding deficit of small inputs (1.1% at 16 x 16, 0.2% at 32 x 32), which no
+input-size-independent bound can remove. Cost for a 64 -> 64 3 x 3 float32 kernel, one CPU thread,
+forward + backward (the plain Conv2d step it normalises, batch 64 at 32 x 32: 85 ms): 67 ms at
+slack 0.05, 250 ms at 0.02, 630 ms at 0.01, 1.3 s at 0.005; stride 2 (polyphase) 200 ms at 0.02.
+It grows as c^3 / grid_slack (128 -> 128 channels: ~2 s at 0.02).
 """
 
 from __future__ import annotations
@@ -57,7 +78,7 @@ from torch import Tensor
 from lipcert.bounds.operator import gram_spectral_bound, rounding_safety
 
 #: Default relative slack of the grid step: 1 / (1 - s^2 / 2) <= 1.02, a 32 x 17 half-spectrum for
-#: a 3 x 3 kernel (measured tightness and cost in tests/test_conv_bounds.py's module docstring).
+#: a 3 x 3 kernel (tightness and cost: "Measured" in the module docstring).
 DEFAULT_GRID_SLACK = 0.02
 #: Gram iterations per frequency: overestimates sigma_1 by at most rank^(1/2^(t+1)) (Delattre et
 #: al., ICML 2023, Thm. 1), 1.008 for rank 64 at t = 8 even with a perfectly flat spectrum.
@@ -67,6 +88,7 @@ SYMBOL_CHUNK_ELEMENTS = 2**24
 
 
 def to_pair(name: str, value: int | tuple[int, int]) -> tuple[int, int]:
+    """``value`` as a pair of positive ints; a ValueError naming ``name`` otherwise."""
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
@@ -157,7 +179,8 @@ def conv2d_operator_bound(
     """Sound upper bound of the l2 operator norm of ``F.conv2d(x, kernel, stride=stride, ...)``.
 
     ``kernel``: (c_out, c_in, kh, kw). Valid for every input size with zero padding (any amount),
-    and for circular padding with ``stride=1`` (or inputs whose size is a multiple of the stride).
+    and for circular padding of at most (k - 1) / 2 a side with ``stride=1`` (or inputs whose size
+    is a multiple of the stride).
     The bound exceeds the supremum of the symbol's norm by at most ``1 + grid_slack`` times the
     Gram-iteration slack; see the module docstring for the derivation. Differentiable, computed
     in the kernel's dtype with its rounding accounted for; a scalar tensor.
@@ -166,9 +189,12 @@ def conv2d_operator_bound(
         raise ValueError(f"kernel must have shape (c_out, c_in, kh, kw), got {tuple(kernel.shape)}")
     if not 0 < grid_slack < 1:
         raise ValueError(f"grid_slack must lie in (0, 1), got {grid_slack}")
+    if not isinstance(n_iter, int) or n_iter < 0:
+        raise ValueError(f"n_iter must be an int >= 0 (Gram iterations), got {n_iter!r}")
     kernel = polyphase_kernel(kernel, to_pair("stride", stride))  # (c_out, c_in*s1*s2, bh, bw)
     kernel_size = tuple(kernel.shape[-2:])
     grid = grid_size(kernel_size, grid_slack)
-    twiddles = _twiddles(kernel_size, grid, kernel)
-    grid_max = _grid_maximum(kernel, twiddles, n_iter) + _symbol_rounding(kernel)
+    with torch.autocast(kernel.device.type, enabled=False):  # rounding is analysed in its dtype
+        twiddles = _twiddles(kernel_size, grid, kernel)
+        grid_max = _grid_maximum(kernel, twiddles, n_iter) + _symbol_rounding(kernel)
     return grid_max * (grid_factor(kernel_size, grid) * rounding_safety(kernel.dtype, 1))

@@ -5,6 +5,8 @@ Power iteration converges to the spectral norm *from below*, so it is never used
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -62,3 +64,34 @@ def gram_spectral_bound(matrix: Tensor, n_iter: int = DEFAULT_GRAM_ITERATIONS) -
     log_bound = (log_scale + frob.log()) / 2**n_iter
     inner = max(matrix.shape[-2], matrix.shape[-1])
     return log_bound.exp() * rounding_safety(log_scale.dtype, inner)
+
+
+#: Entries of the (rows, rows, in_features) difference tensor formed at once (memory cap).
+PAIRWISE_CHUNK_ELEMENTS = 2**24
+
+
+def pairwise_row_distance_bound(weight: Tensor, p: float = 2.0) -> Tensor:
+    """Sound float64 upper bounds of ||w_i - w_j||_p (p = 1 or 2) for the rows of ``weight``.
+
+    Direct differences, chunked: never the ||a||^2 + ||b||^2 - 2ab expansion (``torch.cdist``'s
+    matrix-product mode), whose cancellation can return 0 for distinct rows. The rows are copied
+    exactly to float64; each difference, square, the sum of n terms and the square root round
+    with relative error at most (n + 3) u in total (Higham, eq. 3.5), covered by
+    :func:`rounding_safety`; squares that underflow lose at most n * tiny, covered by the
+    absolute term sqrt(n * tiny).
+    """
+    if p not in (1.0, 2.0):
+        raise ValueError(f"p must be 1 or 2, got {p}")
+    weight = weight.detach().double()
+    rows, width = weight.shape
+    chunk = max(1, PAIRWISE_CHUNK_ELEMENTS // max(1, rows * width))
+    dist = torch.cat(
+        [
+            torch.linalg.vector_norm(
+                part[:, None, :] - weight[None], ord=p, dim=-1
+            )  # (chunk, rows)
+            for part in weight.split(chunk)
+        ]
+    )
+    underflow = math.sqrt(width * torch.finfo(torch.float64).tiny)
+    return dist * rounding_safety(torch.float64, width + 3) + underflow

@@ -9,6 +9,7 @@ from torch import nn
 from lipcert.checkpoint import load, read_checkpoint
 from lipcert.config import TrainConfig, parse_config
 from lipcert.data import Dataset, load_dataset
+from lipcert.train import select_classes
 
 
 def load_run(checkpoint: str, data_dir: str | None) -> tuple[nn.Module, TrainConfig, Dataset]:
@@ -17,6 +18,7 @@ def load_run(checkpoint: str, data_dir: str | None) -> tuple[nn.Module, TrainCon
     _, meta = read_checkpoint(checkpoint)
     config = parse_config(meta["config"])
     data = load_dataset(config.data.dataset, data_dir or config.data.data_dir or None)
+    data = select_classes(data, config.data.classes)
     return model, config, data
 
 

@@ -146,6 +146,7 @@ class ConstrainedConv2d(_ConstrainedMixin, nn.Conv2d):
             device=device,
             dtype=dtype,
         )
+        _check_circular_padding(self.padding, self.kernel_size, padding_mode)
         self._register(constraint)
 
     def forward(self, input: Tensor) -> Tensor:
@@ -170,6 +171,21 @@ class ConstrainedConv2d(_ConstrainedMixin, nn.Conv2d):
             if self.bias is not None:
                 plain.bias.copy_(self.bias)
         return plain
+
+
+def _check_circular_padding(
+    padding: str | tuple[int, int], kernel_size: tuple[int, int], padding_mode: str
+) -> None:
+    """Circular padding beyond (k - 1) / 2 a side wraps the input more than once and repeats
+    outputs, so the layer is no longer a restriction of a circular convolution (nor bounded by it).
+    """
+    if padding_mode != "circular" or isinstance(padding, str):  # "same": k - 1 in all
+        return
+    if any(2 * p > k - 1 for p, k in zip(padding, kernel_size, strict=True)):
+        raise ValueError(
+            f"padding={padding} with padding_mode='circular' must be at most (kernel_size - 1) / 2 "
+            f"a side (kernel_size={kernel_size}): more repeats outputs and can raise the norm"
+        )
 
 
 def _check_positive(**sizes: int) -> None:

@@ -15,11 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lipcert.bounds.operator import gram_spectral_bound, rounding_safety
+from lipcert.bounds.operator import gram_spectral_bound, pairwise_row_distance_bound
 from lipcert.nn.constrained import BoundedWeightConstraint, ConstrainedLinear
-
-#: Entries of the (rows, rows, in_features) difference tensor formed at once (memory cap).
-PAIRWISE_CHUNK_ELEMENTS = 2**24
 
 
 class RowNormalization(BoundedWeightConstraint):
@@ -31,25 +28,6 @@ class RowNormalization(BoundedWeightConstraint):
 
     def operator_bound(self, layer: nn.Module, weight: Tensor) -> float:
         return float(gram_spectral_bound(weight))
-
-
-def pairwise_distance_bound(weight: Tensor) -> Tensor:
-    """Sound float64 upper bounds of ||w_i - w_j||_2 for the rows of ``weight``: (out, out).
-
-    The rows are copied exactly to float64; each difference, square, the sum of n of them and the
-    square root round with relative error at most (n + 3) u in total (Higham, *Accuracy and
-    Stability of Numerical Algorithms*, eq. 3.5), covered by :func:`rounding_safety`.
-    """
-    weight = weight.detach().double()
-    rows, width = weight.shape
-    chunk = max(1, PAIRWISE_CHUNK_ELEMENTS // (rows * width))
-    dist = torch.cat(
-        [
-            torch.linalg.vector_norm(part[:, None, :] - weight[None], dim=-1)  # (chunk, out)
-            for part in weight.split(chunk)
-        ]
-    )
-    return dist * rounding_safety(torch.float64, width + 3)
 
 
 class RowNormLinear(ConstrainedLinear):
@@ -73,4 +51,4 @@ class RowNormLinear(ConstrainedLinear):
 
     def pairwise_row_distance_bound(self) -> Tensor:
         """Sound float64 (out, out) upper bounds of ||w_i - w_j||_2 for the current weights."""
-        return pairwise_distance_bound(self.constrained_weight())
+        return pairwise_row_distance_bound(self.constrained_weight())

@@ -11,11 +11,11 @@ because Q (T - W^T W) Q, Q = diag(q), is diagonally dominant with a nonnegative 
 self-correlation (:func:`lipcert.nn.aol.kernel_self_correlation`); zero 'same' padding is a
 crop of the convolution on a larger grid, which only sets some slopes of L to 0.
 
-The forward folds 2 T^-1 into the outer weight: B = C K with C = diag(c), c_i = 2 / (t_i + eps),
-t_i computed as a float-safe upper bound (:func:`lipcert.nn.aol.row_sum_bounds`) and
-eps = :data:`~lipcert.nn.aol.RESCALE_EPS` so that an all-zero unit gets a finite c_i. Both only
-enlarge T, and T' >= T >= W^T W keeps the argument above intact. :func:`residual_bound` then checks
-the float weights actually used, in float64.
+The forward folds 2 T^-1 into the outer weight: B = C K with C = diag(c), c_i = 2 / t'_i,
+t'_i = (1 + margin) t_i + eps (:func:`lipcert.nn.aol.margin_row_sums`): eps gives an all-zero unit
+a finite c_i, the margin absorbs float rounding of t. Both only enlarge T, and
+T' >= T >= W^T W keeps the argument above intact. :func:`residual_bound` then checks the float
+weights actually used, in float64.
 """
 
 from __future__ import annotations
@@ -28,13 +28,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from lipcert.bounds.operator import rounding_safety
-from lipcert.nn.aol import (
-    RESCALE_EPS,
-    as_kernel,
-    check_input_shape,
-    row_sum_bounds,
-    sound_row_sums,
-)
+from lipcert.nn.aol import as_kernel, check_input_shape, margin_row_sums, sound_row_sums
 from lipcert.nn.constrained import _check_positive
 from lipcert.nn.constraint import EvalCache, LipschitzLayer
 from lipcert.nn.residual import Residual
@@ -55,8 +49,7 @@ def q_weights(log_q: Tensor) -> Tensor:
 
 def sll_scales(kernel: Tensor, log_q: Tensor) -> Tensor:
     """c_i = 2 / t'_i for ``kernel`` K = W^T of shape (inner, features, kh, kw) (Thm. 3)."""
-    t = row_sum_bounds(kernel.transpose(0, 1), q_weights(log_q))  # rows of W^T W (inner)
-    return 2 / (t + RESCALE_EPS)
+    return 2 / margin_row_sums(kernel.transpose(0, 1), q_weights(log_q))  # rows of W^T W
 
 
 def _fold_error(kernel: Tensor, outer: Tensor, scales: Tensor) -> Tensor:
@@ -84,16 +77,14 @@ def residual_bound(kernel: Tensor, outer: Tensor, scales: Tensor, weights: Tenso
     rows = sound_row_sums(b.transpose(0, 1), q / c)  # rows of |B B^T|, weighted
     slack = 2 * c - rows - 2 * _U64 * (2 * c + rows)  # a lower bound of 2 c - rows
     norm_a2 = float(sound_row_sums(k).max())  # >= ||A||^2
-    balance = fold_error.flatten(1).norm(dim=1) / math.sqrt(norm_a2) if norm_a2 > 0 else 0
-    chosen = torch.maximum(slack, balance + torch.finfo(torch.float64).tiny)  # S', positive
+    tiny = torch.finfo(torch.float64).tiny
+    balance = fold_error.flatten(1).norm(dim=1) / math.sqrt(max(norm_a2, tiny))
+    chosen = torch.maximum(slack, balance + tiny)  # S', positive
     deficit = (chosen - slack).clamp_min(0) * (1 + 2 * _U64)  # N
     scaled_error = fold_error / chosen.sqrt().view(-1, 1, 1, 1) * (1 + 8 * _U64)  # S'^-1/2 E
     excess = float(deficit.max()) * norm_a2 + float(sound_row_sums(scaled_error).max())
-    if excess == 0:
-        return 1.0
-    return math.sqrt(1 + excess * rounding_safety(torch.float64, 2)) * rounding_safety(
-        torch.float64, 2
-    )
+    safety = rounding_safety(torch.float64, 2)
+    return 1.0 if excess == 0 else math.sqrt(1 + excess * safety) * safety
 
 
 class _SLL(LipschitzLayer, nn.Module):
@@ -115,14 +106,15 @@ class _SLL(LipschitzLayer, nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(inner, features, *kernel_size, **factory))
-        self.bias = nn.Parameter(torch.empty(inner, **factory)) if bias else None
+        bias_param = nn.Parameter(torch.empty(inner, **factory)) if bias else None
+        self.register_parameter("bias", bias_param)
         self.log_q = nn.Parameter(torch.empty(inner, **factory))
         self.cache = EvalCache()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Araujo et al.'s reference init: Xavier-normal K, uniform(+-1/sqrt(fan_in)) bias; and
-        q = 1, where T is the plain Gershgorin row sum of W^T W."""
+        """Araujo et al.'s reference init: Xavier-normal K, uniform(+-1/sqrt(fan_in)) bias. Their
+        code draws q at random; q = 1 here, where T starts as the plain Gershgorin sum of W^T W."""
         nn.init.xavier_normal_(self.weight)
         nn.init.zeros_(self.log_q)
         if self.bias is not None:
@@ -189,8 +181,8 @@ class SLLLinear(_SLL):
         dtype: torch.dtype | None = None,
     ) -> None:
         _check_positive(features=features, inner_features=inner_features)
-        self.features, self.inner_features = features, inner_features
         super().__init__(features, inner_features, (), bias, device, dtype)
+        self.features, self.inner_features = features, inner_features
 
     def extra_repr(self) -> str:
         return f"features={self.features}, inner_features={self.inner_features}"
@@ -240,9 +232,9 @@ class SLLConv2d(_SLL):
             raise ValueError(
                 f"kernel_size must be odd positive integers ('same' padding), got {kernel_size!r}"
             )
+        super().__init__(channels, inner_channels, size, bias, device, dtype)
         self.channels, self.inner_channels, self.kernel_size = channels, inner_channels, size
         self.padding = (size[0] // 2, size[1] // 2)
-        super().__init__(channels, inner_channels, size, bias, device, dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -106,6 +106,7 @@ class SpectralConv2d(ConstrainedConv2d):
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        to_pair("kernel_size", kernel_size)  # validates it: a ValueError naming the argument
         bound_stride = to_pair("stride", stride) if padding_mode == "zeros" else (1, 1)
         super().__init__(
             in_channels,
