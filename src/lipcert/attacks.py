@@ -16,7 +16,12 @@ STEP_FACTOR = 2.5
 
 
 def wrong_class_margin(logits: Tensor, y: Tensor) -> Tensor:
-    """max_{j != y} f_j - f_y per sample (>= 0: the attack succeeded or tied)."""
+    """max_{j != y} f_j - f_y per sample (>= 0: the attack succeeded or tied).
+
+    One logit f is a binary model (class 1 iff f > 0), read as the logits (0, f) as in certify.
+    """
+    if logits.shape[1] == 1:
+        logits = torch.cat([torch.zeros_like(logits), logits], dim=1)  # (B, 2)
     true = logits.gather(1, y[:, None])[:, 0]
     others = logits.scatter(1, y[:, None], float("-inf"))
     return others.amax(dim=1) - true

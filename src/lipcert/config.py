@@ -50,7 +50,9 @@ class ModelConfig:
 class LossConfig:
     name: str = field(
         default="multiclass_hkr",
-        metadata=_choice("multiclass_hkr", "multiclass_hinge", "tau_ce", "ce", "hkr", "kr"),
+        metadata=_choice(
+            "multiclass_hkr", "multiclass_hinge", "tau_ce", "ce", "hkr", "kr", "linf_dist"
+        ),
     )
     kwargs: dict[str, Any] = field(default_factory=dict)
 

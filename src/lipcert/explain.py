@@ -1,17 +1,18 @@
 """Counterfactual explanations: follow the gradient of the margin until the decision changes.
 
 Serrurier et al., "Achieving robustness in classification using optimal transport with hinge
-regularization", CVPR 2021 (Sec. 4-5): the minimizer of the hKR loss over 1-Lipschitz functions is
-an optimal-transport potential; its gradient has norm 1 almost everywhere and points along the
-transport plan between the classes, so following it changes the input in a meaningful way and
-reaches the decision boundary after a distance close to the certified radius |f(x)|. The gradient
-of an unconstrained network is a local direction with no such meaning, and its certified radius
-(from a product of layer norms) is far below the distance actually needed.
+regularization", CVPR 2021: the minimizer of the hKR loss over 1-Lipschitz functions is the
+potential of an optimal-transport problem; its gradient has norm 1 almost everywhere and points
+along the transport plan between the classes, so following it changes the input in a
+meaningful way and reaches the decision boundary after a distance close to the certified radius
+|f(x)|. The gradient of an unconstrained network is a local direction with no such meaning, and
+its certified radius (from a product of layer norms) is far below the distance actually needed.
 
 **Search.** With c the class predicted at x and m(z) = f_c(z) - max_{j != c} f_j(z) its margin
-(+-f for a binary one-logit model, class 1 iff f > 0), the iterative linearization of DeepFool
-(Moosavi-Dezfooli et al., CVPR 2016, Eq. 3 and Alg. 1) steps
-z <- z - (1 + overshoot) m(z) grad m(z) / ||grad m(z)||^2 from z = x until the decision changes,
+(+-f for a binary one-logit model, class 1 iff f > 0), the binary linearized step of DeepFool
+(Moosavi-Dezfooli et al., CVPR 2016, Eq. 3 and Alg. 1), applied to the margin against the
+runner-up class, z <- z - (1 + overshoot) m(z) grad m(z) / ||grad m(z)||^2, is repeated from
+z = x until the decision changes,
 then bisection on the last step finds a point x' with another decision within
 :data:`BISECTION_STEPS` halvings of the boundary. For a gradient-norm-preserving network that is
 close to the optimal potential the first step already lands there.
@@ -85,8 +86,6 @@ class Counterfactuals:
 
 def class_margin(logits: Tensor, classes: Tensor) -> Tensor:
     """(B,) f_c - max_{j != c} f_j; a one-logit model is read as logits (0, f), as in certify."""
-    if logits.shape[1] == 1:
-        logits = torch.cat([torch.zeros_like(logits), logits], dim=1)  # (B, 2)
     return -wrong_class_margin(logits, classes)
 
 
@@ -105,11 +104,19 @@ def _per_sample(values: Tensor, like: Tensor) -> Tensor:
 
 
 def _linearized_search(
-    model: nn.Module, x: Tensor, classes: Tensor, max_steps: int, overshoot: float
+    model: nn.Module,
+    x: Tensor,
+    classes: Tensor,
+    start: tuple[Tensor, Tensor, Tensor],
+    max_steps: int,
+    overshoot: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """DeepFool steps until the decision changes: (inside, outside, decision at outside)."""
+    """DeepFool steps from x (``start``: its :func:`_probe`) until the decision changes.
+
+    Returns (inside, outside, decision at outside): the last two iterates per sample.
+    """
     inside, outside = x.clone(), x.clone()
-    decision, margin, grad = _probe(model, x, classes)
+    decision, margin, grad = start
     for _ in range(max_steps):
         grad_sq = grad.flatten(1).pow(2).sum(dim=1)  # (B,)
         active = (decision == classes) & (grad_sq > 0)
@@ -143,7 +150,7 @@ def _certified_radii(model: nn.Module, x: Tensor, classes: Tensor) -> Tensor:
         return certify(model, x, classes, norm="l2")
     except TypeError as err:  # a module without a sound bound rule
         warnings.warn(f"no certified radius, so no tightness: {err}", stacklevel=3)
-        return torch.full((len(x),), torch.nan)
+        return torch.full((len(x),), torch.nan, device=x.device)
 
 
 def counterfactuals(
@@ -170,8 +177,9 @@ def counterfactuals(
     try:
         with torch.no_grad():
             classes = predict(model(x))
-        _, _, gradients = _probe(model, x, classes)
-        inside, outside, decision = _linearized_search(model, x, classes, max_steps, overshoot)
+        start = _probe(model, x, classes)
+        search = _linearized_search(model, x, classes, start, max_steps, overshoot)
+        inside, outside, decision = search
         flipped = decision != classes
         points = _bisect(model, inside, outside, classes, flipped)
         with torch.no_grad():
@@ -181,7 +189,7 @@ def counterfactuals(
         radii = _certified_radii(model, x, classes)
     finally:
         model.train(was_training)
-    return Counterfactuals(x, points, gradients, classes, new_classes, distances, radii)
+    return Counterfactuals(x, points, start[2], classes, new_classes, distances, radii)
 
 
 def _pyplot():
@@ -221,7 +229,8 @@ def plot_counterfactual_grid(
         raise ValueError(f"the grid needs image inputs (B, C, H, W), got {shape}")
     rows = min(rows, len(first.inputs))
     low, high = float(first.inputs.min()), float(first.inputs.max())
-    names = class_names or [str(c) for c in range(int(first.classes.max()) + 2)]
+    seen = max(int(torch.cat([r.classes, r.new_classes]).max()) for r in results.values())
+    names = class_names or [str(c) for c in range(seen + 1)]
     cols = 1 + 2 * len(results)
     fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.8 * rows), squeeze=False)
     for r in range(rows):

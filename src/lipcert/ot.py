@@ -3,13 +3,14 @@
 For probability measures P and Q, W1(P, Q) = sup over 1-Lipschitz f of E_P[f] - E_Q[f]
 (Kantorovich-Rubinstein duality; Villani, *Optimal Transport: Old and New*, 2009, Thm. 5.10 and
 Rem. 6.5). :func:`wasserstein1` maximizes the right-hand side over a gradient-norm-preserving
-GroupSort network (Anil et al., ICML 2019, Sec. 5; Arjovsky et al., ICML 2017, Eq. 3) by
-minimizing the KR loss of :mod:`lipcert.losses` with the points of ``x`` labelled positive.
+GroupSort network, as in the Wasserstein-distance experiments of Anil et al. (ICML 2019) and the
+WGAN critic (Arjovsky et al., ICML 2017, Eq. 3), by minimizing the KR loss of
+:mod:`lipcert.losses` with the points of ``x`` labelled positive.
 
 **A certified lower bound.** For *any* f with Lipschitz constant at most L,
 (E_P[f] - E_Q[f]) / L <= W1(P, Q). The reported distance is exactly that, for the empirical
 measures of ``x`` and ``y`` (uniform weights), with L the sound bound of
-:func:`lipcert.lipschitz_upper_bound` and the means taken in float64 on the exported weights: it
+:func:`logit_lipschitz_bound` and the means taken in float64 on the exported weights: it
 can fall short of W1 (the network did not reach the optimum) but never exceeds it, up to float64
 rounding (~1e-15 relative). :func:`exact_wasserstein1` (POT, an optional dependency) gives the
 exact value of the same quantity for small clouds.
@@ -38,10 +39,13 @@ from lipcert.export import export
 from lipcert.losses.kr import kr_loss
 from lipcert.models.hkr import gnp_mlp
 
-#: A potential whose sound Lipschitz bound exceeds 1 by more than this is refused: training it
-#: with the KR loss would not approach W1 (the loss is unbounded below without the constraint).
-#: Björck-orthogonalized layers stay within ~1e-6 of 1 (lipcert.nn.orthogonal).
-LIPSCHITZ_TOLERANCE = 1e-3
+#: A model whose sound logit Lipschitz bound exceeds 1 by more than this is refused as "not
+#: 1-Lipschitz" (training it with the KR loss would not approach W1, its gradients have no
+#: transport reading). The slack covers sound bounds of layers that are 1-Lipschitz but not
+#: exactly orthogonal: Gram iteration overestimates a flat spectrum by up to a factor
+#: rank^(1/2^t), 0.4% for rank 64 at t = 10 (lipcert.bounds.operator; Delattre et al., ICML 2023,
+#: Thm. 1). The KR value is divided by the bound anyway, so this slack never makes it unsound.
+LIPSCHITZ_TOLERANCE = 1e-2
 #: Defaults of the potential and its training, chosen on 2-D and 64-D clouds of 1000 points
 #: (docs/ot.md): within 2% of the exact W1 in 2-D and 5% in 64-D (low intrinsic dimension).
 DEFAULT_WIDTH = 64
@@ -51,7 +55,8 @@ DEFAULT_LR = 2e-2
 #: Points evaluated at once when computing the KR value (memory only; the value is the same).
 EVAL_CHUNK = 4096
 #: Modules that are 1-Lipschitz but shrink gradients: a potential built from them cannot reach
-#: the optimal potential, whose gradient has norm 1 (Anil et al., ICML 2019, Thm. 1).
+#: the optimal potential, whose gradient has norm 1 almost everywhere (Anil et al., ICML 2019:
+#: norm-constrained networks with such activations are gradient-norm preserving only if linear).
 GRADIENT_SHRINKING = (nn.ReLU, nn.Tanh)
 
 
@@ -74,7 +79,8 @@ class W1Estimate:
 def as_point_cloud(name: str, points: object) -> Tensor:
     """``points`` (array or tensor, (n, d)) as a float32 tensor, or a ValueError naming ``name``."""
     if isinstance(points, np.ndarray):
-        if not np.issubdtype(points.dtype, np.number) or np.issubdtype(points.dtype, np.complex128):
+        real = np.issubdtype(points.dtype, np.integer) or np.issubdtype(points.dtype, np.floating)
+        if not real:
             raise ValueError(f"{name} must hold real numbers, got dtype {points.dtype}")
         points = torch.from_numpy(np.ascontiguousarray(points))
     if not isinstance(points, Tensor):
@@ -87,9 +93,10 @@ def as_point_cloud(name: str, points: object) -> Tensor:
         raise ValueError(f"{name} is empty: shape {tuple(points.shape)}")
     if points.is_complex() or points.dtype == torch.bool:
         raise ValueError(f"{name} must hold real numbers, got dtype {points.dtype}")
+    points = points.to(torch.float32)
     if not bool(torch.isfinite(points).all()):
-        raise ValueError(f"{name} contains NaN or inf values")
-    return points.to(torch.float32)
+        raise ValueError(f"{name} contains NaN or inf values (or values beyond float32's range)")
+    return points
 
 
 def _check_clouds(x: object, y: object) -> tuple[Tensor, Tensor]:
@@ -106,9 +113,9 @@ def logit_lipschitz_bound(model: nn.Module) -> float:
 
     For an ``nn.Sequential`` ending in a linear layer with rows w_k after an L_b-Lipschitz body,
     f_k is (L_b ||w_k||_2)-Lipschitz: the one-vs-all logits of an hKR net with a unit-row head
-    are 1-Lipschitz even where the head's spectral norm is not 1 (Serrurier et al., CVPR 2021,
-    Sec. 5). Otherwise the whole model's bound holds for each logit. ValueError when the model
-    cannot be bounded soundly.
+    are 1-Lipschitz even where the head's spectral norm is not 1 (the one-vs-all setting of
+    Serrurier et al., CVPR 2021). Otherwise the whole model's bound holds for each logit.
+    ValueError when the model cannot be bounded soundly.
     """
     was_training = model.training
     model.eval()
@@ -245,7 +252,7 @@ def wasserstein1(
             _warn_gradient_shrinking(potential)
         started = time.perf_counter()
         _train_potential(potential, x, y, steps, lr, batch_size)
-    distance = kantorovich_value(potential, x, y)
+        distance = kantorovich_value(potential, x, y)  # export initializes modules: RNG
     lipschitz = logit_lipschitz_bound(potential)
     return W1Estimate(distance, potential, lipschitz, steps, time.perf_counter() - started)
 

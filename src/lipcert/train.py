@@ -67,6 +67,7 @@ def make_loss(cfg: LossConfig) -> nn.Module:
         "ce": nn.CrossEntropyLoss,
         "hkr": losses.HKRLoss,
         "kr": losses.KRLoss,
+        "linf_dist": losses.LinfDistLoss,
     }
     try:
         return factories[cfg.name](**cfg.kwargs)

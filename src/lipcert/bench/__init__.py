@@ -9,5 +9,9 @@ def run_bench(what: str, as_json: bool = False) -> None:
         from lipcert.bench.layers import main
 
         main(as_json=as_json)
+    elif what == "linf":
+        from lipcert.bench.linf import main as linf_main
+
+        linf_main(as_json=as_json)
     else:
-        raise ValueError(f"unknown benchmark {what!r}; choose 'layers'")
+        raise ValueError(f"unknown benchmark {what!r}; choose 'layers' or 'linf'")

@@ -7,7 +7,7 @@ import argparse
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: ratios to a plain network, measured in one run")
-    p.add_argument("what", choices=("layers",), help="which benchmark (design.md §6)")
+    p.add_argument("what", choices=("layers", "linf"), help="which benchmark (design.md §6)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
 

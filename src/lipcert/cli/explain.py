@@ -24,8 +24,18 @@ def register(sub) -> None:
     p.add_argument("checkpoint", help="a 1-Lipschitz (e.g. hKR) lipcert checkpoint")
     p.add_argument("--baseline", help="a checkpoint of any model trained on the same data")
     p.add_argument("--out", help="PNG path (default beside the checkpoint)")
-    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="test points explained")
-    p.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="rows of the image grid")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=DEFAULT_LIMIT,
+        help=f"test points explained (default {DEFAULT_LIMIT})",
+    )
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=DEFAULT_ROWS,
+        help=f"rows of the image grid (default {DEFAULT_ROWS})",
+    )
     p.add_argument("--data-dir", help="dataset folder (default: the config's, then search)")
     p.set_defaults(run=run)
 
@@ -37,40 +47,53 @@ def _same_task(config, baseline_config) -> bool:
     )
 
 
-def run(args: argparse.Namespace) -> None:
+def _load_models(args: argparse.Namespace):
+    """[(label, model, logit bound)] and the dataset; the first model must be 1-Lipschitz."""
     from lipcert.cli.common import load_run
-    from lipcert.explain import counterfactuals, plot_counterfactual_grid, plot_decision_2d
     from lipcert.ot import check_one_lipschitz, logit_lipschitz_bound
-    from lipcert.report import format_table
 
-    if args.limit < 1 or args.rows < 1:
-        raise ValueError(f"--limit and --rows must be >= 1, got {args.limit} and {args.rows}")
     model, config, data = load_run(args.checkpoint, args.data_dir)
-    bounds = {"model": check_one_lipschitz(model, f"{args.checkpoint} (explain needs an hKR net)")}
-    models = {"model": model}
+    bound = check_one_lipschitz(model, f"{args.checkpoint} (explain needs e.g. an hKR net)")
+    label = Path(args.checkpoint).parent.name or "model"
+    models = [(label, model, bound)]
     if args.baseline:
         baseline, baseline_config, _ = load_run(args.baseline, args.data_dir)
         if not _same_task(config, baseline_config):
             raise ValueError(f"{args.baseline} was trained on other data than {args.checkpoint}")
-        models["baseline"] = baseline
         try:
-            bounds["baseline"] = logit_lipschitz_bound(baseline)
+            baseline_bound = logit_lipschitz_bound(baseline)
         except ValueError:
-            bounds["baseline"] = float("nan")  # no sound bound: no certified radius either
+            baseline_bound = float("nan")  # no sound bound: no certified radius either
+        baseline_label = Path(args.baseline).parent.name
+        if baseline_label in ("", label):
+            baseline_label = f"{label} (baseline)"
+        models.append((baseline_label, baseline, baseline_bound))
+    return models, data
+
+
+def _summary_row(label: str, bound: float, result, labels) -> tuple[str, ...]:
+    flipped = result.flipped
+    return (
+        label,
+        f"{bound:.4g}",
+        f"{(result.classes == labels).float().mean():.2%}",
+        f"{result.flip_rate():.2%}",
+        f"{result.median_tightness():.3f}",
+        f"{result.distances[flipped].median():.4f}" if flipped.any() else "-",
+        f"{result.radii.nanmedian():.4f}",
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    from lipcert.explain import counterfactuals, plot_counterfactual_grid, plot_decision_2d
+    from lipcert.report import format_table
+
+    if args.limit < 1 or args.rows < 1:
+        raise ValueError(f"--limit and --rows must be >= 1, got {args.limit} and {args.rows}")
+    models, data = _load_models(args)
     x, y = data.test.x[: args.limit], data.test.y[: args.limit]
-    results = {name: counterfactuals(m, x) for name, m in models.items()}
-    rows = [
-        (
-            name,
-            f"{bounds[name]:.4g}",
-            f"{(res.classes == y).float().mean():.2%}",
-            f"{res.flip_rate():.2%}",
-            f"{res.median_tightness():.3f}",
-            f"{res.distances[res.flipped].median():.4f}" if res.flipped.any() else "-",
-            f"{res.radii.nanmedian():.4f}",
-        )
-        for name, res in results.items()
-    ]
+    results = {label: counterfactuals(model, x) for label, model, _ in models}
+    rows = [_summary_row(label, bound, results[label], y) for label, _, bound in models]
     header = ("model", "logit Lip.", "accuracy", "flip rate", "median tightness", "median dist.")
     print(format_table((*header, "median radius"), rows))
     ckpt = Path(args.checkpoint)
@@ -79,7 +102,7 @@ def run(args: argparse.Namespace) -> None:
         plot_counterfactual_grid(results, out, args.rows, data.class_names)
         print(f"{len(x)} test points explained; figure written to {out}")
         return
-    for name, res in results.items():  # 2-D data: one plane figure a model
-        path = out if name == "model" else out.with_name(f"{out.stem}.{name}{out.suffix}")
-        plot_decision_2d(models[name], x, y, res, path, title=f"{name}: {ckpt.parent.name}")
-        print(f"{len(x)} test points explained; {name} figure written to {path}")
+    for i, (label, model, _) in enumerate(models):  # 2-D data: one plane figure a model
+        path = out if i == 0 else out.with_name(f"{out.stem}.baseline{out.suffix}")
+        plot_decision_2d(model, x, y, results[label], path, title=label)
+        print(f"{len(x)} test points explained; {label}: figure written to {path}")

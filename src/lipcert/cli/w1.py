@@ -16,10 +16,14 @@ def register(sub) -> None:
     )
     p.add_argument("a", help="first point cloud: a .npy file of shape (n, d)")
     p.add_argument("b", help="second point cloud: a .npy file of shape (m, d)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps")
-    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="Adam learning rate")
+    p.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default {DEFAULT_STEPS})"
+    )
+    p.add_argument(
+        "--lr", type=float, default=DEFAULT_LR, help=f"Adam learning rate (default {DEFAULT_LR:g})"
+    )
     p.add_argument("--batch-size", type=int, help="points of each cloud a step (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initialization and batches (default 0)")
     p.add_argument("--exact", action="store_true", help="also the exact value (POT; small clouds)")
     p.set_defaults(run=run)
 

@@ -23,6 +23,8 @@ TauCrossEntropyLoss(tau)          CE(tau f, y) / tau                            
 (tau_cross_entropy)
 LMTLoss(eps, lipschitz)           CE(f + sqrt(2) eps L (1 - onehot(y)), y)                ids
 (lmt_loss)
+LinfDistLoss(theta, s, lambda)    lambda CE(s f, y) + min((theta - m)_+, theta), m the     ids
+(linf_dist_loss)                  margin; lambda decays with set_progress
 ================================  ======================================================  =======
 
 binary: logits (B,) or (B, 1); targets (B,) or (B, 1), all in {0, 1} or all in {-1, +1}.
@@ -42,6 +44,7 @@ MulticlassHingeLoss(m)            HingeMulticlassLoss(min_margin=2 m), one-hot t
 MulticlassHKRLoss(alpha, m)       (1 + alpha) * HKRMulticlassLoss(alpha / (1 + alpha), 2 m)
 TauCrossEntropyLoss(tau)          TauCrossEntropyLoss(tau)
 LMTLoss(eps, lipschitz)           none
+LinfDistLoss(...)                 none
 ================================  ==============================================================
 """
 
@@ -53,6 +56,7 @@ from lipcert.losses.cross_entropy import (
     tau_cross_entropy,
 )
 from lipcert.losses.kr import HKRLoss, KRLoss, hkr_loss, kr_loss
+from lipcert.losses.linf import LinfDistLoss, clipped_hinge, linf_dist_loss
 from lipcert.losses.multiclass import (
     MulticlassHingeLoss,
     MulticlassHKRLoss,
@@ -66,11 +70,14 @@ __all__ = [
     "HKRLoss",
     "KRLoss",
     "LMTLoss",
+    "LinfDistLoss",
     "MulticlassHKRLoss",
     "MulticlassHingeLoss",
     "TauCrossEntropyLoss",
+    "clipped_hinge",
     "hkr_loss",
     "kr_loss",
+    "linf_dist_loss",
     "lmt_loss",
     "multiclass_hinge_loss",
     "multiclass_hkr_loss",

@@ -1,10 +1,10 @@
 """Gradient-norm-preserving 1-Lipschitz networks for optimal transport and hKR classifiers.
 
 Serrurier et al., "Achieving robustness in classification using optimal transport with hinge
-regularization", CVPR 2021 (Sec. 3, Prop. 1-2): the minimizer of the hKR loss over 1-Lipschitz
-functions is an optimal-transport potential, which has a gradient of norm 1 almost everywhere.
-Networks that reach it must preserve gradient norms (Anil et al., "Sorting out Lipschitz function
-approximation", ICML 2019, Sec. 3-4): orthogonal weights (Björck, :class:`OrthoLinear`) and
+regularization", CVPR 2021: the minimizer of the hKR loss over 1-Lipschitz functions is the
+potential of an optimal-transport problem and has a gradient of norm 1 almost everywhere.
+Networks that can reach it must preserve gradient norms (Anil et al., "Sorting out Lipschitz
+function approximation", ICML 2019): orthogonal weights (Björck, :class:`OrthoLinear`) and
 GroupSort activations. The head is a :class:`RowNormLinear`: every logit f_k has a unit-norm row,
 so each one-vs-all logit is itself 1-Lipschitz (the multi-class hKR setting), and a single row
 (``binary=True``) gives the binary potential f, class 1 iff f > 0.
@@ -42,12 +42,16 @@ def gnp_mlp(
 ) -> nn.Sequential:
     """Flatten -> ``depth`` x (OrthoLinear -> GroupSort) -> RowNormLinear head (Anil et al. 2019).
 
-    1-Lipschitz and gradient-norm preserving once the weights are orthogonal. ``binary``: one logit
-    (the binary hKR / Wasserstein-1 potential), which needs ``num_classes == 2``.
+    Every logit is 1-Lipschitz. Orthogonal weights and GroupSort (a permutation on each region)
+    let the network represent gradient-norm-preserving functions such as the optimal potential,
+    which norm-constrained ReLU networks cannot. ``binary``: one logit (the binary hKR /
+    Wasserstein-1 potential), which needs ``num_classes == 2``.
     """
     shape = check_shape(input_shape, num_classes)
     if depth < 1:
         raise ValueError(f"depth must be >= 1 (hidden layers), got {depth}")
+    if group_size < 1 or width % group_size:
+        raise ValueError(f"width={width} must be a multiple of group_size={group_size}")
     layers: list[nn.Module] = [nn.Flatten()]
     features = math.prod(shape)
     for _ in range(depth):

@@ -19,16 +19,16 @@ maximum and s = sign(x_n* - w_n*): du/dx = s e_n*, du/dw = -s e_n*, a scatter-ad
 work. At a tie the subdifferential of max_n |d_n| is conv{sign(d_n) e_n : n tied} (Clarke; convex
 max-of-functions rule); we return one of its vertices, so the gradient is a valid subgradient of
 l1 norm 1 (``torch.cdist`` instead gives every tied coordinate the full sign, l1 norm = #ties).
-Finding n* with a horizontal argmax does not vectorize on CPU (6x the cost of amax, measured);
-the compiled kernel instead takes a *vertical* argmax over lanes: with N = T * LANES, for each
-lane j it reduces over t the values |d_{t LANES + j}| (vector registers hold the lanes), then
-picks the best lane: 1.6x the cost of the amax alone.
+Finding n* with an argmax reduction does not vectorize on CPU (4-6x the cost of an amax,
+measured); the compiled kernel instead takes a vectorized max per lane (n = t LANES + j, reduced
+over t), picks the best lane, and scans that lane's N / LANES candidates: 2x an amax.
 
-**Finite p.** u = s (sum_n (|d_n| / s)^p)^(1/p) with the per-pair scale
-s[b, m] = max|x_b| + max|w_m| >= max_n |d_n|, so the terms lie in [0, 1] and the sum never
-overflows. The backward is du/dd_n = sign(d_n) (|d_n| / s)^(p - 1) S^(1/p - 1) (u does not
-depend on s), summed over m for dx and over b for dw: two more passes. Powers p = 2^k take k
-squarings; other p take exp(p log t) (about 5x slower on CPU).
+**Finite p.** u = m (sum_n (|d_n| / m)^p)^(1/p) with m = max_n |d_n| (one p = inf pass): the
+terms lie in [0, 1], the largest is 1, so the sum S lies in [1, N] and neither overflows nor
+underflows even at p = 1024 (a looser scale such as max|x| + max|w| lets every term underflow to
+0 at large p). The backward is du/dd_n = sign(d_n) (|d_n| / m)^(p - 1) S^(1/p - 1) (u does not
+depend on m), summed over m for dx and over b for dw in one more pass. Powers p = 2^k take k
+squarings (compiled once per k); other p take exp(p log t) (about 13x slower on CPU).
 """
 
 from __future__ import annotations
@@ -43,15 +43,17 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-#: Lanes of the vertical argmax: the float32 width of an AVX-512 register (16), so each lane is
-#: one vector slot on CPU; any positive value is correct.
-LANES = 16
+#: Lanes of the two-pass argmax: the first pass reduces LANES columns at once (two AVX-512
+#: float32 registers), the second scans N / LANES candidates; at N = 1024, 32 measured 2x the
+#: cost of a plain amax, 16 2.7x, a one-pass argmax 4.8x. Any positive value is correct.
+LANES = 32
 #: Rows of ``x`` and of ``w`` per compiled kernel call. CPU: two 128 x 1024 float32 tiles use
 #: 1 MB, inside a core's 2 MB L2 (Sapphire Rapids); CUDA: large enough to fill the GPU.
 COMPILED_TILE_ROWS = {"cpu": 128, "cuda": 1024}
-#: Elements of the (block, chunk, N) difference an eager tile may materialize: 2^19 float32 =
-#: 2 MB (fastest of 2^17..2^21 on the dev CPU); 2^23 = 32 MB on CUDA.
-EAGER_TILE_ELEMENTS = {"cpu": 2**19, "cuda": 2**23}
+#: Elements of the (block, chunk, N) difference an eager tile may materialize: 2^16 float32 =
+#: 256 KB, L2-resident (2^15..2^17 measured alike on the dev CPU, 2^19 1.5-4x slower); 2^23 =
+#: 32 MB on CUDA.
+EAGER_TILE_ELEMENTS = {"cpu": 2**16, "cuda": 2**23}
 #: Below this many differences (B M N) a call runs eagerly: compiling costs seconds once, and
 #: eager tiles are fast enough for small layers.
 COMPILE_MIN_WORK = 2**22
@@ -82,19 +84,37 @@ def inf_argmax_kernel(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def inf_lane_argmax_kernel(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """(max, index) of |x_n - w_n| for every pair by the vertical lane argmax (N % LANES == 0)."""
+    """(max, index) of |x_n - w_n| for every pair in two vectorizable passes (N % LANES == 0).
+
+    With n = t LANES + j: a vertical max over t gives each lane's maximum; the best lane j* is
+    picked, then the T = N / LANES candidates n = t LANES + j* are scanned for the first that
+    attains it (the same float ops, so the same bits).
+    """
     rows, features = x.shape
-    lanes_x = x.view(rows, 1, features // LANES, LANES)  # (b, 1, T, LANES)
-    lanes_w = w.view(1, w.shape[0], features // LANES, LANES)  # (1, c, T, LANES)
-    lane_max, lane_t = (lanes_x - lanes_w).abs().max(dim=-2)  # (b, c, LANES) each
+    out, steps = w.shape[0], features // LANES
+    lanes_x = x.view(rows, 1, steps, LANES)  # (b, 1, T, LANES)
+    lanes_w = w.view(1, out, steps, LANES)  # (1, c, T, LANES)
+    lane_max = (lanes_x - lanes_w).abs().amax(dim=-2)  # (b, c, LANES)
     best, lane = lane_max.max(dim=-1)  # (b, c)
-    t = lane_t.gather(-1, lane[..., None])[..., 0]  # (b, c)
-    return best, t * LANES + lane
+    index = torch.arange(steps, device=x.device) * LANES + lane[..., None]  # (b, c, T)
+    x_at = x.gather(1, index.view(rows, out * steps)).view(rows, out, steps)  # (b, c, T)
+    w_index = index.transpose(0, 1).reshape(out, rows * steps)  # (c, b T)
+    w_at = w.gather(1, w_index).view(out, rows, steps).transpose(0, 1)  # (b, c, T)
+    hit = (x_at - w_at).abs() == best[..., None]  # (b, c, T)
+    step = hit.to(torch.int32).argmax(dim=-1)  # the first hit
+    return best, step * LANES + lane
 
 
 def _powers(q: Tensor, p: int | Tensor) -> tuple[Tensor, Tensor]:
-    """(|q|^p, sign(q) |q|^(p - 1)) for |q| <= 1; ``p`` an int k means p = 2^k (squarings)."""
+    """(|q|^p, sign(q) |q|^(p - 1)) for |q| <= 1; ``p`` an int k means p = 2^k (squarings).
+
+    Entries with |q|^p below the dtype's smallest normal number are flushed to 0 first: they are
+    negligible, and subnormal arithmetic is ~40x slower on x86 (measured: p = 128 by squaring
+    took 39x the time of p = 8 before the flush).
+    """
+    tiny = torch.finfo(q.dtype).tiny
     if isinstance(p, int):
+        q = torch.where(q.abs() < tiny ** (0.5**p), 0.0, q)
         odd = q  # q^(2^j - 1) for j = 1, ..., k
         square = q * q
         for _ in range(p - 1):
@@ -102,8 +122,8 @@ def _powers(q: Tensor, p: int | Tensor) -> tuple[Tensor, Tensor]:
             square = square * square
         return square, odd
     t = q.abs()
-    log_t = t.log()  # -inf at 0: exp(-inf) = 0 gives 0^p = 0 for p >= 1
-    grad = torch.where(t > 0, torch.exp((p - 1) * log_t), 0.0) * q.sign()
+    log_t = torch.where(t < torch.exp(math.log(tiny) / p), 0.0, t).log()  # -inf: 0^p = 0
+    grad = torch.where(log_t > -math.inf, torch.exp((p - 1) * log_t), 0.0) * q.sign()
     return torch.exp(p * log_t), grad
 
 
@@ -113,20 +133,20 @@ def pow_sum_kernel(x: Tensor, w: Tensor, inv_scale: Tensor, p: int | Tensor) -> 
     return _powers(q, p)[0].sum(dim=-1)
 
 
-def pow_grad_x_kernel(
-    x: Tensor, w: Tensor, inv_scale: Tensor, grad: Tensor, p: int | Tensor
-) -> Tensor:
-    """sum_m grad[b, m] sign(d) (|d| / s)^(p - 1): the input gradient of this tile, (b, N)."""
+def pow_grad_kernel(
+    x: Tensor,
+    w: Tensor,
+    inv_scale: Tensor,
+    grad: Tensor,
+    p: int | Tensor,
+    need_x: bool,
+    need_w: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The tile's input gradient sum_m g[b, m] sign(d) (|d| / s)^(p - 1) (b, N) and weight
+    gradient -sum_b of the same (c, N), each only when needed (one pass computes both)."""
     q = (x[:, None, :] - w[None]) * inv_scale[..., None]  # (b, c, N)
-    return (grad[..., None] * _powers(q, p)[1]).sum(dim=1)
-
-
-def pow_grad_w_kernel(
-    x: Tensor, w: Tensor, inv_scale: Tensor, grad: Tensor, p: int | Tensor
-) -> Tensor:
-    """-sum_b grad[b, m] sign(d) (|d| / s)^(p - 1): the weight gradient of this tile, (c, N)."""
-    q = (x[:, None, :] - w[None]) * inv_scale[..., None]  # (b, c, N)
-    return -(grad[..., None] * _powers(q, p)[1]).sum(dim=0)
+    term = grad[..., None] * _powers(q, p)[1]  # (b, c, N)
+    return (term.sum(dim=1) if need_x else None), (-term.sum(dim=0) if need_w else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,11 +262,14 @@ def _inf_forward(x: Tensor, w: Tensor, plan: _Tiling, with_index: bool):
     return values, index
 
 
-def _inf_sign(x: Tensor, w: Tensor, index: Tensor) -> Tensor:
-    """sign(x[b, n*] - w[m, n*]) for n* = index[b, m]: (B, M)."""
-    x_at = x.gather(1, index)  # (B, M)
-    w_at = w.gather(1, index.T).T  # (B, M): w[m, index[b, m]]
-    return (x_at - w_at).sign()
+def _inf_sign(x: Tensor, w: Tensor, index: Tensor, values: Tensor) -> Tensor:
+    """sign(x[b, n*] - w[m, n*]) for n* = index[b, m]: (B, M), after checking that n* attains
+    the maximum (so the gradient is a subgradient whatever the kernel did)."""
+    diff = x.gather(1, index) - w.gather(1, index.T).T  # (B, M): x[b, n*] - w[m, n*]
+    wrong = (diff.abs() != values) & ~values.isnan()
+    if bool(wrong.any()):
+        raise RuntimeError("lipcert internal error: an l_inf argmax index misses the maximum")
+    return diff.sign()
 
 
 def _exponent(p: float, like: Tensor) -> int | Tensor:
@@ -258,27 +281,21 @@ def _exponent(p: float, like: Tensor) -> int | Tensor:
     return torch.tensor(p, dtype=like.dtype, device=like.device)
 
 
-def _pair_scale(x: Tensor, w: Tensor) -> Tensor:
-    """s[b, m] = max|x_b| + max|w_m| >= max_n |x_bn - w_mn|, floored at the dtype's tiny."""
-    scale = x.abs().amax(dim=1)[:, None] + w.abs().amax(dim=1)[None]  # (B, M)
-    return scale.clamp_min(torch.finfo(x.dtype).tiny)
-
-
 def _pow_forward(x: Tensor, w: Tensor, p: float, plan: _Tiling):
     """||x_b - w_m||_p (B, M), and the (B, M) tensors the backward needs."""
     exponent = _exponent(p, x)
-    scale = _pair_scale(x, w)
+    scale, _ = _inf_forward(x, w, plan, with_index=False)  # m = max_n |d_n|: the top term is 1
+    inv_scale = torch.where(scale > 0, scale.reciprocal(), 0.0)  # (B, M); 0 where x = w
     xp, wp = plan.pad(x, plan.x_rows), plan.pad(w, plan.w_rows)
-    inv_scale = scale.reciprocal()
     inv_padded = _pad_pairs(inv_scale, xp.shape[0], wp.shape[0])
     total = x.new_empty(inv_padded.shape)
     kernel = plan.kernel(pow_sum_kernel)
     for rows, cols in plan.tiles(xp, wp):
         total[rows, cols] = kernel(xp[rows], wp[cols], inv_padded[rows, cols], exponent)
-    total = total[: x.shape[0], : w.shape[0]]
-    norm = total.pow(1.0 / p)  # (B, M), in [0, N^(1/p)]
-    # du/dd_n = sign(d_n) (|d_n| / s)^(p - 1) S^(1/p - 1); at S = 0 (x = w) 0 is a subgradient
-    factor = torch.where(total > 0, norm / total.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
+    total = total[: x.shape[0], : w.shape[0]]  # in [1, N] (0 where x = w)
+    norm = total.pow(1.0 / p)  # (B, M), in [1, N^(1/p)]
+    # du/dd_n = sign(d_n) (|d_n| / m)^(p - 1) S^(1/p - 1); at x = w, 0 is a subgradient
+    factor = torch.where(total > 0, norm / total.clamp_min(1.0), 0.0)
     return scale * norm, inv_scale, factor
 
 
@@ -290,13 +307,14 @@ def _pow_backward(x, w, p, plan, inv_scale, pair_grad, need_x, need_w):
     pair_grad = _pad_pairs(pair_grad, xp.shape[0], wp.shape[0])  # 0 on padded pairs
     grad_x = torch.zeros_like(xp) if need_x else None
     grad_w = torch.zeros_like(wp) if need_w else None
-    kernel_x, kernel_w = plan.kernel(pow_grad_x_kernel), plan.kernel(pow_grad_w_kernel)
+    kernel = plan.kernel(pow_grad_kernel)
     for rows, cols in plan.tiles(xp, wp):
         args = (xp[rows], wp[cols], inv_scale[rows, cols], pair_grad[rows, cols], exponent)
+        tile_x, tile_w = kernel(*args, need_x, need_w)
         if need_x:
-            grad_x[rows] += kernel_x(*args)
+            grad_x[rows] += tile_x
         if need_w:
-            grad_w[cols] += kernel_w(*args)
+            grad_w[cols] += tile_w
     features = x.shape[1]
     return (
         grad_x[: x.shape[0], :features] if need_x else None,
@@ -329,7 +347,7 @@ class _LpDistance(torch.autograd.Function):
                 lambda plan: _inf_forward(x, w, plan, with_index=need_grad), plan, x, w
             )
             if need_grad:
-                ctx.save_for_backward(index, _inf_sign(x, w, index))
+                ctx.save_for_backward(index, _inf_sign(x, w, index, values))
                 ctx.shapes = (x.shape, w.shape)
             return values
         values, inv_scale, factor = _with_fallback(

@@ -1,0 +1,91 @@
+"""The training objective of l_inf-distance nets: scaled cross-entropy + clipped hinge.
+
+Zhang et al., "Boosting the Certified Robustness of L-infinity Distance Nets", ICLR 2022, Sec. 4:
+with margin m(x) = f_y(x) - max_{j != y} f_j(x) and hinge threshold theta,
+
+    loss = lambda * CE(s * f, y) + min((theta - m)_+, theta),
+
+the hinge is *clipped* at theta so that points far inside a wrong class (m <= 0), which cannot
+become certified, stop pulling the weights, and the cross-entropy on the logits scaled by s
+supplies the gradient signal early in training, when the l_p relaxation makes the net poorly
+conditioned. The mixing coefficient lambda decays linearly from ``ce_weight`` to 0 at training
+progress ``decay_end`` (``set_progress``, called by lipcert.train every step), so training ends on
+the clipped hinge alone. An l_inf-distance net with logits -u is 1-Lipschitz per logit in l_inf,
+so m(x) > 2 eps certifies radius eps: choose theta a little above 2 eps (the train eps).
+
+Targets are (B,) int64 class ids; logits are (B, C) with C >= 2.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+from torch.nn import functional as F
+
+from lipcert.losses.base import ReducedLoss, check_hyperparameter, multiclass_inputs, reduce
+
+
+def margins(logits: Tensor, targets: Tensor) -> Tensor:
+    """m = f_y - max_{j != y} f_j per sample: (B,)."""
+    true = logits.gather(1, targets[:, None])[:, 0]  # (B,)
+    others = logits.scatter(1, targets[:, None], float("-inf"))  # (B, C)
+    return true - others.amax(dim=1)
+
+
+def clipped_hinge(logits: Tensor, targets: Tensor, threshold: float) -> Tensor:
+    """min((theta - m)_+, theta) per sample: (B,) (Zhang et al. 2022, Sec. 4)."""
+    return (threshold - margins(logits, targets)).clamp(min=0.0, max=threshold)
+
+
+def linf_dist_loss(
+    logits: Tensor,
+    targets: Tensor,
+    hinge_threshold: float,
+    ce_scale: float,
+    ce_weight: float,
+    reduction: str = "mean",
+) -> Tensor:
+    """``ce_weight`` * CE(``ce_scale`` * f, y) + clipped hinge at ``hinge_threshold``."""
+    hinge_threshold = check_hyperparameter("hinge_threshold", hinge_threshold, positive=True)
+    ce_scale = check_hyperparameter("ce_scale", ce_scale, positive=True)
+    ce_weight = check_hyperparameter("ce_weight", ce_weight, positive=False)
+    logits, targets = multiclass_inputs("linf_dist_loss", logits, targets)
+    terms = clipped_hinge(logits, targets, hinge_threshold)
+    if ce_weight > 0:
+        ce = F.cross_entropy(ce_scale * logits, targets, reduction="none")
+        terms = terms + ce_weight * ce
+    return reduce(terms, reduction)
+
+
+class LinfDistLoss(ReducedLoss):
+    """Module form of :func:`linf_dist_loss` with the decaying mix (``set_progress``).
+
+    ``ce_weight`` is lambda at the start; ``mix`` is its current value, ``ce_weight`` * max(0,
+    1 - progress / ``decay_end``).
+    """
+
+    hyperparameters = ("hinge_threshold", "ce_scale", "ce_weight", "decay_end")
+
+    def __init__(
+        self,
+        hinge_threshold: float,
+        ce_scale: float = 1.0,
+        ce_weight: float = 1.0,
+        decay_end: float = 1.0,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction)
+        self.hinge_threshold = check_hyperparameter(
+            "hinge_threshold", hinge_threshold, positive=True
+        )
+        self.ce_scale = check_hyperparameter("ce_scale", ce_scale, positive=True)
+        self.ce_weight = check_hyperparameter("ce_weight", ce_weight, positive=False)
+        self.decay_end = check_hyperparameter("decay_end", decay_end, positive=True)
+        self.mix = self.ce_weight
+
+    def set_progress(self, progress: float) -> None:
+        self.mix = self.ce_weight * max(0.0, 1.0 - progress / self.decay_end)
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return linf_dist_loss(
+            logits, targets, self.hinge_threshold, self.ce_scale, self.mix, self.reduction
+        )

@@ -1,0 +1,261 @@
+"""l_inf-distance neurons (Zhang et al., ICML 2021; ICLR 2022): ``LinfDist`` and its helpers.
+
+``LinfDist(in_features, out_features)`` computes u_m(x) = ||x - w_m||_p + b_m (Zhang et al. 2021,
+Eq. 2 with p = inf; Sec. 5.1's l_p relaxation for finite p), optionally followed by mean-shift
+normalization u - E[u] (Sec. 5.2: the batch mean in training, a running mean at eval; a bias is
+then redundant, so the two exclude each other). The distances go through the memory-lean kernels
+of :mod:`lipcert.nn.linf_kernel`.
+
+**Lipschitz constant (l_inf -> l_inf).** At p = inf each output is 1-Lipschitz: by the reverse
+triangle inequality |u(x) - u(x')| <= ||x - x'||_inf (2021, Thm. 3.2); the eval-mode shift is a
+constant. At finite p, ||x - w||_p is 1-Lipschitz in l_p and ||d||_p <= N^(1/p) ||d||_inf, so the
+sound bound is N^(1/p) (N = ``in_features``), tight when all coordinates move together.
+``lipschitz_bound()`` returns that bound for the current p: a model certified before p reaches
+inf gets honest, smaller radii (never the p = inf number). In training mode, mean shift makes the
+output of a sample depend on the whole batch; the batch map is 2(1 - 1/B)-Lipschitz in the l_inf
+norm over the batch (each u moves by at most eps, their mean too), so the bound doubles there.
+
+**The l_p schedule.** :class:`LpSchedule` raises p from ``p_start`` to ``p_end`` geometrically and
+then sets p = inf (2021, Sec. 5.1: p from 8 to about 1000, the last epochs at inf). A layer given
+a schedule follows ``set_progress(progress)``, called by :mod:`lipcert.train` every step (resume
+is exact); :func:`set_p` sets p for every layer of a model at once. p is a buffer, so checkpoints
+keep the p a model was trained (and certified) at.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lipcert.bounds.operator import rounding_safety
+from lipcert.nn.constraint import LipschitzLayer
+from lipcert.nn.linf_kernel import lp_distance
+
+#: Default l_p schedule, after Zhang et al. 2021, Sec. 5.1: p from 8 to 1000, the end at inf.
+DEFAULT_P_START, DEFAULT_P_END = 8.0, 1000.0
+#: Batch-map Lipschitz factor of training-mode mean shift: u_b - mean(u) moves by <= 2 eps.
+MEAN_SHIFT_TRAIN_FACTOR = 2.0
+#: Default diagonal offset of :func:`identity_init_` (inputs after mean shift are O(1)).
+IDENTITY_OFFSET = 3.0
+
+
+def _check_p(p: float) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p >= 1:
+        raise ValueError(f"p must be a number >= 1 or math.inf, got {p!r}")
+    return float(p)
+
+
+@dataclass(frozen=True)
+class LpSchedule:
+    """p as a function of training progress t in [0, 1] (Zhang et al. 2021, Sec. 5.1).
+
+    p = ``p_start`` for t < ``hold``, then grows geometrically to ``p_end`` at t = ``ramp_end``,
+    then p = inf. ``powers_of_two`` rounds p (in log scale) to a power of two, for which the
+    kernels square instead of taking exp/log (about 5x faster on CPU).
+    """
+
+    p_start: float = DEFAULT_P_START
+    p_end: float = DEFAULT_P_END
+    hold: float = 0.05
+    ramp_end: float = 0.95
+    powers_of_two: bool = False
+
+    def __post_init__(self) -> None:
+        _check_p(self.p_start)
+        if not (math.isfinite(self.p_end) and self.p_end >= self.p_start):
+            raise ValueError(f"p_end must be finite and >= p_start, got {self.p_end!r}")
+        if not 0.0 <= self.hold <= self.ramp_end <= 1.0:
+            raise ValueError(
+                f"need 0 <= hold <= ramp_end <= 1, got hold={self.hold}, ramp_end={self.ramp_end}"
+            )
+
+    def __call__(self, progress: float) -> float:
+        if progress >= self.ramp_end:
+            return math.inf
+        ramp = max(0.0, progress - self.hold) / max(self.ramp_end - self.hold, 1e-12)
+        p = self.p_start * (self.p_end / self.p_start) ** ramp
+        return 2.0 ** round(math.log2(p)) if self.powers_of_two else p
+
+
+class LinfDist(LipschitzLayer, nn.Module):
+    """u(x) = ||x - w||_p + b per output, optional mean shift; input (*, in_features).
+
+    Zhang et al., ICML 2021, Eq. 2 (p = inf) and Sec. 5 (l_p relaxation, mean shift). Arguments
+    beyond torch's: ``p`` (>= 1 or inf), ``mean_shift`` (subtract the batch mean in training,
+    the running mean at eval; excludes ``bias``), ``momentum`` of the running mean (as in
+    ``nn.BatchNorm1d``), ``p_schedule`` (an :class:`LpSchedule` followed by ``set_progress``).
+    """
+
+    lipschitz_norm = "linf"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        p: float = math.inf,
+        mean_shift: bool = False,
+        momentum: float = 0.1,
+        p_schedule: LpSchedule | None = None,
+    ) -> None:
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if bias and mean_shift:
+            raise ValueError("bias=True is redundant with mean_shift=True (the shift removes it)")
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.mean_shift, self.momentum, self.p_schedule = mean_shift, momentum, p_schedule
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.register_buffer("p", torch.tensor(_check_p(p), dtype=torch.float64, device=device))
+        running = torch.zeros(out_features, **factory) if mean_shift else None
+        self.register_buffer("running_mean", running)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Weights from N(0, 1) (Zhang et al. 2021, Sec. 5.2), zero bias and running mean."""
+        nn.init.normal_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        if self.running_mean is not None:
+            self.running_mean.zero_()
+
+    def set_p(self, p: float) -> None:
+        self.p.fill_(_check_p(p))
+
+    def set_progress(self, progress: float) -> None:
+        """Follow ``p_schedule`` (if any) at training progress ``progress`` in [0, 1]."""
+        if self.p_schedule is not None:
+            self.set_p(self.p_schedule(progress))
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() < 1 or input.shape[-1] != self.in_features:
+            raise ValueError(
+                f"LinfDist expects input of shape (*, {self.in_features}), got {tuple(input.shape)}"
+            )
+        flat = input.reshape(-1, self.in_features).to(self.weight.dtype)  # (B, N)
+        out = lp_distance(flat, self.weight, float(self.p))  # (B, M)
+        if self.bias is not None:
+            out = out + self.bias
+        if self.mean_shift:
+            out = out - self._shift(out)
+        return out.reshape(*input.shape[:-1], self.out_features)
+
+    def _shift(self, out: Tensor) -> Tensor:
+        """The batch mean (training; it updates the running mean) or the running mean (eval)."""
+        if not self.training:
+            return self.running_mean
+        mean = out.mean(dim=0)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+        return mean
+
+    def lipschitz_bound(self) -> float:
+        """l_inf -> l_inf bound: 1 at p = inf, in_features^(1/p) at finite p; x2 for the batch
+        map of training-mode mean shift (module docstring)."""
+        p = float(self.p)
+        if math.isinf(p):
+            bound = 1.0
+        else:
+            bound = self.in_features ** (1.0 / p) * rounding_safety(torch.float64, 1)
+        if self.mean_shift and self.training:
+            bound *= MEAN_SHIFT_TRAIN_FACTOR
+        return bound
+
+    def export(self) -> PlainLinfDist:
+        with torch.no_grad():
+            shift = self.running_mean if self.mean_shift else None
+            return PlainLinfDist(self.weight, self.bias, shift, float(self.p))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, p={float(self.p)}, mean_shift={self.mean_shift}"
+        )
+
+
+class PlainLinfDist(nn.Module):
+    """The export of :class:`LinfDist`: ||x - w||_p + b - shift with constant weights.
+
+    No ``torch.nn`` layer computes an l_p distance, so this small module holds the weights as
+    buffers and uses plain torch ops: ``torch.cdist`` (memory-lean) in PyTorch, a broadcast
+    difference while exporting to ONNX (Sub, Abs, ReduceMax / Pow, ReduceSum).
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, shift: Tensor | None, p: float):
+        super().__init__()
+        self.p = _check_p(p)
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("shift", None if shift is None else shift.detach().clone())
+
+    def forward(self, input: Tensor) -> Tensor:
+        flat = input.reshape(-1, self.weight.shape[1]).to(self.weight.dtype)  # (B, N)
+        if torch.onnx.is_in_onnx_export():
+            diff = (flat[:, None, :] - self.weight[None]).abs()  # (B, M, N)
+            if math.isinf(self.p):
+                out = diff.amax(dim=-1)
+            else:
+                out = diff.pow(self.p).sum(dim=-1).pow(1.0 / self.p)
+        else:
+            out = torch.cdist(flat, self.weight, p=self.p)  # (B, M)
+        if self.bias is not None:
+            out = out + self.bias
+        if self.shift is not None:
+            out = out - self.shift
+        return out.reshape(*input.shape[:-1], self.weight.shape[0])
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, p={self.p}"
+        )
+
+
+class Negate(LipschitzLayer, nn.Module):
+    """x -> -x: an l_inf-distance net's logits are its last layer's negated distances (Zhang et
+    al. 2021, Sec. 3: a class scores high near its prototype). An isometry in every norm."""
+
+    lipschitz_norm = "any"
+
+    def forward(self, input: Tensor) -> Tensor:
+        return -input
+
+    def lipschitz_bound(self) -> float:
+        return 1.0
+
+    def export(self) -> Negate:
+        return Negate()
+
+
+def set_p(model: nn.Module, p: float) -> None:
+    """Set p of every :class:`LinfDist` in ``model`` (the l_p relaxation, Zhang et al. 2021)."""
+    p = _check_p(p)
+    for module in model.modules():
+        if isinstance(module, LinfDist):
+            module.set_p(p)
+
+
+def identity_init_(layer: LinfDist, offset: float = IDENTITY_OFFSET) -> None:
+    """Make a square ``layer`` start near the identity (Zhang et al. 2021, Sec. 5.2).
+
+    w_ii = -offset, w_ij = 0 (i != j): u_i(x) = max(|x_i + offset|, max_{j != i} |x_j|), which is
+    x_i + offset whenever x_i + offset >= |x_j| for all j; mean shift then removes the offset.
+    Deep l_inf-distance nets thus start as shallow ones and learn to deviate.
+    """
+    if layer.in_features != layer.out_features:
+        raise ValueError(
+            f"identity_init_ needs a square layer, got {layer.in_features} -> {layer.out_features}"
+        )
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight.diagonal().fill_(-offset)
