@@ -7,7 +7,7 @@ naive broadcast ``(x[:, None] - w[None]).abs()...`` and a same-shape matmul ``x 
 reference floor).
 
 Each variant is timed in a fresh child process, then measured for memory in another (so memory
-left by another variant cannot hide its own), each after two warm-up calls (compiles). Every
+left by another variant cannot hide its own), each after a warm-up call (compiles). Every
 timing round times the variant and the matmul back to back; the ratio is the median of the
 per-round ratios (robust on a shared machine). Peak extra memory is the peak resident memory above
 the level before the call (CPU: /proc/self/statm sampled every 0.2 ms, with glibc returning blocks
@@ -131,12 +131,11 @@ def peak_extra_bytes(fn: Callable[[], None], device: torch.device) -> int:
 
 def measure_variant(variant: str, p: float, mode: str, device: str, what: str) -> dict:
     """``what`` = "time": median ms and median per-round ratio to the matmul; "memory": peak
-    extra MB. Measured in this process, after two warm-up calls (compiles, caches)."""
+    extra MB. Measured in this process, after a warm-up call (compiles, caches)."""
     torch.set_num_threads(THREADS)
     dev = torch.device(device)
     run = _call(variant, p, mode, dev)
     timed = _synchronized(run, dev)
-    timed()
     timed()
     if what == "memory":
         return {"peak_extra_mb": peak_extra_bytes(run, dev) / 2**20}

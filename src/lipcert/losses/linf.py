@@ -1,6 +1,7 @@
 """The training objective of l_inf-distance nets: scaled cross-entropy + clipped hinge.
 
-Zhang et al., "Boosting the Certified Robustness of L-infinity Distance Nets", ICLR 2022, Sec. 4:
+Zhang et al., "Boosting the Certified Robustness of L-infinity Distance Nets", ICLR 2022 (their
+objective):
 with margin m(x) = f_y(x) - max_{j != y} f_j(x) and hinge threshold theta,
 
     loss = lambda * CE(s * f, y) + min((theta - m)_+, theta),
@@ -32,7 +33,7 @@ def margins(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def clipped_hinge(logits: Tensor, targets: Tensor, threshold: float) -> Tensor:
-    """min((theta - m)_+, theta) per sample: (B,) (Zhang et al. 2022, Sec. 4)."""
+    """min((theta - m)_+, theta) per sample: (B,) (Zhang et al. 2022)."""
     return (threshold - margins(logits, targets)).clamp(min=0.0, max=threshold)
 
 

@@ -31,7 +31,7 @@ def linf_dist_net(
     head: str = "negate",
     input_range: Sequence[float] | None = (0.0, 1.0),
 ) -> nn.Sequential:
-    """Flatten -> ``depth`` LinfDist layers -> logits (Zhang et al. 2021, Sec. 3 and 5).
+    """Flatten -> ``depth`` LinfDist layers -> logits (Zhang et al. 2021).
 
     Hidden layers are ``width`` wide with mean shift and no bias; hidden square layers start at
     the identity when ``identity_init``. With ``head="negate"`` the last LinfDist layer has

@@ -1,25 +1,26 @@
 """l_inf-distance neurons (Zhang et al., ICML 2021; ICLR 2022): ``LinfDist`` and its helpers.
 
-``LinfDist(in_features, out_features)`` computes u_m(x) = ||x - w_m||_p + b_m (Zhang et al. 2021,
-Eq. 2 with p = inf; Sec. 5.1's l_p relaxation for finite p), optionally followed by mean-shift
-normalization u - E[u] (Sec. 5.2: the batch mean in training, a running mean at eval; a bias is
-then redundant, so the two exclude each other). The distances go through the memory-lean kernels
+``LinfDist(in_features, out_features)`` computes u_m(x) = ||x - w_m||_p + b_m (Zhang et al. 2021:
+the l_inf-dist neuron at p = inf, its "l_p relaxation" at finite p), optionally followed by their
+"mean shift normalization" u - E[u] (the batch mean in training, a running mean at eval; a bias
+is then redundant, so the two exclude each other). The distances go through the memory-lean kernels
 of :mod:`lipcert.nn.linf_kernel`.
 
 **Lipschitz constant (l_inf -> l_inf).** At p = inf each output is 1-Lipschitz: by the reverse
-triangle inequality |u(x) - u(x')| <= ||x - x'||_inf (2021, Thm. 3.2); the eval-mode shift is a
-constant. At finite p, ||x - w||_p is 1-Lipschitz in l_p and ||d||_p <= N^(1/p) ||d||_inf, so the
-sound bound is N^(1/p) (N = ``in_features``), tight when all coordinates move together.
-``lipschitz_bound()`` returns that bound for the current p: a model certified before p reaches
-inf gets honest, smaller radii (never the p = inf number). In training mode, mean shift makes the
-output of a sample depend on the whole batch; the batch map is 2(1 - 1/B)-Lipschitz in the l_inf
-norm over the batch (each u moves by at most eps, their mean too), so the bound doubles there.
+triangle inequality |u(x) - u(x')| <= ||x - x'||_inf (the 2021 paper's central property); the
+eval-mode shift is a constant. At finite p, ||x - w||_p is 1-Lipschitz in l_p and
+||d||_p <= N^(1/p) ||d||_inf, so the sound bound is N^(1/p) (N = ``in_features``), tight when all
+coordinates move together. ``lipschitz_bound()`` returns that bound for the current p: a model
+certified before p reaches inf gets honest, smaller radii (never the p = inf number). In training
+mode, mean shift makes the output of a sample depend on the whole batch; the batch map is
+2(1 - 1/B)-Lipschitz in the l_inf norm over the batch (each u moves by at most eps, their mean
+too), so the bound doubles there.
 
 **The l_p schedule.** :class:`LpSchedule` raises p from ``p_start`` to ``p_end`` geometrically and
-then sets p = inf (2021, Sec. 5.1: p from 8 to about 1000, the last epochs at inf). A layer given
-a schedule follows ``set_progress(progress)``, called by :mod:`lipcert.train` every step (resume
-is exact); :func:`set_p` sets p for every layer of a model at once. p is a buffer, so checkpoints
-keep the p a model was trained (and certified) at.
+then sets p = inf (as in the 2021 paper: p from 8 to about 1000, the last epochs at inf). A layer
+given a schedule follows ``set_progress(progress)``, called by :mod:`lipcert.train` every step
+(resume is exact); :func:`set_p` sets p for every layer of a model at once. p is a buffer, so
+checkpoints keep the p a model was trained (and certified) at.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from lipcert.bounds.operator import rounding_safety
 from lipcert.nn.constraint import LipschitzLayer
 from lipcert.nn.linf_kernel import lp_distance
 
-#: Default l_p schedule, after Zhang et al. 2021, Sec. 5.1: p from 8 to 1000, the end at inf.
+#: Default l_p schedule, after Zhang et al. 2021 (l_p relaxation): p from 8 to 1000, then inf.
 DEFAULT_P_START, DEFAULT_P_END = 8.0, 1000.0
 #: Batch-map Lipschitz factor of training-mode mean shift: u_b - mean(u) moves by <= 2 eps.
 MEAN_SHIFT_TRAIN_FACTOR = 2.0
@@ -50,11 +51,11 @@ def _check_p(p: float) -> float:
 
 @dataclass(frozen=True)
 class LpSchedule:
-    """p as a function of training progress t in [0, 1] (Zhang et al. 2021, Sec. 5.1).
+    """p as a function of training progress t in [0, 1] (Zhang et al. 2021, l_p relaxation).
 
     p = ``p_start`` for t < ``hold``, then grows geometrically to ``p_end`` at t = ``ramp_end``,
     then p = inf. ``powers_of_two`` rounds p (in log scale) to a power of two, for which the
-    kernels square instead of taking exp/log (about 5x faster on CPU).
+    kernels square instead of taking exp/log (about 13x faster on CPU).
     """
 
     p_start: float = DEFAULT_P_START
@@ -83,7 +84,7 @@ class LpSchedule:
 class LinfDist(LipschitzLayer, nn.Module):
     """u(x) = ||x - w||_p + b per output, optional mean shift; input (*, in_features).
 
-    Zhang et al., ICML 2021, Eq. 2 (p = inf) and Sec. 5 (l_p relaxation, mean shift). Arguments
+    Zhang et al., ICML 2021: the l_inf-dist neuron, l_p relaxation, mean shift. Arguments
     beyond torch's: ``p`` (>= 1 or inf), ``mean_shift`` (subtract the batch mean in training,
     the running mean at eval; excludes ``bias``), ``momentum`` of the running mean (as in
     ``nn.BatchNorm1d``), ``p_schedule`` (an :class:`LpSchedule` followed by ``set_progress``).
@@ -123,7 +124,7 @@ class LinfDist(LipschitzLayer, nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Weights from N(0, 1) (Zhang et al. 2021, Sec. 5.2), zero bias and running mean."""
+        """Weights from N(0, 1), zero bias and running mean."""
         nn.init.normal_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
@@ -223,7 +224,7 @@ class PlainLinfDist(nn.Module):
 
 class Negate(LipschitzLayer, nn.Module):
     """x -> -x: an l_inf-distance net's logits are its last layer's negated distances (Zhang et
-    al. 2021, Sec. 3: a class scores high near its prototype). An isometry in every norm."""
+    al. 2021: a class scores high near its prototype). An isometry in every norm."""
 
     lipschitz_norm = "any"
 
@@ -246,7 +247,7 @@ def set_p(model: nn.Module, p: float) -> None:
 
 
 def identity_init_(layer: LinfDist, offset: float = IDENTITY_OFFSET) -> None:
-    """Make a square ``layer`` start near the identity (Zhang et al. 2021, Sec. 5.2).
+    """Make a square ``layer`` start near the identity (Zhang et al. 2021, identity init).
 
     w_ii = -offset, w_ij = 0 (i != j): u_i(x) = max(|x_i + offset|, max_{j != i} |x_j|), which is
     x_i + offset whenever x_i + offset >= |x_j| for all j; mean shift then removes the offset.

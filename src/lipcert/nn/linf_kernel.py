@@ -1,7 +1,7 @@
 """Memory-lean l_p distances between inputs and weight rows: u[b, m] = ||x_b - w_m||_p.
 
-This is the operation of an l_inf-distance neuron (Zhang et al., ICML 2021, Eq. 2:
-u(x) = ||x - w||_inf + b) and of its l_p relaxation used early in training (ibid., Sec. 5.1).
+This is the operation of an l_inf-distance neuron (Zhang et al., ICML 2021:
+u(x) = ||x - w||_inf + b) and of its l_p relaxation used early in training (ibid.).
 Naive code broadcasts ``x[:, None, :] - w[None]`` into a (B, M, N) tensor (2.2 GB forward and
 backward at B = 128, N = M = 1024); here neither direction holds more than one tile of it, and
 autograd saves only (B, M) tensors besides ``x`` and ``w``.
@@ -47,18 +47,26 @@ from torch.nn import functional as F
 #: float32 registers), the second scans N / LANES candidates; at N = 1024, 32 measured 2x the
 #: cost of a plain amax, 16 2.7x, a one-pass argmax 4.8x. Any positive value is correct.
 LANES = 32
-#: Rows of ``x`` and of ``w`` per compiled kernel call. CPU: two 128 x 1024 float32 tiles use
-#: 1 MB, inside a core's 2 MB L2 (Sapphire Rapids); CUDA: large enough to fill the GPU.
-COMPILED_TILE_ROWS = {"cpu": 128, "cuda": 1024}
-#: Elements of the (block, chunk, N) difference an eager tile may materialize: 2^16 float32 =
-#: 256 KB, L2-resident (2^15..2^17 measured alike on the dev CPU, 2^19 1.5-4x slower); 2^23 =
-#: 32 MB on CUDA.
-EAGER_TILE_ELEMENTS = {"cpu": 2**16, "cuda": 2**23}
+#: Rows of ``x`` and of ``w`` per compiled kernel call. CPU: two 256 x 1024 float32 tiles fill
+#: a core's 2 MB L2 (Sapphire Rapids); with the cores shared by other jobs, fewer and larger
+#: parallel regions also wait less (256 rows ran 1.4-1.5x faster than 128 under load, 512 no
+#: faster). CUDA: large enough to fill the GPU.
+COMPILED_TILE_ROWS = {"cpu": 256, "cuda": 1024}
+#: Elements of the (block, chunk, N) difference an eager tile may materialize: 2^18 float32 =
+#: 1 MB, L2-resident. On the dev CPU, quiet: 2^15..2^17 alike, 2^19 2-4x slower; with the cores
+#: shared by another job: 2^18 1.2-2x faster than 2^16 (fewer parallel regions), 2^20 slower.
+#: 2^23 = 32 MB on CUDA.
+EAGER_TILE_ELEMENTS = {"cpu": 2**18, "cuda": 2**23}
 #: Below this many differences (B M N) a call runs eagerly: compiling costs seconds once, and
 #: eager tiles are fast enough for small layers.
 COMPILE_MIN_WORK = 2**22
 #: Largest k for which p = 2^k is computed by squaring (p = 1024).
 MAX_SQUARINGS = 10
+#: Finite-p terms (|d_n| / m)^p below 2^-60 of the largest (which is 1) are dropped (relative
+#: error <= N 2^-60), and so are pair gradients below 2^-60 of the largest: the backward's products
+#: then stay >= 2^-120, above float32's smallest normal number 2^-126. Subnormal arithmetic is
+#: 10-40x slower on x86 (measured: p = 128 took 39x the time of p = 8 before this flush).
+FLUSH_BELOW = 2.0**-60
 #: ``LIPCERT_COMPILE``: "0" never compiles, "1" always does, unset / "auto" compiles large calls.
 COMPILE_ENV = "LIPCERT_COMPILE"
 #: Recompile budget for each kernel: a few tile shapes times the p = 2^k variants.
@@ -108,13 +116,10 @@ def inf_lane_argmax_kernel(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
 def _powers(q: Tensor, p: int | Tensor) -> tuple[Tensor, Tensor]:
     """(|q|^p, sign(q) |q|^(p - 1)) for |q| <= 1; ``p`` an int k means p = 2^k (squarings).
 
-    Entries with |q|^p below the dtype's smallest normal number are flushed to 0 first: they are
-    negligible, and subnormal arithmetic is ~40x slower on x86 (measured: p = 128 by squaring
-    took 39x the time of p = 8 before the flush).
+    Entries with |q|^p < FLUSH_BELOW are set to 0 first (see :data:`FLUSH_BELOW`).
     """
-    tiny = torch.finfo(q.dtype).tiny
     if isinstance(p, int):
-        q = torch.where(q.abs() < tiny ** (0.5**p), 0.0, q)
+        q = torch.where(q.abs() < FLUSH_BELOW ** (0.5**p), 0.0, q)
         odd = q  # q^(2^j - 1) for j = 1, ..., k
         square = q * q
         for _ in range(p - 1):
@@ -122,7 +127,7 @@ def _powers(q: Tensor, p: int | Tensor) -> tuple[Tensor, Tensor]:
             square = square * square
         return square, odd
     t = q.abs()
-    log_t = torch.where(t < torch.exp(math.log(tiny) / p), 0.0, t).log()  # -inf: 0^p = 0
+    log_t = torch.where(t < torch.exp(math.log(FLUSH_BELOW) / p), 0.0, t).log()  # -inf: 0^p = 0
     grad = torch.where(log_t > -math.inf, torch.exp((p - 1) * log_t), 0.0) * q.sign()
     return torch.exp(p * log_t), grad
 
@@ -205,8 +210,9 @@ class _Tiling:
             return _Tiling(
                 True, min(tile, _power_of_two(rows)), min(tile, _power_of_two(out)), padded
             )
-        x_rows = max(1, min(rows, COMPILED_TILE_ROWS["cpu"]))
-        w_rows = max(1, min(out, EAGER_TILE_ELEMENTS[device] // (x_rows * features)))
+        budget = EAGER_TILE_ELEMENTS[device]
+        x_rows = max(1, min(rows, budget // features))
+        w_rows = max(1, min(out, budget // (x_rows * features)))
         return _Tiling(False, x_rows, w_rows, features)
 
     def kernel(self, eager: Callable, compiled: Callable | None = None) -> Callable:
@@ -304,6 +310,9 @@ def _pow_backward(x, w, p, plan, inv_scale, pair_grad, need_x, need_w):
     exponent = _exponent(p, x)
     xp, wp = plan.pad(x, plan.x_rows), plan.pad(w, plan.w_rows)
     inv_scale = _pad_pairs(inv_scale, xp.shape[0], wp.shape[0])
+    grad_scale = pair_grad.abs().amax().clamp_min(torch.finfo(x.dtype).tiny)
+    pair_grad = pair_grad / grad_scale  # in [-1, 1]; tiny entries flushed (FLUSH_BELOW)
+    pair_grad = torch.where(pair_grad.abs() < FLUSH_BELOW, 0.0, pair_grad)
     pair_grad = _pad_pairs(pair_grad, xp.shape[0], wp.shape[0])  # 0 on padded pairs
     grad_x = torch.zeros_like(xp) if need_x else None
     grad_w = torch.zeros_like(wp) if need_w else None
@@ -317,8 +326,8 @@ def _pow_backward(x, w, p, plan, inv_scale, pair_grad, need_x, need_w):
             grad_w[cols] += tile_w
     features = x.shape[1]
     return (
-        grad_x[: x.shape[0], :features] if need_x else None,
-        grad_w[: w.shape[0], :features] if need_w else None,
+        grad_x[: x.shape[0], :features] * grad_scale if need_x else None,
+        grad_w[: w.shape[0], :features] * grad_scale if need_w else None,
     )
 
 
