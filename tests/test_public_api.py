@@ -19,6 +19,7 @@ FIXED_LAYERS = [
     "L2NormPool2d",
     "ScaledAvgPool2d",
     "InvertibleDownsample",
+    "LinfDist",
 ]
 FIXED_TOP_LEVEL = [
     "certify",

@@ -10,6 +10,7 @@ from lipcert.nn.aol import AOLConv2d, AOLLinear
 from lipcert.nn.cayley import CayleyConv2d
 from lipcert.nn.constraint import EvalCache, LipschitzLayer, WeightConstraint, clear_caches
 from lipcert.nn.head import RowNormLinear
+from lipcert.nn.linf import LinfDist
 from lipcert.nn.orthogonal import OrthoLinear
 from lipcert.nn.pooling import InvertibleDownsample, L2NormPool2d, ScaledAvgPool2d
 from lipcert.nn.residual import Residual
@@ -24,6 +25,7 @@ __all__ = [
     "GroupSort",
     "InvertibleDownsample",
     "L2NormPool2d",
+    "LinfDist",
     "LipschitzLayer",
     "MaxMin",
     "OrthoLinear",

@@ -1,0 +1,107 @@
+"""MNIST and Fashion-MNIST from their original gzip-compressed IDX files.
+
+IDX format (LeCun et al., "THE MNIST DATABASE", yann.lecun.com/exdb/mnist): a big-endian int32
+magic ``0x0000TTNN`` (TT the element type, 0x08 = unsigned byte; NN the number of dimensions), NN
+big-endian int32 sizes, then the row-major payload. Fashion-MNIST (Xiao et al., 2017) uses the same
+files and names.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lipcert.data.dataset import Dataset, Split, unit_images
+from lipcert.data.paths import find_dataset_folder
+
+#: IDX magic of a uint8 3-D array (images: count, rows, cols).
+IDX_IMAGES_MAGIC = 0x00000803
+#: IDX magic of a uint8 1-D array (labels).
+IDX_LABELS_MAGIC = 0x00000801
+#: Byte size of one big-endian int32 header field.
+IDX_INT_BYTES = 4
+
+TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
+TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
+TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
+TEST_LABELS = "t10k-labels-idx1-ubyte.gz"
+IDX_FILES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+
+#: Class names, index = label (MNIST digits; Fashion-MNIST from its README).
+IDX_CLASSES = {
+    "mnist": tuple(str(digit) for digit in range(10)),
+    "fashion-mnist": (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ),
+}  # fmt: skip
+
+
+def _decompress(path: Path) -> bytes:
+    try:
+        with gzip.open(path, "rb") as stream:
+            return stream.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise ValueError(f"{path}: not a valid gzip file ({err})") from err
+
+
+def read_idx(path: str | Path, magic: int) -> Tensor:
+    """The uint8 array stored in the gzip IDX file ``path``, checked against ``magic``.
+
+    Raises ``ValueError`` naming the file for a bad gzip stream, a wrong magic, or a payload whose
+    size does not match the header.
+    """
+    path = Path(path)
+    raw = _decompress(path)
+    found = int.from_bytes(raw[:IDX_INT_BYTES], "big")
+    if len(raw) >= IDX_INT_BYTES and found != magic:
+        raise ValueError(f"{path}: IDX magic 0x{found:08x}, expected 0x{magic:08x}")
+    ndim = magic & 0xFF
+    header_bytes = IDX_INT_BYTES * (1 + ndim)  # magic, then one int32 size a dimension
+    if len(raw) < header_bytes:
+        raise ValueError(f"{path}: truncated IDX header ({len(raw)} of {header_bytes} bytes)")
+    shape = struct.unpack(f">{ndim}I", raw[IDX_INT_BYTES:header_bytes])
+    payload = len(raw) - header_bytes
+    if payload != int(np.prod(shape)):
+        raise ValueError(
+            f"{path}: payload of {payload} bytes, but the header {tuple(shape)} needs "
+            f"{int(np.prod(shape))} (truncated or corrupt file)"
+        )
+    array = np.frombuffer(raw, dtype=np.uint8, offset=header_bytes).reshape(shape)
+    return torch.from_numpy(array.copy())
+
+
+def _read_split(folder: Path, images_file: str, labels_file: str, num_classes: int) -> Split:
+    images = read_idx(folder / images_file, IDX_IMAGES_MAGIC)  # (N, H, W)
+    labels = read_idx(folder / labels_file, IDX_LABELS_MAGIC)  # (N,)
+    if len(images) != len(labels):
+        raise ValueError(
+            f"{folder / images_file} holds {len(images)} images but {folder / labels_file} "
+            f"holds {len(labels)} labels"
+        )
+    if len(labels) and int(labels.max()) >= num_classes:
+        raise ValueError(f"{folder / labels_file}: label {int(labels.max())} >= {num_classes}")
+    return Split(unit_images(images).unsqueeze(1), labels.long())  # (N, 1, H, W)
+
+
+def load_idx_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
+    """MNIST (``"mnist"``) or Fashion-MNIST (``"fashion-mnist"``): ``(N, 1, 28, 28)`` in [0, 1].
+
+    Files are looked for as described in :mod:`lipcert.data.paths` (sub-folder ``name``).
+    """
+    if name not in IDX_CLASSES:
+        raise ValueError(f"name must be one of {sorted(IDX_CLASSES)}, got {name!r}")
+    folder = find_dataset_folder(name, name, IDX_FILES, data_dir)
+    num_classes = len(IDX_CLASSES[name])
+    return Dataset(
+        name=name,
+        train=_read_split(folder, TRAIN_IMAGES, TRAIN_LABELS, num_classes),
+        test=_read_split(folder, TEST_IMAGES, TEST_LABELS, num_classes),
+        class_names=IDX_CLASSES[name],
+    )
