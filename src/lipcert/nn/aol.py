@@ -18,10 +18,14 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 
 from lipcert.bounds.operator import rounding_safety
-from lipcert.nn.constrained import BoundedWeightConstraint, ConstrainedConv2d, ConstrainedLinear
+from lipcert.nn.constrained import (
+    BoundedWeightConstraint,
+    ConstrainedConv2d,
+    ConstrainedLinear,
+    check_input_shape,
+)
 from lipcert.nn.constraint import original
 
 #: Relative margin on every row sum the forward uses: (1 + ROW_SUM_MARGIN) r + RESCALE_EPS. It
@@ -151,28 +155,6 @@ def orthogonal_centre_(kernel: Tensor) -> Tensor:
     return kernel
 
 
-def check_input_shape(layer: nn.Module, x: Tensor, expected: str, ok: bool) -> None:
-    """Raise a ValueError naming ``layer``, the ``expected`` shape and the shape of ``x``."""
-    if not ok:
-        name = type(layer).__name__.removeprefix("Parametrized")  # parametrize's subclass
-        raise ValueError(f"{name} expects input {expected}, got {tuple(x.shape)}")
-
-
-def _check_circular_padding(
-    kernel_size: int | tuple[int, int], padding: str | int | tuple[int, int], padding_mode: str
-) -> None:
-    """Circular padding beyond (kernel_size - 1) / 2 wraps input pixels into the output twice."""
-    if padding_mode != "circular" or isinstance(padding, str):
-        return
-    sizes = _pair(kernel_size)
-    if any(2 * p > k - 1 for p, k in zip(_pair(padding), sizes, strict=True)):
-        raise ValueError(
-            f"padding={padding!r} with padding_mode='circular' must be at most "
-            f"(kernel_size - 1) / 2 = {tuple((k - 1) / 2 for k in sizes)}: larger circular "
-            "padding repeats input pixels"
-        )
-
-
 class AOLLinear(ConstrainedLinear):
     """``nn.Linear`` with AOL rescaling (Prach & Lampert 2022, Thm. 1): ||W D||_2 <= 1."""
 
@@ -189,10 +171,10 @@ class AOLLinear(ConstrainedLinear):
     def init_weight(self, weight: Tensor) -> None:
         orthogonal_centre_(weight)
 
-    def forward(self, x: Tensor) -> Tensor:
-        ok = x.dim() >= 1 and x.shape[-1] == self.in_features
-        check_input_shape(self, x, f"(..., {self.in_features})", ok)
-        return super().forward(x)
+    def forward(self, input: Tensor) -> Tensor:
+        ok = input.dim() >= 1 and input.shape[-1] == self.in_features
+        check_input_shape(self, input, f"(..., {self.in_features})", ok)
+        return super().forward(input)
 
 
 class AOLConv2d(ConstrainedConv2d):
@@ -222,7 +204,6 @@ class AOLConv2d(ConstrainedConv2d):
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        _check_circular_padding(kernel_size, padding, padding_mode)
         super().__init__(
             in_channels,
             out_channels,
@@ -238,8 +219,3 @@ class AOLConv2d(ConstrainedConv2d):
 
     def init_weight(self, weight: Tensor) -> None:
         orthogonal_centre_(weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        ok = x.dim() in (3, 4) and x.shape[-3] == self.in_channels
-        check_input_shape(self, x, f"(B, {self.in_channels}, H, W)", ok)
-        return super().forward(x)

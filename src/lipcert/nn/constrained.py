@@ -64,12 +64,6 @@ class _ConstrainedMixin(LipschitzLayer):
     def lipschitz_bound(self) -> float:
         return self.constraint.operator_bound(self, self.constrained_weight().double())
 
-    def _check_input(self, x: Tensor, ok: bool, expected: str) -> None:
-        """Raise a ValueError naming the layer, the expected and the given shape unless ``ok``."""
-        if not ok:
-            name = type(self).__name__.removeprefix("Parametrized")  # parametrize's subclass
-            raise ValueError(f"{name} expects input of shape {expected}, got {tuple(x.shape)}")
-
 
 class ConstrainedLinear(_ConstrainedMixin, nn.Linear):
     """``nn.Linear`` with a weight constraint."""
@@ -90,7 +84,7 @@ class ConstrainedLinear(_ConstrainedMixin, nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         ok = input.dim() >= 1 and input.shape[-1] == self.in_features
-        self._check_input(input, ok, f"(*, {self.in_features})")
+        check_input_shape(self, input, f"(*, {self.in_features})", ok)
         return super().forward(input)
 
     def export(self) -> nn.Linear:
@@ -151,7 +145,7 @@ class ConstrainedConv2d(_ConstrainedMixin, nn.Conv2d):
 
     def forward(self, input: Tensor) -> Tensor:
         ok = input.dim() in (3, 4) and input.shape[-3] == self.in_channels
-        self._check_input(input, ok, f"(B, {self.in_channels}, H, W)")
+        check_input_shape(self, input, f"(B, {self.in_channels}, H, W)", ok)
         return super().forward(input)
 
     def export(self) -> nn.Conv2d:
@@ -171,6 +165,13 @@ class ConstrainedConv2d(_ConstrainedMixin, nn.Conv2d):
             if self.bias is not None:
                 plain.bias.copy_(self.bias)
         return plain
+
+
+def check_input_shape(layer: nn.Module, x: Tensor, expected: str, ok: bool) -> None:
+    """Raise a ValueError naming ``layer``, the ``expected`` shape and the shape of ``x``."""
+    if not ok:
+        name = type(layer).__name__.removeprefix("Parametrized")  # parametrize's subclass
+        raise ValueError(f"{name} expects input {expected}, got {tuple(x.shape)}")
 
 
 def _check_circular_padding(

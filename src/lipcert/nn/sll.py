@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from lipcert.bounds.operator import rounding_safety
-from lipcert.nn.aol import as_kernel, check_input_shape, margin_row_sums, sound_row_sums
-from lipcert.nn.constrained import _check_positive
+from lipcert.nn.aol import as_kernel, margin_row_sums, sound_row_sums
+from lipcert.nn.constrained import _check_positive, check_input_shape
 from lipcert.nn.constraint import EvalCache, LipschitzLayer
 from lipcert.nn.residual import Residual
 
