@@ -44,3 +44,21 @@ def test_files(tmp_path):
         'name = "x"\nepochs = 2\n[model]\nname = "sll_mlp"\n[model.kwargs]\nwidth = 8\n'
     )
     assert load_config(good).model.kwargs == {"width": 8}
+
+
+def test_overrides_are_toml_values_validated_like_the_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('epochs = 3\n[model]\nname = "sll_mlp"\nkwargs = { width = 8 }\n')
+    config = load_config(
+        path, ["epochs=5", "model.kwargs.width=32", "data.dataset=mnist", "certify.eps=[0.1]"]
+    )
+    assert config.epochs == 5
+    assert config.model.kwargs == {"width": 32}
+    assert config.data.dataset == "mnist"
+    assert config.certify.eps == [0.1]
+    with pytest.raises(ConfigError, match="epochs must be > 0"):
+        load_config(path, ["epochs=0"])
+    with pytest.raises(ConfigError, match=r"unknown key optim\.lrr"):
+        load_config(path, ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"must look like section\.key=value"):
+        load_config(path, ["epochs"])

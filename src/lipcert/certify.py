@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from lipcert.bounds.network import UnsupportedNorm, module_bound
 from lipcert.bounds.operator import pairwise_row_distance_bound
 from lipcert.nn.constraint import EvalCache
+from lipcert.precision import ieee_float32
 
 #: Relative float32 logit error allowed for: 2^-14 ~ 6.1e-5 = 1024 * float32 unit roundoff
 #: (2^-24). Measured errors of trained lipcert nets are ~1e-7 relative (tests/test_certify.py).
@@ -81,7 +82,7 @@ def cached_summary(model: nn.Module, norm: str) -> LipschitzSummary:
     """:func:`summarize`, computed once per model state (keyed on every parameter and buffer)."""
     cache = _SUMMARIES.setdefault(model, {}).setdefault(norm, EvalCache())
     sources = [*model.parameters(), *model.buffers()]
-    with torch.no_grad():
+    with torch.no_grad(), ieee_float32():
         return cache.get(sources, lambda: summarize(model, norm), enabled=True)
 
 
@@ -197,7 +198,7 @@ def certify(
             if lipschitz is not None
             else native_summary(model, norm)
         )
-        with torch.no_grad():
+        with torch.no_grad(), ieee_float32():
             logits = model(x)
     except RuntimeError as err:
         shape = tuple(x.shape)

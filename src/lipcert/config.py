@@ -7,6 +7,7 @@ An unknown key, a missing required key or a bad value raises :class:`ConfigError
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
@@ -135,8 +136,29 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     return _build(TrainConfig, raw, "")
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read and validate a TOML config file."""
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set ``section.key=value`` in a decoded TOML document; the value is a TOML value
+    (``epochs=5``, ``model.kwargs.width=32``, ``loss.name="ce"``, ``certify.eps=[0.1, 0.3]``);
+    a bare word that is not valid TOML is taken as a string (``data.dataset=mnist``)."""
+    key, sep, text = override.partition("=")
+    path = [part.strip() for part in key.split(".")]
+    if not sep or not all(path):
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    table = raw
+    for part in path[:-1]:
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a table")
+    table[path[-1]] = value
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read and validate a TOML config file, after applying ``overrides``
+    (:func:`apply_override`): an override is validated like a value in the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -144,6 +166,8 @@ def load_config(path: str | Path) -> TrainConfig:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from err
+    for override in overrides:
+        apply_override(raw, override)
     return parse_config(raw)
 
 

@@ -12,6 +12,15 @@ def register(sub) -> None:
     p.add_argument("--run-dir", help="output folder (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from run-dir/last.safetensors")
     p.add_argument("--device", choices=("cpu", "cuda"), help="override the config's device")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set epochs=5 --set model.kwargs.width=32 "
+        "(TOML values; repeatable; saved in the run's resolved config)",
+    )
     p.set_defaults(run=run)
 
 
@@ -19,7 +28,7 @@ def run(args: argparse.Namespace) -> None:
     from lipcert.config import load_config
     from lipcert.train import train
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.overrides)
     if args.device:
         config.device = args.device
     run_dir = Path(args.run_dir or Path("runs") / config.name)

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lipcert.precision import ieee_float32
+
 
 def _version_key(tensors: Sequence[Tensor]) -> tuple | None:
     """A key that changes whenever any of ``tensors`` is replaced or modified in place."""
@@ -75,7 +77,11 @@ class WeightConstraint(nn.Module):
         raise NotImplementedError
 
     def forward(self, weight: Tensor) -> Tensor:
-        return self.cache.get([weight], lambda: self.constrain(weight), enabled=not self.training)
+        def compute() -> Tensor:
+            with ieee_float32():  # TF32 would eat the slack of the constraint's proof
+                return self.constrain(weight)
+
+        return self.cache.get([weight], compute, enabled=not self.training)
 
 
 def original(module: nn.Module, name: str = "weight") -> Tensor:

@@ -32,6 +32,7 @@ from lipcert.nn.aol import as_kernel, margin_row_sums, sound_row_sums
 from lipcert.nn.constrained import _check_positive, check_input_shape
 from lipcert.nn.constraint import EvalCache, LipschitzLayer
 from lipcert.nn.residual import Residual
+from lipcert.precision import ieee_float32
 
 #: Range of log q kept below its maximum: q_j / q_i stays within e^(+-20), so T and its gradients
 #: stay finite in float32 (with kernels up to ~1e3). A unit clamped at the bottom has a t_i about
@@ -122,8 +123,10 @@ class _SLL(LipschitzLayer, nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def fold(self) -> tuple[Tensor, Tensor]:
-        """(c, B): the scales c = 2 / t' and the folded outer weight B = diag(c) K."""
-        scales = sll_scales(as_kernel(self.weight), self.log_q)
+        """(c, B): the scales c = 2 / t' and the folded outer weight B = diag(c) K (IEEE float32
+        on CUDA: see :mod:`lipcert.precision`)."""
+        with ieee_float32():
+            scales = sll_scales(as_kernel(self.weight), self.log_q)
         return scales, self.weight * scales.view(-1, *([1] * (self.weight.dim() - 1)))
 
     def outer_weight(self) -> Tensor:
