@@ -1,5 +1,7 @@
 """``python -m lipcert``: the command-line interface without the installed console script."""
 
+import sys
+
 from lipcert.cli import main
 
-main()
+sys.exit(main())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lipcert.cli.common import add_eval_arguments, load_run
+from lipcert.cli.common import add_eval_arguments, check_eps, check_positive, load_run
 
 
 def register(sub) -> None:
@@ -21,6 +21,9 @@ def run(args: argparse.Namespace) -> None:
     from lipcert.certify import certify_batched
     from lipcert.export import export
 
+    check_eps(args.eps)
+    for option in ("steps", "restarts", "limit"):
+        check_positive(f"--{option}", getattr(args, option))
     model, config, data = load_run(args.checkpoint, args.data_dir)
     norm = args.norm or config.certify.norm
     x, y = data.test.x[: args.limit], data.test.y[: args.limit]

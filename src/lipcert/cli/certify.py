@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from lipcert.cli.common import add_eval_arguments, load_run
+from lipcert.cli.common import add_eval_arguments, check_eps, load_run
 
 
 def register(sub) -> None:
@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> None:
     from lipcert.certify import certified_accuracy, certify_batched
     from lipcert.report import accuracy_table, plot_certified_curve
 
+    check_eps(args.eps)
     model, config, data = load_run(args.checkpoint, args.data_dir)
     norm = args.norm or config.certify.norm
     started = time.perf_counter()

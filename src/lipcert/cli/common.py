@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from torch import nn
 
@@ -20,6 +21,20 @@ def load_run(checkpoint: str, data_dir: str | None) -> tuple[nn.Module, TrainCon
     data = load_dataset(config.data.dataset, data_dir or config.data.data_dir or None)
     data = select_classes(data, config.data.classes)
     return model, config, data
+
+
+def check_eps(eps: list[float]) -> list[float]:
+    """The --eps values, each finite and >= 0."""
+    bad = [e for e in eps if not (math.isfinite(e) and e >= 0)]
+    if bad:
+        raise ValueError(f"--eps values must be finite and >= 0, got {bad[0]}")
+    return eps
+
+
+def check_positive(option: str, value: int) -> int:
+    if value <= 0:
+        raise ValueError(f"{option} must be a positive integer, got {value}")
+    return value
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:

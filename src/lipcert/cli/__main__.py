@@ -1,5 +1,0 @@
-import sys
-
-from lipcert.cli import main
-
-sys.exit(main())
