@@ -180,7 +180,7 @@ def test_bad_arguments_raise_value_errors_naming_them():
 
 
 def test_wrong_input_shape_names_the_layer_and_both_shapes():
-    with pytest.raises(ValueError, match=r"AOLLinear expects input \(\.\.\., 3\), got \(2, 5\)"):
+    with pytest.raises(ValueError, match=r"AOLLinear expects input \(\*, 3\), got \(2, 5\)"):
         AOLLinear(3, 4)(torch.zeros(2, 5))
     with pytest.raises(ValueError, match=r"AOLConv2d expects input \(B, 3, H, W\), got \(1, 2, "):
         AOLConv2d(3, 4, 3)(torch.zeros(1, 2, 5, 5))

@@ -343,9 +343,7 @@ def test_bad_arguments_and_shapes():
     for args in ((0, 2), (3, -1), (2.5, 2)):
         with pytest.raises(ValueError, match="must be a positive integer"):
             LinfDist(*args)
-    with pytest.raises(
-        ValueError, match=r"LinfDist expects input of shape \(\*, 3\), got \(4, 5\)"
-    ):
+    with pytest.raises(ValueError, match=r"LinfDist expects input \(\*, 3\), got \(4, 5\)"):
         LinfDist(3, 2)(torch.randn(4, 5))
     with pytest.raises(ValueError, match="p must be"):
         LinfDist(3, 2).set_p(0.9)

@@ -24,7 +24,6 @@ from lipcert.nn.constrained import (
     BoundedWeightConstraint,
     ConstrainedConv2d,
     ConstrainedLinear,
-    check_input_shape,
 )
 from lipcert.nn.constraint import original
 
@@ -170,11 +169,6 @@ class AOLLinear(ConstrainedLinear):
 
     def init_weight(self, weight: Tensor) -> None:
         orthogonal_centre_(weight)
-
-    def forward(self, input: Tensor) -> Tensor:
-        ok = input.dim() >= 1 and input.shape[-1] == self.in_features
-        check_input_shape(self, input, f"(..., {self.in_features})", ok)
-        return super().forward(input)
 
 
 class AOLConv2d(ConstrainedConv2d):

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from lipcert.bounds.operator import gram_spectral_bound, rounding_safety
-from lipcert.nn.constrained import _check_positive, _init_torch_default
+from lipcert.nn.constrained import _check_positive, _init_torch_default, check_input_shape
 from lipcert.nn.constraint import EvalCache, LipschitzLayer
 
 #: Precision of the per-frequency Cayley solve, whose error grows like ||S|| u. Measured after the
@@ -179,11 +179,8 @@ class CayleyConv2d(LipschitzLayer, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         expected = (self.in_channels, *self.input_size)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"{type(self).__name__} expects input of shape (B, {', '.join(map(str, expected))})"
-                f", got {tuple(x.shape)}"
-            )
+        ok = x.dim() == 4 and tuple(x.shape[1:]) == expected
+        check_input_shape(self, x, f"(B, {', '.join(map(str, expected))})", ok)
         spectrum = torch.fft.rfft2(x)  # (B, I, H, W//2+1)
         mixed = torch.einsum("hwoi,bihw->bohw", self.unitary(), spectrum)  # (B, O, H, W//2+1)
         out = torch.fft.irfft2(mixed, s=self.input_size)  # (B, O, H, W)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lipcert.bounds.operator import rounding_safety
+from lipcert.nn.constrained import check_input_shape
 from lipcert.nn.constraint import LipschitzLayer
 from lipcert.nn.linf_kernel import lp_distance
 
@@ -140,10 +141,8 @@ class LinfDist(LipschitzLayer, nn.Module):
             self.set_p(self.p_schedule(progress))
 
     def forward(self, input: Tensor) -> Tensor:
-        if input.dim() < 1 or input.shape[-1] != self.in_features:
-            raise ValueError(
-                f"LinfDist expects input of shape (*, {self.in_features}), got {tuple(input.shape)}"
-            )
+        ok = input.dim() >= 1 and input.shape[-1] == self.in_features
+        check_input_shape(self, input, f"(*, {self.in_features})", ok)
         flat = input.reshape(-1, self.in_features).to(self.weight.dtype)  # (B, N)
         out = lp_distance(flat, self.weight, float(self.p))  # (B, M)
         if self.bias is not None:

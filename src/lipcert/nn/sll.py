@@ -192,7 +192,7 @@ class SLLLinear(_SLL):
 
     def _check_input(self, x: Tensor) -> None:
         ok = x.dim() >= 1 and x.shape[-1] == self.features
-        check_input_shape(self, x, f"(..., {self.features})", ok)
+        check_input_shape(self, x, f"(*, {self.features})", ok)
 
     def _inner(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)  # (..., inner)
