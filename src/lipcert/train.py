@@ -26,6 +26,7 @@ from lipcert.certify import certified_accuracy, certify_batched, predict
 from lipcert.checkpoint import load_into, read_checkpoint, unflatten, write_checkpoint
 from lipcert.config import LossConfig, OptimConfig, TrainConfig, to_dict
 from lipcert.data import Dataset, Split, load_dataset, random_crop, random_flip
+from lipcert.lmt import LMTTrainingLoss
 from lipcert.models import build_model
 
 CHECKPOINT_NAME = "last.safetensors"
@@ -68,11 +69,21 @@ def make_loss(cfg: LossConfig) -> nn.Module:
         "hkr": losses.HKRLoss,
         "kr": losses.KRLoss,
         "linf_dist": losses.LinfDistLoss,
+        "lmt": LMTTrainingLoss,
     }
     try:
         return factories[cfg.name](**cfg.kwargs)
     except TypeError as err:
         raise ValueError(f"loss.kwargs do not fit loss {cfg.name!r}: {err}") from err
+
+
+def bind_loss(loss_fn: nn.Module, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Give a loss that follows the trained model its model: losses with a
+    ``bind(model, input_shape)`` hook (LMT's Lipschitz estimate) are bound once, before training
+    and before a resumed run restores their state."""
+    hook = getattr(loss_fn, "bind", None)
+    if callable(hook):
+        hook(model, tuple(input_shape))
 
 
 def make_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
@@ -216,12 +227,14 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, data, config, epoch, d
     return {"train_loss": total_loss / seen, "train_acc": correct / seen}
 
 
-def _restore(ckpt: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]:
+def _restore(ckpt: Path, model, optimizer, scheduler, loss_fn) -> tuple[int, list[dict]]:
     tensors, meta = read_checkpoint(ckpt)
     load_into(model, tensors, ckpt)
     state = unflatten(meta["state"], tensors)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if "loss" in state:  # checkpoints written before losses had state lack it
+        loss_fn.load_state_dict(state["loss"])
     return state["epoch"], state["history"]
 
 
@@ -249,6 +262,7 @@ def train(
     ddp = setup_distributed(device)
     if ddp.world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)  # NCCL collectives and barriers use the current device
     run_dir = Path(run_dir)
     ckpt = run_dir / CHECKPOINT_NAME
     data = data or load_dataset(config.data.dataset, config.data.data_dir or None)
@@ -264,9 +278,10 @@ def train(
         optimizer, lambda s: lr_factor(config.optim, s, steps * config.epochs, steps)
     )
     loss_fn = make_loss(config.loss)
+    bind_loss(loss_fn, model, data.input_shape)
     start_epoch, history = 0, []
     if resume:
-        start_epoch, history = _restore(ckpt, model, optimizer, scheduler)
+        start_epoch, history = _restore(ckpt, model, optimizer, scheduler, loss_fn)
     elif ddp.is_main and ckpt.exists():
         raise ValueError(f"{ckpt} exists: pass --resume to continue it or choose another run dir")
     train_model = model
@@ -294,6 +309,7 @@ def train(
                 "history": history,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "loss": loss_fn.state_dict(),  # e.g. LMT's power-iteration vectors
             }
             write_checkpoint(ckpt, model, to_dict(config), state)
             _write_metrics(run_dir, history)
