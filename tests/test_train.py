@@ -49,11 +49,13 @@ def _weights(path):
     return {k: v for k, v in tensors.items() if k.startswith("model.")}
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
-    train(_config(), tmp_path / "full", data=_data())
-    train(_config(), tmp_path / "split", data=_data(), stop_after_epochs=2)
+# LMT carries state outside the model (its power-iteration vectors): resume must restore it too.
+@pytest.mark.parametrize("loss", [{"name": "ce"}, {"name": "lmt", "kwargs": {"eps": 0.3}}])
+def test_resume_matches_uninterrupted_run(tmp_path, loss):
+    train(_config(loss=loss), tmp_path / "full", data=_data())
+    train(_config(loss=loss), tmp_path / "split", data=_data(), stop_after_epochs=2)
     assert read_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)[1]["state"]
-    train(_config(), tmp_path / "split", data=_data(), resume=True)
+    train(_config(loss=loss), tmp_path / "split", data=_data(), resume=True)
     full, split = (
         _weights(tmp_path / "full" / CHECKPOINT_NAME),
         _weights(tmp_path / "split" / CHECKPOINT_NAME),

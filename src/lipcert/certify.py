@@ -6,7 +6,9 @@ r(x) = (f_y(x) - max_{j != y} f_j(x)) / (sqrt(2) L) is a certified radius. When 
 linear layer with rows w_k and the rest of the network (the *body*) is L_b-Lipschitz, the margin
 f_y - f_j is (L_b ||w_y - w_j||)-Lipschitz, so r(x) = min_j (f_y - f_j) / (L_b ||w_y - w_j||)
 is a tighter radius (Araujo et al. 2023; SLL's ``eval_certified``). Both come from sound bounds
-(``lipcert.bounds``), never from an assumed 1.0.
+(``lipcert.bounds``), never from an assumed 1.0. Any model torch.fx can trace is bounded
+(:mod:`lipcert.bounds.graph`, at the input shape of the certified points, which convolution
+bounds depend on); the head form applies whenever the output is a linear layer of the rest.
 
 **l_inf.** In l_inf -> l_inf terms each logit moves by at most L ||delta||_inf, so a margin moves
 by at most 2 L ||delta||_inf (l_inf-distance nets: L = 1, r = margin / 2, Zhang et al. 2021); with
@@ -36,7 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lipcert.bounds.network import UnsupportedNorm, module_bound
+from lipcert.bounds.graph import graph_bound
+from lipcert.bounds.network import UnsupportedNorm
 from lipcert.bounds.operator import pairwise_row_distance_bound
 from lipcert.nn.constraint import EvalCache
 from lipcert.precision import ieee_float32
@@ -58,7 +61,10 @@ class LipschitzSummary:
     head_pair_bound: Tensor | None  # (C, C): ||w_i - w_j||_* (dual norm), float64, or None
 
 
-_SUMMARIES: weakref.WeakKeyDictionary[nn.Module, dict[str, EvalCache]] = weakref.WeakKeyDictionary()
+#: Per model, one cache per (norm, input shape).
+_SUMMARIES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, EvalCache]] = (
+    weakref.WeakKeyDictionary()
+)
 #: Dual norm of each input norm: the margin (w_y - w_j) . h moves by ||w_y - w_j||_* ||dh||.
 _DUAL_P = {"l2": 2.0, "linf": 1.0}
 
@@ -70,30 +76,33 @@ def _head_pair_bound(weight: Tensor, norm: str) -> Tensor:
     return pairwise_row_distance_bound(weight, _DUAL_P[norm])
 
 
-def summarize(model: nn.Module, norm: str = "l2") -> LipschitzSummary:
-    """Sound Lipschitz summary of ``model`` (eval mode): body + linear head when possible."""
-    if isinstance(model, nn.Sequential) and len(model) > 1 and isinstance(model[-1], nn.Linear):
-        body_bound = module_bound(model[:-1], norm)
-        return LipschitzSummary(norm, body_bound, _head_pair_bound(model[-1].weight, norm))
-    return LipschitzSummary(norm, module_bound(model, norm), None)
+def summarize(model: nn.Module, norm: str, input_shape: tuple[int, ...]) -> LipschitzSummary:
+    """Sound Lipschitz summary of ``model`` (eval mode) on inputs of ``input_shape`` (no batch
+    dimension): body + linear head when the model ends in a linear layer."""
+    bounds = graph_bound(model, input_shape, norm)
+    if bounds.head is not None:
+        head_pairs = _head_pair_bound(bounds.head.weight, norm)
+        return LipschitzSummary(norm, bounds.body_bound, head_pairs)
+    return LipschitzSummary(norm, bounds.bound, None)
 
 
-def cached_summary(model: nn.Module, norm: str) -> LipschitzSummary:
+def cached_summary(model: nn.Module, norm: str, input_shape: tuple[int, ...]) -> LipschitzSummary:
     """:func:`summarize`, computed once per model state (keyed on every parameter and buffer)."""
-    cache = _SUMMARIES.setdefault(model, {}).setdefault(norm, EvalCache())
+    key = (norm, tuple(input_shape))
+    cache = _SUMMARIES.setdefault(model, {}).setdefault(key, EvalCache())
     sources = [*model.parameters(), *model.buffers()]
     with torch.no_grad(), ieee_float32():
-        return cache.get(sources, lambda: summarize(model, norm), enabled=True)
+        return cache.get(sources, lambda: summarize(model, norm, input_shape), enabled=True)
 
 
-def native_summary(model: nn.Module, norm: str) -> LipschitzSummary:
+def native_summary(model: nn.Module, norm: str, input_shape: tuple[int, ...]) -> LipschitzSummary:
     """The summary in ``norm`` or, when the model is bounded only in the other norm, in that one."""
     try:
-        return cached_summary(model, norm)
+        return cached_summary(model, norm, input_shape)
     except UnsupportedNorm as first:
         other = "linf" if norm == "l2" else "l2"
         try:
-            return cached_summary(model, other)
+            return cached_summary(model, other, input_shape)
         except UnsupportedNorm as second:
             raise ValueError(f"cannot bound the model in l2 ({first}) or linf ({second})") from None
 
@@ -173,6 +182,15 @@ def convert_radius(radius: Tensor, source: str, target: str, input_dim: int) -> 
     return radius  # same norm, or linf -> l2 (||delta||_inf <= ||delta||_2)
 
 
+def _forward(model: nn.Module, x: Tensor) -> Tensor:
+    try:
+        with torch.no_grad(), ieee_float32():
+            return model(x)
+    except RuntimeError as err:
+        shape = tuple(x.shape)
+        raise ValueError(f"the model does not accept inputs of shape {shape}: {err}") from err
+
+
 def certify(
     model: nn.Module,
     x: Tensor,
@@ -183,9 +201,9 @@ def certify(
     """Per-sample certified radius in ``norm`` around each input; <= 0 means not certified.
 
     ``lipschitz``: a known Lipschitz constant (in ``norm``) of the whole logit map; by default a
-    sound bound is computed once per model state (body + last-layer form when the model is an
-    ``nn.Sequential`` ending in a linear layer). A model with one logit is binary (class 1 iff
-    f > 0). Costs one forward pass.
+    sound bound of the model (any model torch.fx can trace) is computed once per model state and
+    input shape (body + last-layer form when the model ends in a linear layer). A model with one
+    logit is binary (class 1 iff f > 0). Costs one forward pass.
     """
     _check_inputs(x, y, norm)
     if lipschitz is not None and not (math.isfinite(lipschitz) and lipschitz > 0):
@@ -193,16 +211,12 @@ def certify(
     was_training = model.training
     model.eval()
     try:
+        logits = _forward(model, x)
         summary = (
             LipschitzSummary(norm, float(lipschitz), None)
             if lipschitz is not None
-            else native_summary(model, norm)
+            else native_summary(model, norm, tuple(x.shape[1:]))
         )
-        with torch.no_grad(), ieee_float32():
-            logits = model(x)
-    except RuntimeError as err:
-        shape = tuple(x.shape)
-        raise ValueError(f"the model does not accept inputs of shape {shape}: {err}") from err
     finally:
         model.train(was_training)
     if logits.dim() != 2:

@@ -52,7 +52,7 @@ class LossConfig:
     name: str = field(
         default="multiclass_hkr",
         metadata=_choice(
-            "multiclass_hkr", "multiclass_hinge", "tau_ce", "ce", "hkr", "kr", "linf_dist"
+            "multiclass_hkr", "multiclass_hinge", "tau_ce", "ce", "hkr", "kr", "linf_dist", "lmt"
         ),
     )
     kwargs: dict[str, Any] = field(default_factory=dict)

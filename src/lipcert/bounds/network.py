@@ -1,12 +1,16 @@
-"""Whole-network Lipschitz bounds, in l2 or l_inf.
+"""Per-module Lipschitz bound rules, in l2 or l_inf, and their composition.
 
-``lipschitz_upper_bound`` composes per-module sound bounds: L(g o h) <= L(g) L(h). Each module type
-has a *rule* (:data:`BOUND_RULES`, extended with :func:`register_bound_rule`) giving its operator
-bound in a norm ("l2": l2 -> l2; "linf": l_inf -> l_inf); lipcert layers bring their own through
-``LipschitzLayer.lipschitz_bound`` for the norm they declare. A module without a rule is refused by
-name, and a rule that cannot bound a norm raises :class:`UnsupportedNorm`: nothing is ever assumed
-to be 1-Lipschitz. Containers are walked as ``nn.Sequential`` chains; general graphs plug in as
-another rule.
+Each module type has a *rule* (:data:`BOUND_RULES`, extended with :func:`register_bound_rule`)
+giving its operator bound in a norm ("l2": l2 -> l2; "linf": l_inf -> l_inf); a rule registered
+with ``shaped=True`` also receives the module's input shape (without the batch dimension) and is
+preferred when that shape is known (a convolution's bound depends on the input size). lipcert
+layers bring their own bound through ``LipschitzLayer.lipschitz_bound`` for the norm they
+declare. A module without a rule is refused by name, and a rule that cannot bound a norm raises
+:class:`UnsupportedNorm`: nothing is ever assumed to be 1-Lipschitz. :func:`module_bound`
+composes ``nn.Sequential`` chains without shapes (L(g o h) <= L(g) L(h));
+:func:`lipschitz_upper_bound` with an ``input_shape`` bounds any traceable model
+(:mod:`lipcert.bounds.graph`). The rules for ``torch.nn`` layers live in
+:mod:`lipcert.bounds.rules`.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from lipcert.bounds.operator import gram_spectral_bound, rounding_safety
+from lipcert.bounds.operator import rounding_safety, svd_spectral_bound
 from lipcert.nn.constraint import LipschitzLayer
 
 NORMS = ("l2", "linf")
 BoundRule = Callable[[nn.Module, str], float]
+ShapedBoundRule = Callable[[nn.Module, str, tuple[int, ...]], float]
 BOUND_RULES: dict[type[nn.Module], BoundRule] = {}
+#: Rules that need the module's input shape (without the batch dimension).
+SHAPED_BOUND_RULES: dict[type[nn.Module], ShapedBoundRule] = {}
 
 #: Modules that are 1-Lipschitz in every l_p norm: coordinate-wise 1-Lipschitz maps and
 #: permutations of coordinates.
@@ -40,15 +47,38 @@ class UnsupportedNorm(TypeError):
     """A module has no sound bound in the requested norm."""
 
 
-def register_bound_rule(*module_types: type[nn.Module]) -> Callable[[BoundRule], BoundRule]:
-    """Register ``rule(module, norm) -> float`` as the sound bound for ``module_types``."""
+def register_bound_rule(*module_types: type[nn.Module], shaped: bool = False) -> Callable:
+    """Register ``rule(module, norm) -> float`` as the sound bound for ``module_types``.
 
-    def decorate(rule: BoundRule) -> BoundRule:
+    With ``shaped=True`` the rule is ``rule(module, norm, input_shape) -> float``, valid for inputs
+    of that shape (without the batch dimension); it is used whenever the shape is known.
+    """
+    rules = SHAPED_BOUND_RULES if shaped else BOUND_RULES
+
+    def decorate(rule: Callable) -> Callable:
         for module_type in module_types:
-            BOUND_RULES[module_type] = rule
+            rules[module_type] = rule
         return rule
 
     return decorate
+
+
+def _ruled_class(module: nn.Module) -> type[nn.Module] | None:
+    """The nearest class of ``module`` (in its MRO) that has a rule, or None."""
+    ruled = (t for t in type(module).__mro__ if t in BOUND_RULES or t in SHAPED_BOUND_RULES)
+    return next(ruled, None)
+
+
+def _rule_owner(module: nn.Module) -> type[nn.Module] | None:
+    """The class whose rule bounds ``module``: its nearest class with a rule, provided ``module``
+    computes what that class computes (the same ``forward``); None otherwise."""
+    owner = _ruled_class(module)
+    return owner if owner is not None and type(module).forward is owner.forward else None
+
+
+def has_bound_rule(module: nn.Module) -> bool:
+    """Whether :func:`module_bound` has a rule for ``module`` (lipcert layers always do)."""
+    return isinstance(module, LipschitzLayer) or _rule_owner(module) is not None
 
 
 @register_bound_rule(*ONE_LIPSCHITZ_MODULES)
@@ -56,7 +86,9 @@ def _one(module: nn.Module, norm: str) -> float:
     return 1.0
 
 
-@register_bound_rule(nn.Dropout)
+@register_bound_rule(
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout
+)
 def _dropout(module: nn.Module, norm: str) -> float:
     if module.training and module.p > 0:
         raise ValueError("Dropout in training mode is random: call model.eval() before bounding")
@@ -64,10 +96,11 @@ def _dropout(module: nn.Module, norm: str) -> float:
 
 
 def matrix_operator_bound(weight: Tensor, norm: str) -> float:
-    """Sound bound of a matrix's operator norm: spectral (l2) or max absolute row sum (l_inf)."""
+    """Sound bound of a matrix's operator norm: spectral (l2, exact SVD with its rounding) or
+    max absolute row sum (l_inf)."""
     weight = weight.detach().double()
     if norm == "l2":
-        return float(gram_spectral_bound(weight))
+        return float(svd_spectral_bound(weight))
     row_sums = weight.abs().sum(dim=1)
     return float(row_sums.max()) * rounding_safety(torch.float64, weight.shape[1])
 
@@ -85,8 +118,14 @@ def _sequential(module: nn.Module, norm: str) -> float:
     return bound
 
 
-def module_bound(module: nn.Module, norm: str = "l2") -> float:
-    """Sound upper bound of ``module``'s Lipschitz constant in ``norm``."""
+def module_bound(
+    module: nn.Module, norm: str = "l2", input_shape: tuple[int, ...] | None = None
+) -> float:
+    """Sound upper bound of ``module``'s Lipschitz constant in ``norm``.
+
+    ``input_shape`` (without the batch dimension), when given, selects the shaped rule if the
+    module has one (tighter: a convolution's norm at that input size).
+    """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if isinstance(module, LipschitzLayer):
@@ -95,26 +134,24 @@ def module_bound(module: nn.Module, norm: str = "l2") -> float:
                 f"{type(module).__name__} is Lipschitz in {module.lipschitz_norm}, not {norm}"
             )
         return module.lipschitz_bound()
-    for module_type in type(module).__mro__:
-        if module_type in BOUND_RULES:
-            return BOUND_RULES[module_type](module, norm)
+    owner, name = _rule_owner(module), type(module).__name__
+    if owner is None:
+        inherited, reason = _ruled_class(module), ""
+        if inherited is not None:  # the parent's rule bounds the parent's forward only
+            reason = f" (it overrides the forward of {inherited.__name__})"
+        raise TypeError(
+            f"no Lipschitz bound rule for {name}{reason}; pass input_shape to "
+            "lipschitz_upper_bound to trace it with torch.fx, wrap it in supported modules, or "
+            "register a rule with lipcert.bounds.network.register_bound_rule"
+        )
+    if input_shape is not None and owner in SHAPED_BOUND_RULES:
+        return SHAPED_BOUND_RULES[owner](module, norm, tuple(input_shape))
+    if owner in BOUND_RULES:
+        return BOUND_RULES[owner](module, norm)
     raise TypeError(
-        f"no Lipschitz bound rule for {type(module).__name__}; wrap it in supported modules or "
-        "register one with lipcert.bounds.network.register_bound_rule"
+        f"the bound of {name} depends on its input shape: use "
+        "lipcert.lipschitz_upper_bound(model, input_shape)"
     )
-
-
-def _check_input_shape(model: nn.Module, input_shape: tuple[int, ...]) -> None:
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None else torch.float32
-    try:
-        with torch.no_grad():
-            model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
-    except RuntimeError as err:
-        raise ValueError(
-            f"input_shape {tuple(input_shape)} does not fit {type(model).__name__}: {err}"
-        ) from err
 
 
 def lipschitz_upper_bound(
@@ -122,14 +159,19 @@ def lipschitz_upper_bound(
 ) -> float:
     """Sound upper bound of the Lipschitz constant of ``model`` (eval mode) in ``norm``.
 
-    ``input_shape`` (without the batch dimension) is checked against the model by one forward.
+    With ``input_shape`` (without the batch dimension) any model torch.fx can trace is bounded,
+    with convolutions bounded at their actual input sizes (:mod:`lipcert.bounds.graph`); a shape
+    that does not fit the model raises a ValueError naming both. Without it the model needs a
+    rule of its own (``nn.Sequential`` chains, lipcert layers), bounded at every input size.
     """
-    if input_shape is not None:
-        _check_input_shape(model, tuple(input_shape))
+    from lipcert.bounds.graph import graph_bound  # graph.py builds on this module
+
     was_training = model.training
     model.eval()
     try:
-        return module_bound(model, norm)
+        if input_shape is None:
+            return module_bound(model, norm)
+        return graph_bound(model, tuple(input_shape), norm).bound
     finally:
         model.train(was_training)
 
@@ -177,6 +219,8 @@ def _local_jacobian_norm(
         x.requires_grad_(True)
         with torch.enable_grad():
             norm, _ = _jacobian_norm_along(model, x, v.detach())
-            (grad,) = torch.autograd.grad(norm, x)
+        if not norm.requires_grad:  # the Jacobian is constant around x (linear, ReLU): no ascent
+            break
+        (grad,) = torch.autograd.grad(norm, x)
         x = (x + step * grad / grad.norm().clamp_min(1e-30)).detach()
     return best

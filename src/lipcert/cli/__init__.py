@@ -10,11 +10,11 @@ import argparse
 import sys
 
 from lipcert.checkpoint import CheckpointError
-from lipcert.cli import attack, bench, certify, demo, explain, export, train, w1
+from lipcert.cli import attack, bench, certify, demo, explain, export, lipschitz, train, w1
 from lipcert.config import ConfigError
 
 #: Subcommand modules, in the order ``lipcert --help`` lists them.
-COMMANDS = (demo, train, certify, attack, export, explain, w1, bench)
+COMMANDS = (demo, train, certify, lipschitz, attack, export, explain, w1, bench)
 USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, ConfigError)
 
 

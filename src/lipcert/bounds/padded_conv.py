@@ -1,0 +1,231 @@
+"""Tight, sound l2 operator norm of a 1-D or 2-D convolution at a known input size.
+
+:func:`~lipcert.bounds.conv.conv2d_operator_bound` holds at every input size, so it must bound
+the supremum of the symbol over all frequencies (a grid plus a Bernstein correction, ~2% loose).
+When the input size is known, the convolution is a *submatrix* of one circular convolution on a
+finite torus, whose norm is a maximum over that torus' frequencies, computed exactly.
+
+Zero padding
+------------
+Per axis, let the input have n pixels, the padding (lo, hi), m = n + lo + hi, the dilated kernel
+span D = d (k - 1) + 1 and the stride s. Output o reads the padded positions o s + d a (a < k), all
+in [0, m); the pixels sit at [lo, lo + n), zeros elsewhere. Wrap the padded positions onto a torus
+of size N (u -> u mod N). For N >= n + lo the pixels keep distinct places, and for N >= n + hi the
+positions [N, m) land on [0, m - N), inside the left padding: every output still reads exactly its
+pixels, with the same taps. For N >= m - D + 1 the outputs o s, o < (m - D) / s + 1, are distinct
+mod N, and for N a multiple of s they are outputs of the stride-s circular convolution on the
+torus. So the zero-padded convolution is R C E: E embeds the input isometrically, C is that
+circular convolution, R keeps distinct outputs; its norm is at most ||C||. The smallest N
+meeting the conditions is used (for a 3 x 3 "same" convolution N = n + 1; a larger N is as sound
+and measured no tighter).
+
+Other padding modes
+-------------------
+* circular: output o reads x[(o s - lo + d a) mod n] exactly, i.e. row (o s - lo) mod n of the
+  circular convolution on the input's own n-torus (polyphase on the (n / s)-torus when s | n,
+  all those rows sharing one phase; stride 1 otherwise). Padding beyond (D - 1) / 2 can repeat a
+  row; a matrix whose rows repeat at most r times has norm at most sqrt(r) times the norm of its
+  distinct rows, so the bound carries sqrt(max repeats) per axis.
+* reflect / replicate: the padded input is P x with P a 0/1 matrix with one 1 a row, so
+  P^T P = diag(copies of each pixel) and ||P|| = sqrt(max copies) per axis (2 for reflect
+  unless the input is shorter than twice the padding, 1 + pad for replicate's edge pixel). The
+  bound is that factor times the "valid" convolution of the padded input (a zero-padding case
+  with no padding): sound, loose by up to that factor.
+
+Rounding
+--------
+The weight is read exactly in float64. The symbol is evaluated directly (no FFT): each entry is
+a dot product over the taps, with the error of :func:`~lipcert.bounds.conv.symbol_rounding`
+(Higham eq. 3.5), added by Weyl's inequality. Each sigma_1 comes from LAPACK's SVD with its backward
+error accounted for (:func:`~lipcert.bounds.operator.svd_spectral_bound`).
+
+Measured
+--------
+bound / exact, never below 1 (tests/test_padded_conv.py against dense matrices). On design.md §6's
+benchmark convolutions, 3 x 3 "same", torch's default init, 3 seeds (``benchmarks/
+conv_tightness.py``; "exact" from Lanczos, a lower bound, so these over-estimate the ratio):
+3 -> 64 and 64 -> 64 at 32 x 32: <= 1.0016; 256 -> 128 and 128 -> 128 at 16 x 16: <= 1.0055.
+What is left is the zero-padding deficit: a kernel whose gain peaks at frequency 0 (a low-pass
+filter) reaches it on every torus, but on n zero-padded pixels only up to cos(pi / (n + 1)) per
+axis; for the constant 3 x 3 kernel the ratio is 1.023 at 16 x 16 and 1.006 at 32 x 32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lipcert.bounds.conv import grid_twiddles, kernel_symbol, polyphase_kernel, symbol_rounding
+from lipcert.bounds.operator import svd_spectral_bound
+
+PADDING_MODES = ("zeros", "circular", "reflect", "replicate")
+#: Symbol entries (frequencies x groups x c_out x c_in) formed at once: a memory cap.
+SYMBOL_CHUNK_ELEMENTS = 2**22
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """How a convolution meets its input, per spatial axis (1 or 2 axes)."""
+
+    input_size: tuple[int, ...]  # n per axis
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]  # (before, after) per axis
+    groups: int = 1
+    padding_mode: str = "zeros"
+
+    def __post_init__(self) -> None:
+        axes = len(self.input_size)
+        fields = (self.stride, self.dilation, self.pads)
+        if axes not in (1, 2) or any(len(f) != axes for f in fields):
+            raise ValueError(f"a 1-D or 2-D geometry needs one entry per axis, got {self}")
+        if self.padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {self}")
+
+
+def conv_geometry(
+    kernel_size: tuple[int, ...],
+    input_size: tuple[int, ...],
+    stride: int | tuple[int, ...] = 1,
+    padding: str | int | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+) -> ConvGeometry:
+    """The geometry of a convolution, with torch's ``Conv1d``/``Conv2d`` argument conventions.
+
+    ``padding="same"`` pads d (k - 1) per axis, the odd pixel after (as torch does).
+    """
+    axes = len(kernel_size)
+
+    def per_axis(value: int | tuple[int, ...]) -> tuple[int, ...]:
+        return (value,) * axes if isinstance(value, int) else tuple(value)
+
+    dilation = per_axis(dilation)
+    if isinstance(padding, str):  # "valid" or "same"
+        totals = [0 if padding == "valid" else d * (k - 1)
+                  for d, k in zip(dilation, kernel_size, strict=True)]  # fmt: skip
+        pads = tuple((t // 2, t - t // 2) for t in totals)
+    else:
+        pads = tuple((p, p) for p in per_axis(padding))
+    size = tuple(int(n) for n in input_size)
+    return ConvGeometry(size, per_axis(stride), dilation, pads, groups, padding_mode)
+
+
+def module_geometry(conv: nn.Conv1d | nn.Conv2d, input_size: tuple[int, ...]) -> ConvGeometry:
+    """The geometry of ``conv`` on inputs of spatial size ``input_size``."""
+    return conv_geometry(
+        conv.kernel_size, input_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+        conv.padding_mode,
+    )  # fmt: skip
+
+
+def conv_operator_norm(weight: Tensor, geometry: ConvGeometry) -> float:
+    """Sound upper bound of the l2 operator norm of the convolution with ``weight``.
+
+    ``weight``: (c_out, c_in / groups, k) or (c_out, c_in / groups, kh, kw), as in nn.Conv1d/2d.
+    Within float64 rounding of the exact norm of a circular convolution that contains it (module
+    docstring); the bias does not matter.
+    """
+    if weight.dim() != len(geometry.input_size) + 2:
+        raise ValueError(
+            f"a weight of shape {tuple(weight.shape)} does not fit a {geometry} convolution"
+        )
+    geometry = _as_2d_geometry(geometry)
+    kernel = dilated_kernel(_as_2d(weight.detach().double()), geometry.dilation)
+    kernel = kernel.reshape(geometry.groups, -1, *kernel.shape[1:])  # (groups, c_out_g, ...)
+    if geometry.padding_mode == "zeros":
+        return _zero_padded_norm(kernel, geometry)
+    if geometry.padding_mode == "circular":
+        return _circular_padded_norm(kernel, geometry)
+    copies = [max_copies(n, pad, geometry.padding_mode)
+              for n, pad in zip(geometry.input_size, geometry.pads, strict=True)]  # fmt: skip
+    padded = tuple(n + lo + hi for n, (lo, hi) in zip(geometry.input_size, geometry.pads,
+                                                      strict=True))  # fmt: skip
+    valid = ConvGeometry(padded, geometry.stride, (1, 1), ((0, 0), (0, 0)), geometry.groups)
+    return math.sqrt(math.prod(copies)) * _zero_padded_norm(kernel, valid)
+
+
+def _as_2d(weight: Tensor) -> Tensor:
+    return weight.unsqueeze(-2) if weight.dim() == 3 else weight  # a 1-D kernel is 1 x k
+
+
+def _as_2d_geometry(geometry: ConvGeometry) -> ConvGeometry:
+    if len(geometry.input_size) == 2:
+        return geometry
+    return ConvGeometry(
+        (1, *geometry.input_size),
+        (1, *geometry.stride),
+        (1, *geometry.dilation),
+        ((0, 0), *geometry.pads),
+        geometry.groups,
+        geometry.padding_mode,
+    )
+
+
+def dilated_kernel(weight: Tensor, dilation: tuple[int, int]) -> Tensor:
+    """The kernel with d - 1 zeros between taps: (c_out, c_in_g, d1 (kh-1) + 1, d2 (kw-1) + 1)."""
+    (d1, d2), (kh, kw) = dilation, weight.shape[-2:]
+    out = weight.new_zeros((*weight.shape[:2], d1 * (kh - 1) + 1, d2 * (kw - 1) + 1))
+    out[..., ::d1, ::d2] = weight
+    return out
+
+
+def _zero_padded_norm(kernel: Tensor, geometry: ConvGeometry) -> float:
+    grid = tuple(
+        _torus_size(n, lo, hi, span, s)
+        for n, (lo, hi), span, s in zip(
+            geometry.input_size, geometry.pads, kernel.shape[-2:], geometry.stride, strict=True
+        )
+    )
+    return circular_norm(kernel, grid, geometry.stride)
+
+
+def _torus_size(n: int, lo: int, hi: int, span: int, stride: int) -> int:
+    """Smallest multiple of ``stride`` that is >= n + max(lo, hi) and >= m - span + 1."""
+    least = max(n + lo, n + hi, n + lo + hi - span + 1, 1)
+    return -(-least // stride) * stride
+
+
+def _circular_padded_norm(kernel: Tensor, geometry: ConvGeometry) -> float:
+    strides, repeats = [], 1
+    for n, (lo, hi), span, s in zip(
+        geometry.input_size, geometry.pads, kernel.shape[-2:], geometry.stride, strict=True
+    ):
+        outputs = (n + lo + hi - span) // s + 1
+        rows = [(o * s - lo) % n for o in range(outputs)]
+        repeats *= max(rows.count(r) for r in set(rows))
+        strides.append(s if n % s == 0 else 1)  # polyphase needs the torus to be a multiple of s
+    return math.sqrt(repeats) * circular_norm(kernel, geometry.input_size, tuple(strides))
+
+
+def max_copies(n: int, pad: tuple[int, int], mode: str) -> int:
+    """Largest number of times one input pixel appears in the ``mode``-padded input."""
+    index = torch.arange(n, dtype=torch.float64).reshape(1, 1, n)
+    padded = F.pad(index, pad, mode=mode).long().flatten()  # (n + lo + hi,)
+    return int(torch.bincount(padded, minlength=n).max())
+
+
+def circular_norm(kernel: Tensor, grid: tuple[int, int], stride: tuple[int, int]) -> float:
+    """Sound upper bound (float64) of the norm of the stride-``stride`` circular convolution.
+
+    ``kernel``: (groups, c_out_g, c_in_g, kh, kw), float64; ``grid``: the torus, a multiple of the
+    stride per axis. Max over groups and the (grid / stride) frequencies of sigma_1 of the
+    polyphase symbol, plus rounding (module docstring).
+    """
+    groups, c_out, c_in, kh, kw = kernel.shape
+    poly = polyphase_kernel(kernel.reshape(groups * c_out, c_in, kh, kw), stride)
+    poly_size = tuple(poly.shape[-2:])
+    c_poly = poly.shape[1]  # c_in * s1 * s2
+    twiddles = grid_twiddles(poly_size, (grid[0] // stride[0], grid[1] // stride[1]), poly)
+    scalar_kernels = poly.reshape(-1, 1, *poly_size)  # one 1 x 1 "channel" per (g, o, i)
+    chunk = max(1, SYMBOL_CHUNK_ELEMENTS // scalar_kernels.shape[0])
+    largest = 0.0
+    for part in twiddles.split(chunk, dim=-1):
+        symbol = kernel_symbol(scalar_kernels, part).reshape(-1, groups, c_out, c_poly)
+        largest = max(largest, float(svd_spectral_bound(symbol).max()))
+    return largest + float(symbol_rounding(poly))

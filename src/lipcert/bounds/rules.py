@@ -1,0 +1,305 @@
+"""Sound Lipschitz bound rules for ``torch.nn`` layers (registered with :mod:`.network`).
+
+* **Convolutions** (Conv1d/Conv2d: stride, padding and padding modes, dilation, groups). l2: at a
+  known input size the near-exact bound of :mod:`lipcert.bounds.padded_conv`; without it the
+  every-size bound of :mod:`lipcert.bounds.conv` (zero padding, or circular padding of at most
+  (span - 1) / 2). l_inf: the largest row l1 norm of the operator, at most the largest
+  sum_{i, a} |K[o, i, a]| (exact when one output sees all taps).
+* **Batch norm** in eval mode is y = gamma (x - mu) / sqrt(var + eps) + beta, a per-channel scale:
+  max |gamma| / sqrt(var + eps) in every l_p (instance norm with running statistics likewise).
+  Training mode, or no running statistics, normalizes by the input's own statistics: refused,
+  like LayerNorm / GroupNorm / RMSNorm, whose x / std(x) is not Lipschitz near constant inputs.
+* **Activations** act coordinate-wise, so their constant sup |g'| holds in every l_p norm
+  (constants and where they come from: :data:`ACTIVATION_CONSTANTS`).
+* **Max pooling**: |max_w x - max_w x'| <= max_{p in w} |x_p - x'_p|, so ||y - y'||_2^2
+  <= sum_p uses(p) (x_p - x'_p)^2: sqrt(max uses) in l2, 1 in l_inf. Along an axis with kernel
+  k, stride s, dilation d, pixel p is tap t of window j iff p = s j + d t, and the t < k that
+  fit form a progression of step s / gcd(s, d): uses <= ceil(k gcd(s, d) / s) per axis.
+* **Average pooling** is a nonnegative matrix A; by the Schur test ||A||_2 <= sqrt(||A||_1
+  ||A||_inf), the largest column sum (A^T 1) and row sum (A 1), computed exactly at the input
+  size from a pool of ones and its transpose; l_inf: the largest row sum.
+* **Padding** with zeros/constants is 1-Lipschitz; reflect/replicate/circular padding copies
+  pixels: sqrt(max copies) per axis in l2 (:func:`~lipcert.bounds.padded_conv.max_copies`), 1 in
+  l_inf.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from lipcert.bounds.conv import conv2d_operator_bound
+from lipcert.bounds.network import matrix_operator_bound, register_bound_rule
+from lipcert.bounds.operator import rounding_safety
+from lipcert.bounds.padded_conv import (
+    ConvGeometry,
+    conv_operator_norm,
+    dilated_kernel,
+    max_copies,
+    module_geometry,
+)
+
+#: sup |GELU'| = Phi(sqrt 2) + sqrt(2) phi(sqrt 2) = 1.1289041..., at x = sqrt 2, the root of
+#: GELU'' = phi(x) (2 - x^2); rounded up.
+GELU_LIPSCHITZ = 1.12891
+#: The tanh approximation of GELU: sup |g'| = 1.1289931 (x = 1.4185, 1e-5 grid over [-30, 30],
+#: |g''| <= 1 so the grid misses at most 1e-5; g' -> 0 and 1 monotonically beyond); rounded up.
+GELU_TANH_LIPSCHITZ = 1.12901
+#: sup |SiLU'| = sup sigma(x) (1 + x (1 - sigma(x))) = 1.0998393 at x = 2.3994, the root of
+#: 2 + x (1 - 2 sigma(x)) (SiLU'' = 0); the minimum, -0.0998, is smaller in size; rounded up.
+SILU_LIPSCHITZ = 1.09985
+#: sup |Mish'| = 1.0884982 (x = 1.4906; min -0.1125), found like GELU_TANH_LIPSCHITZ; rounded up.
+MISH_LIPSCHITZ = 1.08851
+#: SELU = scale * ELU(alpha): sup |g'| = scale * alpha = 1.0507010 * 1.6732632 = 1.7580993.
+SELU_LIPSCHITZ = 1.7580994
+
+#: Lipschitz constants (sup |g'|, any l_p norm) of the parameter-free coordinate-wise activations.
+ACTIVATION_CONSTANTS: dict[type[nn.Module], float] = {
+    nn.Sigmoid: 0.25,  # sigma (1 - sigma) <= 1/4
+    nn.Hardsigmoid: 1 / 6,  # slope 1/6 on [-3, 3]
+    nn.Hardtanh: 1.0,  # and its subclass ReLU6
+    nn.Softsign: 1.0,  # 1 / (1 + |x|)^2
+    nn.Softplus: 1.0,  # sigma(beta x), linear past the threshold
+    nn.LogSigmoid: 1.0,  # sigma(-x)
+    nn.Tanhshrink: 1.0,  # 1 - tanh^2
+    nn.Softshrink: 1.0,
+    nn.CELU: 1.0,  # exp(x / alpha) below 0
+    nn.Hardswish: 1.5,  # (2x + 3) / 6 on [-3, 3]
+    nn.SiLU: SILU_LIPSCHITZ,
+    nn.Mish: MISH_LIPSCHITZ,
+    nn.SELU: SELU_LIPSCHITZ,
+}
+
+
+def _constant_rule(constant: float):
+    def rule(module: nn.Module, norm: str) -> float:
+        return constant
+
+    return rule
+
+
+for _type, _constant in ACTIVATION_CONSTANTS.items():
+    register_bound_rule(_type)(_constant_rule(_constant))
+
+
+@register_bound_rule(nn.LeakyReLU)
+def _leaky_relu(module: nn.LeakyReLU, norm: str) -> float:
+    return max(1.0, abs(module.negative_slope))
+
+
+@register_bound_rule(nn.ELU)
+def _elu(module: nn.ELU, norm: str) -> float:
+    return max(1.0, abs(module.alpha))  # alpha e^x below 0
+
+
+@register_bound_rule(nn.GELU)
+def _gelu(module: nn.GELU, norm: str) -> float:
+    return GELU_TANH_LIPSCHITZ if module.approximate == "tanh" else GELU_LIPSCHITZ
+
+
+@register_bound_rule(nn.PReLU)
+def _prelu(module: nn.PReLU, norm: str) -> float:
+    return max(1.0, float(module.weight.detach().abs().max()))
+
+
+@register_bound_rule(nn.RReLU)
+def _rrelu(module: nn.RReLU, norm: str) -> float:
+    if module.training:
+        raise ValueError("RReLU in training mode has random slopes: call model.eval() first")
+    return max(1.0, abs(module.lower + module.upper) / 2)  # eval slope: the mean
+
+
+@register_bound_rule(nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
+def _not_lipschitz_norm(module: nn.Module, norm: str) -> float:
+    raise TypeError(
+        f"{type(module).__name__} divides by statistics of its own input, which is not Lipschitz "
+        "(no global bound exists near constant inputs); use BatchNorm in eval mode or none"
+    )
+
+
+@register_bound_rule(
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+)  # fmt: skip
+def _batch_norm(module: nn.Module, norm: str) -> float:
+    name = type(module).__name__
+    if module.training:
+        raise ValueError(
+            f"{name} in training mode normalizes by batch statistics: call model.eval() first"
+        )
+    if module.running_var is None:
+        raise TypeError(
+            f"{name} without running statistics normalizes by its input's own statistics, "
+            "which is not Lipschitz; use track_running_stats=True"
+        )
+    scale = (module.running_var.detach().double() + module.eps).rsqrt()
+    if module.weight is not None:
+        scale = scale * module.weight.detach().double().abs()
+    return float(scale.max()) * rounding_safety(torch.float64, 4)  # add, sqrt, divide, multiply
+
+
+def conv_bound(weight: Tensor, geometry: ConvGeometry, norm: str) -> float:
+    """Sound bound of a convolution with ``weight`` (torch layout) at ``geometry``, in ``norm``."""
+    if norm == "linf":
+        return _conv_linf(weight)
+    return conv_operator_norm(weight, geometry)
+
+
+def _conv_linf(weight: Tensor) -> float:
+    return matrix_operator_bound(weight.detach().reshape(weight.shape[0], -1), "linf")
+
+
+@register_bound_rule(nn.Conv1d, nn.Conv2d, shaped=True)
+def _conv_at_size(module: nn.Conv1d | nn.Conv2d, norm: str, input_shape: tuple[int, ...]) -> float:
+    axes = len(module.kernel_size)
+    return conv_bound(module.weight, module_geometry(module, input_shape[-axes:]), norm)
+
+
+@register_bound_rule(nn.Conv1d, nn.Conv2d)
+def _conv_any_size(module: nn.Conv1d | nn.Conv2d, norm: str) -> float:
+    """Every input size: zero padding, or circular padding that wraps at most once per output."""
+    if norm == "linf":
+        return _conv_linf(module.weight)
+    kernel = module.weight.detach().double()
+    if kernel.dim() == 3:  # Conv1d: a 1 x k kernel
+        kernel = kernel.unsqueeze(-2)
+    dilation = (1, *module.dilation) if len(module.dilation) == 1 else module.dilation
+    kernel = _block_diagonal(dilated_kernel(kernel, dilation), module.groups)
+    stride = (1, *module.stride) if len(module.stride) == 1 else module.stride
+    name = type(module).__name__
+    if module.padding_mode == "circular":
+        geometry = module_geometry(module, (1,) * len(module.kernel_size))
+        spans = kernel.shape[-len(module.kernel_size) :]
+        if any(2 * max(pad) > span - 1 for pad, span in zip(geometry.pads, spans, strict=True)):
+            raise TypeError(
+                f"{name}'s circular padding wraps twice: the bound needs the input size"
+            )
+        stride = (1, 1)  # the polyphase bound needs a torus that is a multiple of the stride
+    elif module.padding_mode != "zeros":
+        raise TypeError(
+            f"{name} with {module.padding_mode} padding: the bound needs the input size"
+        )
+    with torch.no_grad():
+        return float(conv2d_operator_bound(kernel, stride))
+
+
+def _block_diagonal(kernel: Tensor, groups: int) -> Tensor:
+    """(c_out, c_in / groups, kh, kw) -> the equivalent dense (c_out, c_in, kh, kw) kernel."""
+    if groups == 1:
+        return kernel
+    c_out, c_in_g = kernel.shape[:2]
+    dense = kernel.new_zeros((c_out, c_in_g * groups, *kernel.shape[2:]))
+    step = c_out // groups
+    for g in range(groups):
+        rows, cols = slice(g * step, (g + 1) * step), slice(g * c_in_g, (g + 1) * c_in_g)
+        dense[rows, cols] = kernel[rows]
+    return dense
+
+
+def _per_axis(value: int | tuple[int, ...], axes: int) -> tuple[int, ...]:
+    return (value,) * axes if isinstance(value, int) else tuple(value)
+
+
+@register_bound_rule(nn.MaxPool1d, nn.MaxPool2d)
+def _max_pool(module: nn.MaxPool1d | nn.MaxPool2d, norm: str) -> float:
+    if module.return_indices:
+        raise TypeError(f"{type(module).__name__} with return_indices=True returns indices")
+    if norm == "linf":
+        return 1.0
+    axes = 1 if isinstance(module, nn.MaxPool1d) else 2
+    kernel, stride, dilation = (
+        _per_axis(v, axes) for v in (module.kernel_size, module.stride, module.dilation)
+    )
+    uses = math.prod(
+        -(-k * math.gcd(s, d) // s) for k, s, d in zip(kernel, stride, dilation, strict=True)
+    )
+    return math.sqrt(uses)
+
+
+@register_bound_rule(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, shaped=True)
+def _adaptive_max_pool(module: nn.Module, norm: str, input_shape: tuple[int, ...]) -> float:
+    if module.return_indices:
+        raise TypeError(f"{type(module).__name__} with return_indices=True returns indices")
+    if norm == "linf":
+        return 1.0
+    axes = 1 if isinstance(module, nn.AdaptiveMaxPool1d) else 2
+    sizes = input_shape[-axes:]
+    outputs = [n if o is None else o for n, o in
+               zip(sizes, _per_axis(module.output_size, axes), strict=True)]  # fmt: skip
+    return math.sqrt(math.prod(_adaptive_uses(n, o) for n, o in zip(sizes, outputs, strict=True)))
+
+
+def _adaptive_uses(n: int, o: int) -> int:
+    """Most windows of an adaptive pool (n -> o) holding a pixel; window i is
+    [floor(i n / o), ceil((i + 1) n / o))."""
+    uses = [0] * n
+    for i in range(o):
+        for p in range((i * n) // o, -(-(i + 1) * n // o)):
+            uses[p] += 1
+    return max(uses)
+
+
+@register_bound_rule(
+    nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, shaped=True
+)
+def _avg_pool_at_size(module: nn.Module, norm: str, input_shape: tuple[int, ...]) -> float:
+    """Schur test (module docstring) with the exact row and column sums at this input size."""
+    axes = 1 if isinstance(module, nn.AvgPool1d | nn.AdaptiveAvgPool1d) else 2
+    ones = torch.ones((1, 1, *input_shape[-axes:]), dtype=torch.float64)  # pools act per channel
+    rows, transpose = torch.func.vjp(module, ones)
+    (cols,) = transpose(torch.ones_like(rows))
+    safety = rounding_safety(torch.float64, ones.numel())  # sums of at most that many terms
+    if norm == "linf":
+        return float(rows.max()) * safety
+    return math.sqrt(float(rows.max()) * float(cols.max())) * safety
+
+
+@register_bound_rule(nn.AvgPool1d, nn.AvgPool2d)
+def _avg_pool_any_size(module: nn.AvgPool1d | nn.AvgPool2d, norm: str) -> float:
+    """Divisor kh kw (no override, no ceil mode, padding counted): rows sum to <= 1 and columns
+    to <= uses / (kh kw), so the Schur test gives sqrt(uses / (kh kw))."""
+    axes = 1 if isinstance(module, nn.AvgPool1d) else 2
+    kernel, stride, padding = (
+        _per_axis(v, axes) for v in (module.kernel_size, module.stride, module.padding)
+    )
+    padding_counted = module.count_include_pad or not any(padding)
+    if module.divisor_override or module.ceil_mode or not padding_counted:
+        raise TypeError(f"the bound of {module} depends on its input shape")
+    if norm == "linf":
+        return 1.0
+    uses = math.prod(-(-k // s) for k, s in zip(kernel, stride, strict=True))
+    return math.sqrt(uses / math.prod(kernel)) * rounding_safety(torch.float64, 2)
+
+
+@register_bound_rule(nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)
+def _constant_pad(module: nn.Module, norm: str) -> float:
+    return 1.0  # adds constant entries (or crops)
+
+
+#: Padding modules that copy pixels, and their F.pad mode.
+COPYING_PADS: dict[type[nn.Module], str] = {
+    nn.ReflectionPad1d: "reflect",
+    nn.ReflectionPad2d: "reflect",
+    nn.ReplicationPad1d: "replicate",
+    nn.ReplicationPad2d: "replicate",
+    nn.CircularPad1d: "circular",
+    nn.CircularPad2d: "circular",
+}
+
+
+def pad_factor(input_shape: tuple[int, ...], pad: tuple[int, ...], mode: str, norm: str) -> float:
+    """Bound of ``F.pad(x, pad, mode)`` on inputs of ``input_shape``: copies of pixels (l2)."""
+    if mode == "constant" or norm == "linf":
+        return 1.0
+    axes = len(pad) // 2  # pad lists (before, after) from the last axis backwards
+    sizes = input_shape[len(input_shape) - axes :][::-1]
+    copies = [max_copies(n, (pad[2 * i], pad[2 * i + 1]), mode) for i, n in enumerate(sizes)]
+    return math.sqrt(math.prod(copies))
+
+
+@register_bound_rule(*COPYING_PADS, shaped=True)
+def _copying_pad(module: nn.Module, norm: str, input_shape: tuple[int, ...]) -> float:
+    mode = next(mode for kind, mode in COPYING_PADS.items() if isinstance(module, kind))
+    return pad_factor(input_shape, tuple(module.padding), mode, norm)

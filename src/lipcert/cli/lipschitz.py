@@ -1,0 +1,97 @@
+"""``lipcert lipschitz CKPT``: per-layer sound Lipschitz upper bounds beside empirical lower bounds.
+
+Upper bounds are the ones :func:`lipcert.certify` uses (:mod:`lipcert.bounds.graph`); lower
+bounds are the largest Jacobian norms found near random inputs
+(:func:`lipcert.lipschitz_lower_bound`, l2 only). Their ratio bounds how much tighter a
+certificate could get.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+#: Power-iteration and gradient-ascent steps of the empirical lower bounds.
+LOWER_POWER_STEPS, LOWER_ASCENT_STEPS = 20, 5
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "lipschitz", help="per-layer Lipschitz upper bounds (sound) and empirical lower bounds"
+    )
+    p.add_argument("checkpoint", help="a lipcert .safetensors checkpoint")
+    p.add_argument("--input-shape", type=int, nargs="+", help="no batch dim (default: the model's)")
+    p.add_argument("--norm", choices=("l2", "linf"), default="l2")
+    p.add_argument("--samples", type=int, default=4, help="random points for the lower bounds")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run)
+
+
+def _input_shape(args: argparse.Namespace) -> tuple[int, ...]:
+    from lipcert.checkpoint import read_checkpoint
+
+    if args.input_shape:
+        return tuple(args.input_shape)
+    _, meta = read_checkpoint(args.checkpoint)
+    shape = meta["model_spec"].get("kwargs", {}).get("input_shape")
+    if shape is None:
+        raise ValueError("the checkpoint does not record its input shape: give --input-shape")
+    return tuple(shape)
+
+
+def _lower_bound(module, input_shape: tuple[int, ...], args: argparse.Namespace) -> float | None:
+    """Empirical l2 lower bound of ``module`` near random inputs (None in l_inf)."""
+    import torch
+
+    from lipcert.bounds import lipschitz_lower_bound
+
+    if args.norm != "l2" or args.samples < 1:
+        return None
+    gen = torch.Generator().manual_seed(args.seed)
+    reference = next(iter([*module.parameters(), *module.buffers()]), None)
+    x = torch.rand((args.samples, *input_shape), generator=gen)
+    if reference is not None and reference.is_floating_point():
+        x = x.to(reference.device, reference.dtype)
+    return lipschitz_lower_bound(module, x, LOWER_POWER_STEPS, LOWER_ASCENT_STEPS)
+
+
+def run(args: argparse.Namespace) -> None:
+    from lipcert.bounds.graph import graph_bound
+    from lipcert.checkpoint import load
+    from lipcert.report import format_table
+
+    model = load(args.checkpoint).eval()
+    input_shape = _input_shape(args)
+    try:
+        bounds = graph_bound(model, input_shape, args.norm)
+    except TypeError as err:  # no rule for an operation, or untraceable: a user-facing error
+        raise ValueError(str(err)) from err
+    rows, lowers = [], []
+    for node in bounds.nodes:
+        lower = None
+        if node.module is not None and node.input_shape is not None:
+            lower = _lower_bound(node.module, node.input_shape, args)
+        lowers.append(lower)
+        rows.append((
+            node.name, node.op, "x".join(map(str, node.input_shape or ())) or "-",
+            "-" if node.factor is None else node.factor, "-" if lower is None else lower,
+            node.bound,
+        ))  # fmt: skip
+    header = ("layer", "type", "input", "upper", "lower (empirical)", "upper up to here")
+    print(format_table(header, rows))
+    if bounds.nodes and None not in lowers and all(n.factor is not None for n in bounds.nodes):
+        print(  # a chain: no layer-by-layer bound can get below the product of the lower bounds
+            f"chain of {len(lowers)} layers: product of upper bounds "
+            f"{math.prod(n.factor for n in bounds.nodes):.6g}, of lower bounds "
+            f"{math.prod(lowers):.6g}"
+        )
+    upper = bounds.bound
+    lower = _lower_bound(model, input_shape, args)
+    print(f"network ({args.norm}): sound upper bound {upper:.6g}", end="")
+    if lower is None:
+        print()
+    else:
+        print(f", empirical lower bound {lower:.6g}, ratio {upper / lower:.4g}")
+    if bounds.head is not None:
+        body = bounds.body_bound
+        print(f"before the linear head: {body:.6g} (certify pairs it with the head's rows)")
