@@ -95,6 +95,11 @@ def cached_summary(model: nn.Module, norm: str, input_shape: tuple[int, ...]) ->
         return cache.get(sources, lambda: summarize(model, norm, input_shape), enabled=True)
 
 
+def clear_summary_cache(model: nn.Module) -> None:
+    """Forget the cached bounds of ``model`` (they are recomputed at the next certify)."""
+    _SUMMARIES.pop(model, None)
+
+
 def native_summary(model: nn.Module, norm: str, input_shape: tuple[int, ...]) -> LipschitzSummary:
     """The summary in ``norm`` or, when the model is bounded only in the other norm, in that one."""
     try:
@@ -116,7 +121,9 @@ def _check_inputs(x: Tensor, y: Tensor, norm: str) -> None:
         raise ValueError(f"y must be an integer tensor of class ids, got {getattr(y, 'dtype', y)}")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
-    if not torch.isfinite(x).all():
+    # One reduction first (a NaN or inf makes the sum non-finite); the exact check only when it
+    # is not finite, e.g. for huge but finite values whose float sum overflows.
+    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
         raise ValueError("x contains NaN or inf values")
 
 
@@ -128,8 +135,17 @@ def logit_rounding_bound(
     ``computed_in`` is the dtype the forward pass ran in (the logits may have been upcast since).
     """
     rel = ROUNDING_REL_FLOAT32 * torch.finfo(computed_in).eps / torch.finfo(torch.float32).eps
-    scale = 1 + logits.abs().amax(dim=1) + lipschitz * x.flatten(1).norm(dim=1)
+    scale = 1 + logits.abs().amax(dim=1) + lipschitz * input_norm_bound(x).to(logits.dtype)
     return rel * scale
+
+
+def input_norm_bound(x: Tensor) -> Tensor:
+    """Upper bounds of ||x_b||_2, computed in x's own dtype: a float sum of n squares is off by at
+    most ~n u relative (u = eps / 2) and the square root halves that, so (1 + (n + 2) eps) covers
+    it. Cheaper than converting x to float64."""
+    flat = x.detach().flatten(1)
+    slack = 1 + (flat.shape[1] + 2) * torch.finfo(flat.dtype).eps
+    return flat.norm(dim=1).double() * slack
 
 
 def _pair_bounds(summary: LipschitzSummary, num_logits: int, device) -> Tensor:
@@ -165,7 +181,7 @@ def radii_from_logits(logits: Tensor, x: Tensor, y: Tensor, summary: LipschitzSu
     margins = true_logit - logits64  # (B, C); 0 at the true class
     pair = _pair_bounds(summary, num_logits, logits64.device)[y]  # (B, C)
     computed_in = torch.promote_types(logits.dtype, x.dtype)
-    delta_margin = 2 * logit_rounding_bound(logits64, x.double(), summary.body_bound, computed_in)
+    delta_margin = 2 * logit_rounding_bound(logits64, x, summary.body_bound, computed_in)
     safe = margins - 3 * delta_margin[:, None]
     per_class = safe / pair.clamp_min(1e-300)
     per_class.scatter_(1, y[:, None], math.inf)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 
-def run_bench(what: str, as_json: bool = False) -> None:
-    """Run the benchmark ``what`` and print its table (or JSON)."""
+def run_bench(what: str, as_json: bool = False, checkpoint: str | None = None) -> None:
+    """Run the benchmark ``what`` and print its table (or JSON); ``certify`` needs a
+    ``checkpoint``."""
     if what == "layers":
         from lipcert.bench.layers import main
 
@@ -13,5 +14,11 @@ def run_bench(what: str, as_json: bool = False) -> None:
         from lipcert.bench.linf import main as linf_main
 
         linf_main(as_json=as_json)
+    elif what == "certify":
+        if checkpoint is None:
+            raise ValueError("lipcert bench certify needs a checkpoint: lipcert bench certify CKPT")
+        from lipcert.bench.certify import main as certify_main
+
+        certify_main(checkpoint, as_json=as_json)
     else:
-        raise ValueError(f"unknown benchmark {what!r}; choose 'layers' or 'linf'")
+        raise ValueError(f"unknown benchmark {what!r}; choose 'layers', 'linf' or 'certify'")

@@ -7,7 +7,10 @@ import argparse
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: ratios to a plain network, measured in one run")
-    p.add_argument("what", choices=("layers", "linf"), help="which benchmark (design.md §6)")
+    p.add_argument(
+        "what", choices=("layers", "linf", "certify"), help="which benchmark (design.md §6)"
+    )
+    p.add_argument("checkpoint", nargs="?", help="bench certify: the checkpoint to certify")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
 
@@ -15,4 +18,4 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     from lipcert.bench import run_bench
 
-    run_bench(args.what, as_json=args.json)
+    run_bench(args.what, as_json=args.json, checkpoint=args.checkpoint)
