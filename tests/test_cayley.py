@@ -10,8 +10,9 @@ from lipschitz import LIPSCHITZ_TOL, adversarial_steps
 from torch import nn
 
 from lipcert.bounds.network import lipschitz_upper_bound
+from lipcert.bounds.operator import semi_unitary_spectral_bound
 from lipcert.export import export
-from lipcert.nn.cayley import CayleyConv2d, cayley, semi_unitary_spectral_bound
+from lipcert.nn.cayley import CayleyConv2d, cayley
 
 #: Largest allowed gap between a lipcert layer's output and its export's (house rule).
 EXPORT_TOL = 1e-5

@@ -84,6 +84,25 @@ def svd_spectral_bound(matrix: Tensor) -> Tensor:
 PAIRWISE_CHUNK_ELEMENTS = 2**24
 
 
+def semi_unitary_spectral_bound(q: Tensor) -> float:
+    """Sound upper bound, in float64, of max sigma_max(Q) over a batch of nearly semi-unitary Q.
+
+    With G the smaller Gram matrix (Q^H Q or Q Q^H, same nonzero spectrum), sigma_max(Q)^2 =
+    ||G||_2 <= 1 + ||G - I||_2. G - I is formed in complex128 from the exact float64 copy of ``q``;
+    each entry's rounding is at most gamma_n (||q_i|| ||q_j|| + |G_ij - I_ij|) (Higham, eq. 3.5, and
+    Cauchy-Schwarz), so the rounding matrix has Frobenius norm at most gamma_n (||Q||_F^2 +
+    ||G - I||_F), added to the Gram-iteration bound of ||G - I||_2 (Delattre et al., ICML 2023).
+    """
+    q = q.detach().to(torch.complex128)
+    rows, cols = q.shape[-2:]
+    gram = q.mH @ q if rows >= cols else q @ q.mH  # (..., n, n), n = min(rows, cols)
+    defect = gram - torch.eye(gram.shape[-1], dtype=q.dtype, device=q.device)
+    gamma = rounding_safety(torch.float64, max(rows, cols)) - 1
+    rounding = gamma * (torch.linalg.matrix_norm(q) ** 2 + torch.linalg.matrix_norm(defect))
+    squared = 1 + gram_spectral_bound(defect) + rounding
+    return float(squared.max().sqrt()) * rounding_safety(torch.float64, 1)
+
+
 def pairwise_row_distance_bound(weight: Tensor, p: float = 2.0) -> Tensor:
     """Sound float64 upper bounds of ||w_i - w_j||_p (p = 1 or 2) for the rows of ``weight``.
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lipcert.bounds.operator import gram_spectral_bound, rounding_safety
+from lipcert.bounds.operator import semi_unitary_spectral_bound
 from lipcert.nn.constrained import _check_positive, _init_torch_default, check_input_shape
 from lipcert.nn.constraint import EvalCache, LipschitzLayer
 
@@ -81,25 +81,6 @@ def cayley(v: Tensor) -> Tensor:
     block = eye[:, :cols].expand_as(v)  # [I; 0]: (..., m, n), batched so never read as vectors
     solved = torch.linalg.solve(eye + skew, block)  # (I + S)^-1 [I; 0]
     return 2 * solved - block
-
-
-def semi_unitary_spectral_bound(q: Tensor) -> float:
-    """Sound upper bound, in float64, of max sigma_max(Q) over a batch of nearly semi-unitary Q.
-
-    With G the smaller Gram matrix (Q^H Q or Q Q^H, same nonzero spectrum), sigma_max(Q)^2 =
-    ||G||_2 <= 1 + ||G - I||_2. G - I is formed in complex128 from the exact float64 copy of ``q``;
-    each entry's rounding is at most gamma_n (||q_i|| ||q_j|| + |G_ij - I_ij|) (Higham, eq. 3.5, and
-    Cauchy-Schwarz), so the rounding matrix has Frobenius norm at most gamma_n (||Q||_F^2 +
-    ||G - I||_F), added to the Gram-iteration bound of ||G - I||_2 (Delattre et al., ICML 2023).
-    """
-    q = q.detach().to(torch.complex128)
-    rows, cols = q.shape[-2:]
-    gram = q.mH @ q if rows >= cols else q @ q.mH  # (..., n, n), n = min(rows, cols)
-    defect = gram - torch.eye(gram.shape[-1], dtype=q.dtype, device=q.device)
-    gamma = rounding_safety(torch.float64, max(rows, cols)) - 1
-    rounding = gamma * (torch.linalg.matrix_norm(q) ** 2 + torch.linalg.matrix_norm(defect))
-    squared = 1 + gram_spectral_bound(defect) + rounding
-    return float(squared.max().sqrt()) * rounding_safety(torch.float64, 1)
 
 
 def _size_pair(name: str, value: int | tuple[int, int]) -> tuple[int, int]:

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lipcert.bounds.operator import gram_spectral_bound
-from lipcert.nn.cayley import semi_unitary_spectral_bound
+from lipcert.bounds.operator import gram_spectral_bound, semi_unitary_spectral_bound
 from lipcert.nn.constrained import BoundedWeightConstraint, ConstrainedLinear
 
 
