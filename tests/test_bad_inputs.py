@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_run import write_tiny_config
 from torch import nn
 
 import lipcert
@@ -25,29 +26,12 @@ from lipcert.models.registry import build_model
 from lipcert.nn.linf import LinfDist
 from lipcert.ot import wasserstein1
 
-DIGITS_CONFIG = """
-name = "tiny"
-epochs = 1
-[data]
-dataset = "digits"
-batch_size = 64
-[model]
-name = "sll_mlp"
-kwargs = { width = 16, inner_width = 16, depth = 1 }
-[loss]
-name = "multiclass_hkr"
-kwargs = { alpha = 10.0, margin = 0.2 }
-[certify]
-eps = [0.1]
-"""
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A trained digits checkpoint, its config, and a few broken files."""
     root = tmp_path_factory.mktemp("bad")
-    config = root / "tiny.toml"
-    config.write_text(DIGITS_CONFIG)
+    config = write_tiny_config(root)
     assert main(["train", str(config), "--run-dir", str(root / "run")]) == 0
     ckpt = root / "run" / "last.safetensors"
     (root / "truncated.safetensors").write_bytes(ckpt.read_bytes()[:1000])
@@ -58,9 +42,7 @@ def files(tmp_path_factory):
     nan[3, 1] = np.nan
     np.save(root / "nan.npy", nan)
     (root / "bad.toml").write_text("epochs = [\n")
-    (root / "badvalue.toml").write_text(
-        DIGITS_CONFIG.replace('name = "adam"', "") + "[optim]\nlr = -1.0\n"
-    )
+    (root / "badvalue.toml").write_text(config.read_text() + "[optim]\nlr = -1.0\n")
     return root
 
 

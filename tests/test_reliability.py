@@ -15,26 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_run import write_tiny_config
 
 from lipcert.checkpoint import read_checkpoint, unflatten
 from lipcert.cli import main
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-CONFIG = """
-name = "killed"
-epochs = {epochs}
-[data]
-dataset = "digits"
-batch_size = 32
-[model]
-name = "sll_mlp"
-kwargs = {{ width = 16, inner_width = 16, depth = 1 }}
-[loss]
-name = "multiclass_hkr"
-kwargs = {{ alpha = 10.0, margin = 0.2 }}
-[certify]
-eps = [0.1]
-"""
 
 
 def _env() -> dict[str, str]:
@@ -54,8 +40,7 @@ def _saved_epoch(path: Path) -> int:
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 def test_sigkill_mid_epoch_loses_at_most_one_epoch_and_resumes(tmp_path):
     epochs = 40
-    config = tmp_path / "c.toml"
-    config.write_text(CONFIG.format(epochs=epochs))
+    config = write_tiny_config(tmp_path, epochs)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "lipcert", "train", str(config), "--run-dir", str(run)]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
