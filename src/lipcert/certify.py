@@ -121,10 +121,16 @@ def _check_inputs(x: Tensor, y: Tensor, norm: str) -> None:
         raise ValueError(f"y must be an integer tensor of class ids, got {getattr(y, 'dtype', y)}")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
-    # One reduction first (a NaN or inf makes the sum non-finite); the exact check only when it
-    # is not finite, e.g. for huge but finite values whose float sum overflows.
-    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+
+
+def _finite_input_norms(x: Tensor) -> Tensor:
+    """:func:`input_norm_bound` of each sample, which doubles as the NaN / inf check: a norm is
+    finite unless its sample holds a NaN or an inf, or its float sum of squares overflows (then
+    the elementwise check decides)."""
+    norms = input_norm_bound(x)
+    if not torch.isfinite(norms).all() and not torch.isfinite(x).all():
         raise ValueError("x contains NaN or inf values")
+    return norms
 
 
 def logit_rounding_bound(
@@ -134,9 +140,15 @@ def logit_rounding_bound(
 
     ``computed_in`` is the dtype the forward pass ran in (the logits may have been upcast since).
     """
+    return _rounding_bound(logits, input_norm_bound(x), lipschitz, computed_in)
+
+
+def _rounding_bound(
+    logits: Tensor, x_norms: Tensor, lipschitz: float, computed_in: torch.dtype
+) -> Tensor:
+    """:func:`logit_rounding_bound` given upper bounds of the inputs' l2 norms."""
     rel = ROUNDING_REL_FLOAT32 * torch.finfo(computed_in).eps / torch.finfo(torch.float32).eps
-    scale = 1 + logits.abs().amax(dim=1) + lipschitz * input_norm_bound(x).to(logits.dtype)
-    return rel * scale
+    return rel * (1 + logits.abs().amax(dim=1) + lipschitz * x_norms.to(logits.dtype))
 
 
 def input_norm_bound(x: Tensor) -> Tensor:
@@ -172,6 +184,18 @@ def predict(logits: Tensor) -> Tensor:
 
 def radii_from_logits(logits: Tensor, x: Tensor, y: Tensor, summary: LipschitzSummary) -> Tensor:
     """Radii in ``summary.norm`` (<= 0 where misclassified or not certifiable) from logits."""
+    computed_in = torch.promote_types(logits.dtype, x.dtype)
+    return _radii(logits, input_norm_bound(x), y, summary, computed_in)
+
+
+def _radii(
+    logits: Tensor,
+    x_norms: Tensor,
+    y: Tensor,
+    summary: LipschitzSummary,
+    computed_in: torch.dtype,
+) -> Tensor:
+    """:func:`radii_from_logits` given upper bounds of the inputs' l2 norms."""
     logits64 = logits.detach().double()
     num_logits = logits64.shape[1]
     if num_logits == 1:  # binary: class 1 iff f > 0, as logits (0, f)
@@ -180,8 +204,7 @@ def radii_from_logits(logits: Tensor, x: Tensor, y: Tensor, summary: LipschitzSu
     true_logit = logits64.gather(1, y[:, None])  # (B, 1)
     margins = true_logit - logits64  # (B, C); 0 at the true class
     pair = _pair_bounds(summary, num_logits, logits64.device)[y]  # (B, C)
-    computed_in = torch.promote_types(logits.dtype, x.dtype)
-    delta_margin = 2 * logit_rounding_bound(logits64, x, summary.body_bound, computed_in)
+    delta_margin = 2 * _rounding_bound(logits64, x_norms, summary.body_bound, computed_in)
     safe = margins - 3 * delta_margin[:, None]
     per_class = safe / pair.clamp_min(1e-300)
     per_class.scatter_(1, y[:, None], math.inf)
@@ -222,6 +245,7 @@ def certify(
     logit is binary (class 1 iff f > 0). Costs one forward pass.
     """
     _check_inputs(x, y, norm)
+    x_norms = _finite_input_norms(x)
     if lipschitz is not None and not (math.isfinite(lipschitz) and lipschitz > 0):
         raise ValueError(f"lipschitz must be a positive finite number, got {lipschitz!r}")
     was_training = model.training
@@ -240,7 +264,8 @@ def certify(
     num_classes = max(2, logits.shape[1])
     if bool((y < 0).any()) or bool((y >= num_classes).any()):
         raise ValueError(f"labels must lie in [0, {num_classes}), got {y.min()}..{y.max()}")
-    radius = radii_from_logits(logits, x, y, summary)
+    computed_in = torch.promote_types(logits.dtype, x.dtype)
+    radius = _radii(logits, x_norms.to(logits.device), y, summary, computed_in)
     return convert_radius(radius, summary.norm, norm, x[0].numel())
 
 
