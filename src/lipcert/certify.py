@@ -31,8 +31,11 @@ r = (m_computed - 3 delta_m) / L_pair: at any x' with ||x' - x|| <= r the exact 
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -245,20 +248,46 @@ def certify(
     logit is binary (class 1 iff f > 0). Costs one forward pass.
     """
     _check_inputs(x, y, norm)
-    x_norms = _finite_input_norms(x)
     if lipschitz is not None and not (math.isfinite(lipschitz) and lipschitz > 0):
         raise ValueError(f"lipschitz must be a positive finite number, got {lipschitz!r}")
+    summary = _summary_once(model, norm, tuple(x.shape[1:]), lipschitz)
+    with _eval_mode(model):
+        return _certify_with(model, x, y, norm, summary)
+
+
+def _summary_once(
+    model: nn.Module, norm: str, input_shape: tuple[int, ...], lipschitz: float | None = None
+) -> Callable[[], LipschitzSummary]:
+    """The model's :func:`native_summary` (or the given ``lipschitz``), computed at the first
+    call: after a forward pass has checked that the inputs fit the model, so that shape errors
+    name the model's layer."""
+    if lipschitz is not None:
+        return lambda: LipschitzSummary(norm, float(lipschitz), None)
+    return functools.cache(lambda: native_summary(model, norm, input_shape))
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block, its own mode restored after."""
     was_training = model.training
     model.eval()
     try:
-        logits = _forward(model, x)
-        summary = (
-            LipschitzSummary(norm, float(lipschitz), None)
-            if lipschitz is not None
-            else native_summary(model, norm, tuple(x.shape[1:]))
-        )
+        yield
     finally:
         model.train(was_training)
+
+
+def _certify_with(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    norm: str,
+    summary_of_model: Callable[[], LipschitzSummary],
+) -> Tensor:
+    """Radii of one batch (model already in eval mode)."""
+    x_norms = _finite_input_norms(x)
+    logits = _forward(model, x)
+    summary = summary_of_model()
     if logits.dim() != 2:
         raise ValueError(f"certify needs (B, C) logits, the model gave {tuple(logits.shape)}")
     num_classes = max(2, logits.shape[1])
@@ -280,12 +309,18 @@ def certify_batched(
     """:func:`certify` over a whole dataset in batches (the bound is computed once)."""
     if len(y) == 0:
         raise ValueError("cannot certify an empty dataset")
+    _check_inputs(x, y, norm)
     device = next(model.parameters()).device
-    return torch.cat(
-        [
-            certify(
-                model, x[i : i + batch_size].to(device), y[i : i + batch_size].to(device), norm
+    summary = _summary_once(model, norm, tuple(x.shape[1:]))
+    with _eval_mode(model):
+        radii = [
+            _certify_with(
+                model,
+                x[i : i + batch_size].to(device),
+                y[i : i + batch_size].to(device),
+                norm,
+                summary,
             ).cpu()
             for i in range(0, len(y), batch_size)
         ]
-    )
+    return torch.cat(radii)
