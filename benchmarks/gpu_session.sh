@@ -57,7 +57,7 @@ for run in "$RUNS"/*/; do
   name=$(basename "$run")
   echo "== $name"; tail -n 3 "$run/metrics.jsonl"; tail -n 2 "$RUNS/$name.log"
   ckpt="$run/last.safetensors"
-  [ -f "$ckpt" ] && [ "$(stat -c %s "$ckpt")" -lt 16000000 ] && cp "$ckpt" "$OUT/$name.safetensors"
+  [ -f "$ckpt" ] && [ "$(stat -c %s "$ckpt")" -lt 16777216 ] && cp "$ckpt" "$OUT/$name.safetensors"
 done
 tar czf "$OUT/runs.tar.gz" --exclude='*.safetensors' "$RUNS"
 ls -la "$OUT"
