@@ -4,7 +4,7 @@ by lipcert (sound bounds computed from each model's actual weights) and attacked
 
 Network: Flatten -> depth x (orthogonal/spectral Linear(width) -> MaxMin) -> unit-row head.
 
-* lipcert:     OrthoLinear (Björck)           ... RowNormLinear
+* lipcert:     OrthoLinear (Björck; 15 steps, or "adaptive": stops at convergence) ... RowNormLinear
 * deel-torchlip: SpectralLinear (spectral + Björck) ... FrobeniusLinear(disjoint_neurons=True)
 * orthogonium: OrthoLinear (its default orthogonalizer) ... UnitNormLinear
 
@@ -52,7 +52,12 @@ def _mlp(
 
 def builders() -> dict[str, Callable[[int, int], nn.Sequential]]:
     """Library name -> network factory (width, depth), for the libraries that import."""
-    nets = {"lipcert": lambda w, d: _mlp(lnn.OrthoLinear, lnn.RowNormLinear, w, d)}
+    nets = {
+        "lipcert": lambda w, d: _mlp(lnn.OrthoLinear, lnn.RowNormLinear, w, d),
+        "lipcert (adaptive Björck)": lambda w, d: _mlp(
+            lambda i, o: lnn.OrthoLinear(i, o, bjorck_iters="adaptive"), lnn.RowNormLinear, w, d
+        ),
+    }
     try:
         from deel import torchlip
 
@@ -118,11 +123,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--lr", type=float, default=0.002)
     parser.add_argument("--attack-points", type=int, default=500)
+    parser.add_argument("--only", nargs="+", help="run only these libraries (names as printed)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     data = load_dataset("mnist")
     rows = []
     for name, build in builders().items():
+        if args.only and name not in args.only:
+            continue
         torch.manual_seed(0)
         model = build(args.width, args.depth)
         epochs, epoch_seconds = train_for(model, data, args.budget, args.batch, args.lr, seed=0)

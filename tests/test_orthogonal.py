@@ -24,14 +24,14 @@ from lipcert.nn.orthogonal import BJORCK_PRESETS, OrthoLinear, bjorck_orthogonal
 
 #: Documented preset tolerances (BJORCK_PRESETS docstring): ||W^T W - I||_2, float64.
 PRESET_TOLERANCE = {
-    "orthogonal + noise": {"fast": 2e-8, "default": 1e-14, "precise": 1e-14},
+    "orthogonal + noise": {"fast": 2e-8, "default": 1e-14, "precise": 1e-14, "adaptive": 1e-14},
     "torch default": {"precise": 1e-14},
 }
 #: Relative size of the noise added to an orthogonal start (a weight moved by training).
 NOISE = 0.3
 
 features = st.integers(1, 6)
-presets = st.sampled_from(["fast", "default", "precise", 0, 3])
+presets = st.sampled_from(["fast", "default", "precise", "adaptive", 0, 3])
 
 
 def _ortho(in_features=5, out_features=4, seed=0, dtype=torch.float32, **kwargs) -> OrthoLinear:
