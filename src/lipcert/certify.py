@@ -34,8 +34,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +43,7 @@ from torch import Tensor, nn
 from lipcert.bounds.graph import graph_bound
 from lipcert.bounds.network import UnsupportedNorm
 from lipcert.bounds.operator import pairwise_row_distance_bound
+from lipcert.modes import eval_mode
 from lipcert.nn.constraint import EvalCache
 from lipcert.precision import ieee_float32
 
@@ -251,7 +251,7 @@ def certify(
     if lipschitz is not None and not (math.isfinite(lipschitz) and lipschitz > 0):
         raise ValueError(f"lipschitz must be a positive finite number, got {lipschitz!r}")
     summary = _summary_once(model, norm, tuple(x.shape[1:]), lipschitz)
-    with _eval_mode(model):
+    with eval_mode(model):
         return _certify_with(model, x, y, norm, summary)
 
 
@@ -264,17 +264,6 @@ def _summary_once(
     if lipschitz is not None:
         return lambda: LipschitzSummary(norm, float(lipschitz), None)
     return functools.cache(lambda: native_summary(model, norm, input_shape))
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode for the block, its own mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _certify_with(
@@ -312,7 +301,7 @@ def certify_batched(
     _check_inputs(x, y, norm)
     device = next(model.parameters()).device
     summary = _summary_once(model, norm, tuple(x.shape[1:]))
-    with _eval_mode(model):
+    with eval_mode(model):
         radii = [
             _certify_with(
                 model,

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from lipcert.attacks import wrong_class_margin
 from lipcert.certify import certify, predict
+from lipcert.modes import eval_mode
 
 #: Default DeepFool overshoot: each step goes 2% past the linearized boundary (Moosavi-Dezfooli
 #: et al. 2016 use 0.02), so a nearly linear margin flips in one step.
@@ -172,9 +173,7 @@ def counterfactuals(
         raise ValueError("x contains NaN or inf values")
     if max_steps < 1 or not math.isfinite(overshoot) or overshoot < 0:
         raise ValueError(f"need max_steps >= 1 and overshoot >= 0, got {max_steps}, {overshoot}")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.no_grad():
             classes = predict(model(x))
         start = _probe(model, x, classes)
@@ -187,8 +186,6 @@ def counterfactuals(
         distances = (points - x).flatten(1).norm(dim=1)
         distances = torch.where(new_classes != classes, distances, torch.inf)
         radii = _certified_radii(model, x, classes)
-    finally:
-        model.train(was_training)
     return Counterfactuals(x, points, start[2], classes, new_classes, distances, radii)
 
 
@@ -304,12 +301,8 @@ def plot_decision_2d(
     axes_values = [torch.linspace(float(low[i]), float(high[i]), PLANE_RESOLUTION) for i in (0, 1)]
     grid_x, grid_y = torch.meshgrid(*axes_values, indexing="xy")  # (R, R) each
     plane = torch.stack([grid_x.flatten(), grid_y.flatten()], dim=1).to(x)  # (R * R, 2)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         values = _signed_margin(model, plane).reshape(grid_x.shape).cpu()  # (R, R)
-    finally:
-        model.train(was_training)
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
     limit = float(values.abs().max())
     filled = ax.contourf(grid_x, grid_y, values, levels=30, cmap="RdBu_r", vmin=-limit, vmax=limit)

@@ -37,8 +37,7 @@ since ||w_y - w_j|| <= sqrt(2) ||W||, it is never larger.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +46,7 @@ from torch import Tensor, nn
 from lipcert.bounds.network import module_bound
 from lipcert.losses import lmt_loss
 from lipcert.losses.base import ReducedLoss, check_hyperparameter, multiclass_inputs, reduce
+from lipcert.modes import eval_mode
 from lipcert.nn.constraint import LipschitzLayer
 
 #: Power iterations run when an estimator is built, so training starts from an estimate close to
@@ -134,18 +134,6 @@ def _check_fixed_map(name: str, layer: nn.Module) -> None:
         )
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Every module in eval mode inside the block; each one's own flag restored after."""
-    flags = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags.items():
-            module.training = flag
-
-
 def _trace_shapes(
     layers: list[tuple[str, nn.Module]], input_shape: tuple[int, ...], like: Tensor
 ) -> list[tuple[int, ...]]:
@@ -196,7 +184,7 @@ class PowerIterationLipschitz(nn.Module):
         layers = flatten_chain(model)
         for name, layer in layers:
             _check_fixed_map(name, layer)
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             shapes = _trace_shapes(layers, tuple(int(s) for s in input_shape), like)
             for (name, layer), in_shape in zip(layers, shapes, strict=True):
                 factor = self._factor(name, layer, in_shape, like, generator)

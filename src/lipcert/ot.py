@@ -38,6 +38,7 @@ from lipcert.data.normalize import Normalize
 from lipcert.export import export
 from lipcert.losses.kr import kr_loss
 from lipcert.models.hkr import gnp_mlp
+from lipcert.modes import eval_mode
 
 #: A model whose sound logit Lipschitz bound exceeds 1 by more than this is refused as "not
 #: 1-Lipschitz" (training it with the KR loss would not approach W1, its gradients have no
@@ -117,18 +118,21 @@ def logit_lipschitz_bound(model: nn.Module) -> float:
     Serrurier et al., CVPR 2021). Otherwise the whole model's bound holds for each logit.
     ValueError when the model cannot be bounded soundly.
     """
-    was_training = model.training
-    model.eval()
     try:
-        if isinstance(model, nn.Sequential) and len(model) > 1 and isinstance(model[-1], nn.Linear):
-            rows = torch.linalg.vector_norm(model[-1].weight.detach().double(), dim=1)  # (C,)
-            row_bound = float(rows.max()) * rounding_safety(torch.float64, model[-1].in_features)
-            return module_bound(model[:-1]) * row_bound
-        return module_bound(model)
+        with eval_mode(model):
+            return _logit_bound(model)
     except TypeError as err:  # no sound bound rule for a module (UnsupportedNorm included)
         raise ValueError(f"cannot bound the model's Lipschitz constant soundly: {err}") from err
-    finally:
-        model.train(was_training)
+
+
+def _logit_bound(model: nn.Module) -> float:
+    """Per-logit bound in eval mode: body bound times the largest head row norm, or the whole
+    model's bound."""
+    if isinstance(model, nn.Sequential) and len(model) > 1 and isinstance(model[-1], nn.Linear):
+        rows = torch.linalg.vector_norm(model[-1].weight.detach().double(), dim=1)  # (C,)
+        row_bound = float(rows.max()) * rounding_safety(torch.float64, model[-1].in_features)
+        return module_bound(model[:-1]) * row_bound
+    return module_bound(model)
 
 
 def check_one_lipschitz(model: nn.Module, what: str) -> float:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lipcert.bounds.operator import rounding_safety, svd_spectral_bound
+from lipcert.modes import eval_mode
 from lipcert.nn.constraint import LipschitzLayer
 
 NORMS = ("l2", "linf")
@@ -166,14 +167,10 @@ def lipschitz_upper_bound(
     """
     from lipcert.bounds.graph import graph_bound  # graph.py builds on this module
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if input_shape is None:
             return module_bound(model, norm)
         return graph_bound(model, tuple(input_shape), norm).bound
-    finally:
-        model.train(was_training)
 
 
 def lipschitz_lower_bound(
@@ -185,12 +182,8 @@ def lipschitz_lower_bound(
     direction; gradient ascent on the input then increases ||J(x) v||. Every value reported is
     ||J(x) v|| / ||v|| at a real point, so it never exceeds the true Lipschitz constant.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return max(_local_jacobian_norm(model, xi, n_power, n_ascent, step) for xi in x)
-    finally:
-        model.train(was_training)
 
 
 def _jacobian_norm_along(model: nn.Module, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
