@@ -4,7 +4,8 @@ by lipcert (sound bounds computed from each model's actual weights) and attacked
 
 Network: Flatten -> depth x (orthogonal/spectral Linear(width) -> MaxMin) -> unit-row head.
 
-* lipcert:     OrthoLinear (Björck; 15 steps, or "adaptive": stops at convergence) ... RowNormLinear
+* lipcert:     OrthoLinear (Björck; 15 steps, or "adaptive": stops at convergence, or retraction:
+               one Björck step forward, two on the raw weight after each step) ... RowNormLinear
 * deel-torchlip: SpectralLinear (spectral + Björck) ... FrobeniusLinear(disjoint_neurons=True)
 * orthogonium: OrthoLinear (its default orthogonalizer) ... UnitNormLinear
 
@@ -57,6 +58,9 @@ def builders() -> dict[str, Callable[[int, int], nn.Sequential]]:
         "lipcert (adaptive Björck)": lambda w, d: _mlp(
             lambda i, o: lnn.OrthoLinear(i, o, bjorck_iters="adaptive"), lnn.RowNormLinear, w, d
         ),
+        "lipcert (retraction)": lambda w, d: _mlp(
+            lambda i, o: lnn.OrthoLinear(i, o, retraction=2), lnn.RowNormLinear, w, d
+        ),
     }
     try:
         from deel import torchlip
@@ -84,6 +88,7 @@ def train_for(
     """Whole epochs until ``budget`` seconds are spent; returns (epochs, seconds per epoch)."""
     loss_fn = MulticlassHKRLoss(alpha=50.0, margin=1.2)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    lnn.retract_after_steps(optimizer, model)  # acts on OrthoLinear(retraction=k) layers only
     gen = torch.Generator().manual_seed(seed)
     x_all, y_all = data.train.x, data.train.y
     started, epochs = time.perf_counter(), 0

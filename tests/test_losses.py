@@ -154,6 +154,23 @@ def test_tau_cross_entropy_closed_form_and_limits() -> None:
     assert bool((gap >= 0).all()) and bool((gap <= math.log(3) / tau).all())
 
 
+def test_offset_cross_entropy_is_lmts_margin_with_a_temperature() -> None:
+    """Lowering the target by the offset equals raising the others (CE is shift-invariant): with
+    tau = 1 and offset sqrt(2) eps it is LMT's loss at L = 1; at large tau the hinge moves by the
+    offset."""
+    gen = torch.Generator().manual_seed(1)
+    f = torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (7,), generator=gen)
+    eps = 0.8
+    offset_ce = tau_cross_entropy(f, y, tau=1.0, offset=math.sqrt(2) * eps, reduction="none")
+    torch.testing.assert_close(offset_ce, lmt_loss(f, y, eps, 1.0, reduction="none"))
+    tau, offset = 1e4, 0.5
+    others = f.masked_fill(F.one_hot(y, 4).bool(), -math.inf).amax(dim=1)
+    hinge = torch.relu(offset + others - f.gather(1, y[:, None])[:, 0])
+    gap = TauCrossEntropyLoss(tau, reduction="none", offset=offset)(f, y) - hinge
+    assert bool((gap >= -1e-12).all()) and bool((gap <= math.log(4) / tau).all())  # rounding
+
+
 def test_lmt_closed_form_and_gradient_in_lipschitz() -> None:
     f = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     y = torch.tensor([0])
@@ -254,6 +271,7 @@ def test_invalid_inputs_raise(call, match: str) -> None:
         (lambda: MulticlassHKRLoss(alpha="1"), "alpha must be a real number"),
         (lambda: MulticlassHingeLoss(margin=-1.0), "margin must be > 0"),
         (lambda: TauCrossEntropyLoss(tau=0.0), "tau must be > 0"),
+        (lambda: TauCrossEntropyLoss(tau=1.0, offset=-0.5), "offset must be >= 0"),
         (lambda: LMTLoss(eps=-0.1), "eps must be >= 0"),
         (lambda: LMTLoss(eps=0.1, lipschitz=-2.0), "lipschitz must be >= 0"),
         (lambda: LMTLoss(eps=0.1, lipschitz=torch.tensor(1.0)), "lipschitz must be a real"),

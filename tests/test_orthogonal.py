@@ -1,4 +1,5 @@
-"""OrthoLinear: norm <= 1 (exact Jacobians), near-orthogonality, presets, export, state, cache."""
+"""OrthoLinear: norm <= 1 (exact Jacobians), near-orthogonality, presets, retraction, export, state,
+cache."""
 
 from __future__ import annotations
 
@@ -17,10 +18,21 @@ from test_spectral import (
     check_state_dict_round_trip,
     check_train_mode_backpropagates,
 )
+from tiny_run import write_tiny_config
 from torch import nn
 
 from lipcert.bounds.operator import gram_spectral_bound
-from lipcert.nn.orthogonal import BJORCK_PRESETS, OrthoLinear, bjorck_orthogonalizer
+from lipcert.config import load_config
+from lipcert.nn.constraint import original
+from lipcert.nn.orthogonal import (
+    BJORCK_PRESETS,
+    OrthoLinear,
+    bjorck_orthogonalizer,
+    guarded_bjorck_step,
+    retract_,
+    retract_after_steps,
+)
+from lipcert.train import train
 
 #: Documented preset tolerances (BJORCK_PRESETS docstring): ||W^T W - I||_2, float64.
 PRESET_TOLERANCE = {
@@ -32,6 +44,11 @@ NOISE = 0.3
 
 features = st.integers(1, 6)
 presets = st.sampled_from(["fast", "default", "precise", "adaptive", 0, 3])
+#: Every way to build the layer: Björck presets and step counts, and retraction.
+options = st.one_of(
+    presets.map(lambda preset: {"bjorck_iters": preset}),
+    st.sampled_from([{"retraction": 1}, {"retraction": 2}]),
+)
 
 
 def _ortho(in_features=5, out_features=4, seed=0, dtype=torch.float32, **kwargs) -> OrthoLinear:
@@ -46,21 +63,23 @@ def _defect(weight: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(gram - eye, ord=2))
 
 
-@given(features, features, presets)
-def test_norm_is_at_most_one_at_init_and_after_adversarial_steps(n_in, n_out, bjorck_iters):
-    layer = OrthoLinear(n_in, n_out, bjorck_iters=bjorck_iters)
+@given(features, features, options)
+def test_norm_is_at_most_one_at_init_and_after_adversarial_steps(n_in, n_out, kwargs):
+    layer = OrthoLinear(n_in, n_out, **kwargs)
     check_sound_before_and_after_adversarial_steps(layer, (n_in,))
 
 
-@given(features, features, presets)
-def test_float32_weight_is_covered_by_its_bound(n_in, n_out, bjorck_iters):
-    check_float32_weight_is_covered(_ortho(n_in, n_out, bjorck_iters=bjorck_iters), (n_in,))
+@given(features, features, options)
+def test_float32_weight_is_covered_by_its_bound(n_in, n_out, kwargs):
+    check_float32_weight_is_covered(_ortho(n_in, n_out, **kwargs), (n_in,))
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"retraction": 2}])
 @pytest.mark.parametrize(("n_in", "n_out"), [(16, 16), (24, 8), (8, 24)])
-def test_orthogonal_and_gradient_norm_preserving_during_training(n_in, n_out):
-    layer = _ortho(n_in, n_out, dtype=torch.float64)
-    opt = torch.optim.Adam(layer.parameters(), lr=0.05)
+def test_orthogonal_and_gradient_norm_preserving_during_training(n_in, n_out, kwargs):
+    layer = _ortho(n_in, n_out, dtype=torch.float64, **kwargs)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.05 if not kwargs else 0.005)
+    retract_after_steps(opt, layer)  # a no-op without retraction
     for step in range(4):
         with torch.no_grad():
             weight = layer.weight
@@ -106,11 +125,69 @@ def test_each_bjorck_step_keeps_the_norm_at_most_one():
     assert torch.equal(bjorck_orthogonalizer(0)(weight), weight / gram_spectral_bound(weight))
 
 
-def test_export_state_cache_and_training():
-    check_export(_ortho(), (5,), nn.Linear)
-    check_state_dict_round_trip(_ortho, (5,))
-    check_eval_cache_follows_updates(_ortho, (5,))
-    check_train_mode_backpropagates(_ortho(), (5,))
+@pytest.mark.parametrize("scale", [0.5, 1.0, 1.9, 2.0, 3.0, 1e3])
+@pytest.mark.parametrize("shape", [(12, 7), (7, 12), (9, 9)])
+def test_one_guarded_bjorck_step_has_norm_at_most_one(shape, scale):
+    """|f(s)| <= 1 on [0, 2] and the guard keeps every singular value there, whatever the weight;
+    singular values spread over [0, scale] put some at the edge of the guard."""
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], dtype=torch.float64, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], shape[1], dtype=torch.float64, generator=gen))
+    k = min(shape)
+    s = torch.linspace(0, scale, k, dtype=torch.float64)
+    weight = u[:, :k] @ torch.diag(s) @ v[:, :k].T
+    for dtype in (torch.float64, torch.float32):
+        step = guarded_bjorck_step(weight.to(dtype)).double()
+        assert torch.linalg.matrix_norm(step, ord=2) <= 1 + LIPSCHITZ_TOL
+
+
+def test_retraction_steps_restore_orthogonality():
+    gen = torch.Generator().manual_seed(0)
+    orthogonal = nn.init.orthogonal_(torch.empty(64, 32, dtype=torch.float64), generator=gen)
+    layer = OrthoLinear(32, 64, dtype=torch.float64, retraction=2)
+    with torch.no_grad():  # an orthogonal weight moved as by a large optimizer step
+        original(layer).copy_(
+            orthogonal + 0.1 / 8 * torch.randn(64, 32, generator=gen, dtype=torch.float64)
+        )
+    assert _defect(original(layer)) > 0.05
+    assert retract_(nn.Sequential(layer, nn.ReLU(), OrthoLinear(4, 4))) == 1
+    assert _defect(original(layer)) <= 1e-3  # two steps: 0.1 -> ~1.5e-2 -> ~3e-4
+    assert 1 <= layer.lipschitz_bound() <= 1 + 1e-3
+
+
+def test_retraction_restores_a_collapsed_weight():
+    """Half the singular values near 0 (measured in a 1024-wide run whose retraction had shrunk
+    them): the retraction keeps stepping until the weight is orthogonal again."""
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64, generator=gen))
+    collapsed = torch.cat([torch.full((32,), 1e-5), torch.linspace(0.5, 1.6, 32)]).double()
+    layer = OrthoLinear(64, 64, dtype=torch.float64, retraction=2)
+    with torch.no_grad():
+        original(layer).copy_(u @ torch.diag(collapsed) @ v.T)
+    retract_(layer)
+    singular = torch.linalg.svdvals(original(layer))
+    assert singular.min() >= 0.9 and singular.max() <= 1 + 1e-6
+
+
+def test_training_loop_retracts_after_every_step(tmp_path):
+    config = load_config(write_tiny_config(tmp_path, epochs=1))
+    config.model.name, config.model.kwargs = "gnp_mlp", {"width": 16, "depth": 2, "retraction": 1}
+    model, _ = train(config, tmp_path / "run")
+    for layer in model.modules():
+        if isinstance(layer, OrthoLinear):
+            assert _defect(original(layer).double()) <= 1e-3  # drifts far without retraction
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"retraction": 2}])
+def test_export_state_cache_and_training(kwargs):
+    def make(**more) -> OrthoLinear:
+        return _ortho(**kwargs, **more)
+
+    check_export(make(), (5,), nn.Linear)
+    check_state_dict_round_trip(make, (5,))
+    check_eval_cache_follows_updates(make, (5,))
+    check_train_mode_backpropagates(make(), (5,))
 
 
 @pytest.mark.parametrize(
@@ -119,6 +196,9 @@ def test_export_state_cache_and_training():
         ({"bjorck_iters": "exact"}, "bjorck_iters"),
         ({"bjorck_iters": -1}, "bjorck_iters"),
         ({"bjorck_iters": 2.5}, "bjorck_iters"),
+        ({"retraction": -1}, "retraction"),
+        ({"retraction": 1.5}, "retraction"),
+        ({"retraction": True}, "retraction"),
         ({"in_features": 0}, "in_features"),
         ({"out_features": -3}, "out_features"),
     ],

@@ -49,13 +49,24 @@ def _weights(path):
     return {k: v for k, v in tensors.items() if k.startswith("model.")}
 
 
-# LMT carries state outside the model (its power-iteration vectors): resume must restore it too.
-@pytest.mark.parametrize("loss", [{"name": "ce"}, {"name": "lmt", "kwargs": {"eps": 0.3}}])
-def test_resume_matches_uninterrupted_run(tmp_path, loss):
-    train(_config(loss=loss), tmp_path / "full", data=_data())
-    train(_config(loss=loss), tmp_path / "split", data=_data(), stop_after_epochs=2)
+RETRACTED_GNP = {"name": "gnp_mlp", "kwargs": {"width": 8, "depth": 2, "retraction": 2}}
+
+
+# LMT carries state outside the model (its power-iteration vectors), retraction acts after every
+# optimizer step: resume must reproduce both.
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"loss": {"name": "ce"}},
+        {"loss": {"name": "lmt", "kwargs": {"eps": 0.3}}},
+        {"loss": {"name": "multiclass_hkr", "kwargs": {"alpha": 10.0}}, "model": RETRACTED_GNP},
+    ],
+)
+def test_resume_matches_uninterrupted_run(tmp_path, overrides):
+    train(_config(**overrides), tmp_path / "full", data=_data())
+    train(_config(**overrides), tmp_path / "split", data=_data(), stop_after_epochs=2)
     assert read_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)[1]["state"]
-    train(_config(loss=loss), tmp_path / "split", data=_data(), resume=True)
+    train(_config(**overrides), tmp_path / "split", data=_data(), resume=True)
     full, split = (
         _weights(tmp_path / "full" / CHECKPOINT_NAME),
         _weights(tmp_path / "split" / CHECKPOINT_NAME),

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lipcert.modes import eval_mode
+
 NORMS = ("l2", "linf")
 #: Step size factor: eps * 2.5 / steps lets PGD cross the ball and back (Madry et al. 2018).
 STEP_FACTOR = 2.5
@@ -66,8 +68,22 @@ def pgd(
     """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    model.eval()
-    eps_t = _per_sample(eps, x)
+    with eval_mode(model):  # restores each module's mode after
+        return _search(model, x, y, _per_sample(eps, x), norm, steps, restarts, clamp, seed)
+
+
+def _search(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps_t: Tensor,
+    norm: str,
+    steps: int,
+    restarts: int,
+    clamp: tuple[float, float] | None,
+    seed: int,
+) -> tuple[Tensor, Tensor]:
+    """The restarts and steps of :func:`pgd` (model already in eval mode)."""
     step = eps_t * STEP_FACTOR / steps
     gen = torch.Generator(device=x.device).manual_seed(seed)
     best_x, best_margin = x.clone(), torch.full((x.shape[0],), -torch.inf, device=x.device)

@@ -28,6 +28,7 @@ from lipcert.config import LossConfig, OptimConfig, TrainConfig, to_dict
 from lipcert.data import Dataset, Split, load_dataset, random_crop, random_flip
 from lipcert.lmt import LMTTrainingLoss
 from lipcert.models import build_model
+from lipcert.nn import retract_after_steps
 
 CHECKPOINT_NAME = "last.safetensors"
 METRICS_NAME = "metrics.jsonl"
@@ -273,6 +274,7 @@ def train(
     kwargs = {"input_shape": list(data.input_shape), "num_classes": data.num_classes}
     model = build_model(config.model.name, **kwargs, **config.model.kwargs).to(device)
     optimizer = make_optimizer(config.optim, model.parameters())
+    retract_after_steps(optimizer, model)  # OrthoLinear(retraction=k) layers, if any
     steps = _steps_per_epoch(data, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(config.optim, s, steps * config.epochs, steps)

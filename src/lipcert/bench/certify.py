@@ -17,12 +17,12 @@ import torch
 
 from lipcert.certify import certified_accuracy, certify_batched, clear_summary_cache
 from lipcert.cli.common import load_run
+from lipcert.modes import eval_mode
 from lipcert.report import format_table
 
 
 def _eval_pass(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> None:
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for i in range(0, len(x), batch_size):
             model(x[i : i + batch_size])
 

@@ -1,4 +1,5 @@
-"""Cross-entropy losses for Lipschitz networks: temperature-scaled CE and Lipschitz-margin CE.
+"""Cross-entropy losses for Lipschitz networks: temperature-scaled (offset) CE and
+Lipschitz-margin CE.
 
 Targets are (B,) int64 class ids; logits are (B, C) with C >= 2.
 """
@@ -20,16 +21,23 @@ LMT_MARGIN_FACTOR = math.sqrt(2.0)
 
 
 def tau_cross_entropy(
-    logits: Tensor, targets: Tensor, tau: float, reduction: str = "mean"
+    logits: Tensor, targets: Tensor, tau: float, reduction: str = "mean", *, offset: float = 0.0
 ) -> Tensor:
-    """CE(tau * f, y) / tau (Béthune et al., NeurIPS 2022, Sec. 4, CE with temperature tau).
+    """CE(tau (f - offset onehot(y)), y) / tau: CE with temperature tau (Béthune et al.,
+    NeurIPS 2022, Sec. 4) on logits whose target is lowered by ``offset`` (the offset
+    cross-entropy that Prach & Lampert, ECCV 2022, train AOL networks with).
 
     Dividing by tau keeps the gradient in f bounded by sqrt(2) for every tau; as tau grows the
-    loss tends to the margin hinge relu(max_{j != y} f_j - f_y); as tau -> 0 it is
-    log(C) / tau + mean_j f_j - f_y + O(tau), a KR-like linear loss.
+    loss tends to the margin hinge relu(offset + max_{j != y} f_j - f_y); as tau -> 0 it is
+    log(C) / tau + mean_j f_j - f_y + O(tau), a KR-like linear loss. The offset is LMT's margin
+    (Tsuzuku et al., NeurIPS 2018): ``offset = sqrt(2) eps`` asks a 1-Lipschitz net for the
+    margin that certifies radius eps (a unit-row head needs ||w_y - w_j|| eps, also ~sqrt(2) eps).
     """
     tau = check_hyperparameter("tau", tau, positive=True)
+    offset = check_hyperparameter("offset", offset, positive=False)
     logits, targets = multiclass_inputs("tau_cross_entropy", logits, targets)
+    if offset:
+        logits = logits - offset * F.one_hot(targets, logits.shape[1]).to(logits.dtype)
     return reduce(F.cross_entropy(tau * logits, targets, reduction="none") / tau, reduction)
 
 
@@ -70,16 +78,17 @@ def lmt_loss(
 
 
 class TauCrossEntropyLoss(ReducedLoss):
-    """Module form of :func:`tau_cross_entropy`: CE(tau * f, y) / tau."""
+    """Module form of :func:`tau_cross_entropy`: CE(tau (f - offset onehot(y)), y) / tau."""
 
-    hyperparameters = ("tau",)
+    hyperparameters = ("tau", "offset")
 
-    def __init__(self, tau: float, reduction: str = "mean") -> None:
+    def __init__(self, tau: float, reduction: str = "mean", *, offset: float = 0.0) -> None:
         super().__init__(reduction)
         self.tau = check_hyperparameter("tau", tau, positive=True)
+        self.offset = check_hyperparameter("offset", offset, positive=False)
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return tau_cross_entropy(logits, targets, self.tau, reduction=self.reduction)
+        return tau_cross_entropy(logits, targets, self.tau, self.reduction, offset=self.offset)
 
 
 class LMTLoss(ReducedLoss):

@@ -11,7 +11,7 @@ from lipcert.nn.cayley import CayleyConv2d
 from lipcert.nn.constraint import EvalCache, LipschitzLayer, WeightConstraint, clear_caches
 from lipcert.nn.head import RowNormLinear
 from lipcert.nn.linf import LinfDist
-from lipcert.nn.orthogonal import OrthoLinear
+from lipcert.nn.orthogonal import OrthoLinear, retract_, retract_after_steps
 from lipcert.nn.pooling import InvertibleDownsample, L2NormPool2d, ScaledAvgPool2d
 from lipcert.nn.residual import Residual
 from lipcert.nn.sll import SLLConv2d, SLLLinear
@@ -39,4 +39,6 @@ __all__ = [
     "WeightConstraint",
     "clear_caches",
     "get_activation",
+    "retract_",
+    "retract_after_steps",
 ]

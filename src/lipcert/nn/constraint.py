@@ -78,7 +78,8 @@ class WeightConstraint(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         def compute() -> Tensor:
-            with ieee_float32():  # TF32 would eat the slack of the constraint's proof
+            # TF32 or autocast's bfloat16 would eat the slack of the constraint's proof
+            with ieee_float32(), torch.autocast(weight.device.type, enabled=False):
                 return self.constrain(weight)
 
         return self.cache.get([weight], compute, enabled=not self.training)
