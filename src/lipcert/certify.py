@@ -23,10 +23,18 @@ a linear head the pair bound is L_b ||w_y - w_j||_1 (Hölder). **Binary** models
 Bounding the float32 forward error of a whole network tightly is impractical, so we use a
 documented a-priori bound, checked against float64 recomputation in the tests:
 delta_logit(x) = ROUNDING_REL * (1 + max_k |f_k(x)| + L_b ||x||_2) for float32 (scaled by the
-dtype's eps otherwise), L_b the body bound: L_b ||x||_2 bounds the size of the intermediate
-activations. With delta_m = 2 delta_logit (a margin is a difference of two logits), the radius is
-r = (m_computed - 3 delta_m) / L_pair: at any x' with ||x' - x|| <= r the exact margin is
->= 2 delta_m and the computed one >= delta_m > 0, so even a float tie is excluded.
+eps of the least precise dtype among the input, the logits and the model's tensors otherwise: a
+float32 model rounds a float64 input), L_b the body bound: L_b ||x||_2 bounds the size of the
+intermediate activations. With delta_m = 2 delta_logit (a margin is a difference of two
+logits), the radius is r = (m_computed - 3 delta_m) / L_pair: at any x' with ||x' - x|| <= r the
+exact margin is >= 2 delta_m and the computed one >= delta_m > 0, so even a float tie is
+excluded. A sample with a non-finite logit (overflow) gets radius 0: the a-priori bound does not
+cover overflow.
+
+**Cache.** The bound is computed once per model state and input shape: the cache key holds every
+parameter, buffer and tensor attribute (by version) and every module's configuration (class,
+plain attributes such as a slope or a stride, hooks), so editing ``negative_slope`` or adding a
+hook recomputes it.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from lipcert.bounds.graph import graph_bound
 from lipcert.bounds.network import UnsupportedNorm
@@ -64,10 +73,12 @@ class LipschitzSummary:
     head_pair_bound: Tensor | None  # (C, C): ||w_i - w_j||_* (dual norm), float64, or None
 
 
-#: Per model, one cache per (norm, input shape).
-_SUMMARIES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, EvalCache]] = (
+#: Per model, per (norm, input shape): the configuration the cache holds, and the cache.
+_SUMMARIES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[tuple, EvalCache]]] = (
     weakref.WeakKeyDictionary()
 )
+#: Attribute values compared by value in the configuration key; other objects by identity.
+_PLAIN_TYPES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 #: Dual norm of each input norm: the margin (w_y - w_j) . h moves by ||w_y - w_j||_* ||dh||.
 _DUAL_P = {"l2": 2.0, "linf": 1.0}
 
@@ -89,13 +100,45 @@ def summarize(model: nn.Module, norm: str, input_shape: tuple[int, ...]) -> Lips
     return LipschitzSummary(norm, bounds.bound, None)
 
 
+def _plain(value: object) -> object:
+    """A comparable stand-in for a module attribute: numbers, strings, dtypes (and containers of
+    them) by value; tensors and modules as None (tracked as cache sources and as modules of their
+    own); anything else (hooks, functions) by identity, kept alive by the key."""
+    if isinstance(value, _PLAIN_TYPES):
+        return value
+    if isinstance(value, tuple | list):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _plain(v)) for k, v in value.items())
+    if isinstance(value, Tensor | nn.Module):
+        return None
+    return (id(value), value)  # the ids differ, or the objects are the same (no __eq__ call)
+
+
+def _model_state(model: nn.Module) -> tuple[tuple, list[Tensor]]:
+    """What a bound reads besides the input shape: the configuration (every module's class and
+    non-tensor attributes, hooks included, with the global forward hooks) and the tensors
+    (parameters, buffers and plain tensor attributes), which the cache tracks by version."""
+    config, tensors = [], []
+    for module in model.modules():
+        attributes = vars(module)
+        config.append((type(module), _plain(attributes)))
+        tensors.extend(v for v in attributes.values() if isinstance(v, Tensor))
+    hooks = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks)
+    config.append(_plain(hooks))
+    return tuple(config), [*model.parameters(), *model.buffers(), *tensors]
+
+
 def cached_summary(model: nn.Module, norm: str, input_shape: tuple[int, ...]) -> LipschitzSummary:
-    """:func:`summarize`, computed once per model state (keyed on every parameter and buffer)."""
+    """:func:`summarize`, computed once per model state: every parameter and buffer (by version)
+    and every module's configuration (a slope, a stride, a hook: :func:`_model_state`)."""
     key = (norm, tuple(input_shape))
-    cache = _SUMMARIES.setdefault(model, {}).setdefault(key, EvalCache())
-    sources = [*model.parameters(), *model.buffers()]
+    config, sources = _model_state(model)
+    caches = _SUMMARIES.setdefault(model, {})
+    if key not in caches or caches[key][0] != config:
+        caches[key] = (config, EvalCache())
     with torch.no_grad(), ieee_float32():
-        return cache.get(sources, lambda: summarize(model, norm, input_shape), enabled=True)
+        return caches[key][1].get(sources, lambda: summarize(model, norm, input_shape), True)
 
 
 def clear_summary_cache(model: nn.Module) -> None:
@@ -186,8 +229,10 @@ def predict(logits: Tensor) -> Tensor:
 
 
 def radii_from_logits(logits: Tensor, x: Tensor, y: Tensor, summary: LipschitzSummary) -> Tensor:
-    """Radii in ``summary.norm`` (<= 0 where misclassified or not certifiable) from logits."""
-    computed_in = torch.promote_types(logits.dtype, x.dtype)
+    """Radii in ``summary.norm`` (<= 0 where misclassified or not certifiable) from logits, with
+    the rounding allowance of the less precise of their dtype and the inputs' (pass the logits as
+    the forward computed them; :func:`certify` also accounts for the model's own dtype)."""
+    computed_in = max(logits.dtype, x.dtype, key=lambda dtype: torch.finfo(dtype).eps)
     return _radii(logits, input_norm_bound(x), y, summary, computed_in)
 
 
@@ -214,7 +259,10 @@ def _radii(
     radius = per_class.amin(dim=1)
     # A sample whose computed margin is not positive is misclassified (or tied): radius <= 0.
     wrong = margins.scatter(1, y[:, None], math.inf).amin(dim=1) <= 0
-    return torch.where(wrong, torch.minimum(radius, torch.zeros_like(radius)), radius).float()
+    radius = torch.where(wrong, torch.minimum(radius, torch.zeros_like(radius)), radius)
+    # A logit that overflowed (inf / NaN) has no rounding bound: not certified.
+    overflow = ~torch.isfinite(logits64).all(dim=1)
+    return torch.where(overflow, torch.zeros_like(radius), radius).float()
 
 
 def convert_radius(radius: Tensor, source: str, target: str, input_dim: int) -> Tensor:
@@ -282,9 +330,17 @@ def _certify_with(
     num_classes = max(2, logits.shape[1])
     if bool((y < 0).any()) or bool((y >= num_classes).any()):
         raise ValueError(f"labels must lie in [0, {num_classes}), got {y.min()}..{y.max()}")
-    computed_in = torch.promote_types(logits.dtype, x.dtype)
-    radius = _radii(logits, x_norms.to(logits.device), y, summary, computed_in)
+    radius = _radii(logits, x_norms.to(logits.device), y, summary, _forward_dtype(model, x, logits))
     return convert_radius(radius, summary.norm, norm, x[0].numel())
+
+
+def _forward_dtype(model: nn.Module, x: Tensor, logits: Tensor) -> torch.dtype:
+    """The least precise floating dtype among the input, the logits and the model's parameters
+    and buffers: the forward rounds at least that coarsely (a float32 model casting a float64
+    input rounds it, and logits may have been upcast since)."""
+    tensors = (x, logits, *model.parameters(), *model.buffers())
+    floating = {t.dtype for t in tensors if t.is_floating_point()}
+    return max(floating, key=lambda dtype: torch.finfo(dtype).eps)
 
 
 def certified_accuracy(radii: Tensor, eps: list[float] | tuple[float, ...]) -> dict[float, float]:

@@ -19,10 +19,26 @@ of the map from the model's input to that node's value, in graph order:
   l_inf; amax / amin: 1.
 
 Anything else raises a TypeError naming the operation: nothing is assumed to be 1-Lipschitz, and
-the product of two input-dependent tensors is refused (it is not globally Lipschitz). The model
-must treat the samples of a batch independently: operations over dimension 0 are refused.
-The traced graph must reproduce the model's output on a random input (checked), and a module
-that works in place may not overwrite a tensor that something else still reads.
+the product of two input-dependent tensors is refused (it is not globally Lipschitz). Every node
+that depends on the input is bounded, whether or not the output reads it, so no operation is
+left unchecked. Also refused, because the bound could not hold for them:
+
+* mixing the samples of a batch: every op must keep dimension 0 as the batch, untouched (no
+  reduction, cat, slicing, transpose, squeeze / unsqueeze, flatten or broadcast over it, checked
+  per op and on the recorded shapes); a view / reshape must ask for -1 or the batch size first;
+* constants computed from the batch size (``x.shape[0]``, ``x.numel()``, ``len(x)``): the bound
+  is per sample, computed at a batch of one; only a view / reshape may take the batch size, as
+  its first size (the flatten idiom ``x.view(x.size(0), -1)``);
+* in-place writes that another operation could observe (:mod:`lipcert.bounds.inplace`);
+* casts that change the values: ``view(dtype)`` (reinterprets bits) and casts to a type that
+  cannot hold every value of the input (float64 -> float32 rounds); widening casts are exact;
+* modules with hooks or a patched ``forward``, and subclasses that redefine a method of a class
+  with a rule (:func:`lipcert.bounds.network.distrust_reason`).
+
+The traced graph must reproduce the model's output on a random input (checked). Rounding: the
+rules' products, sums, quotients and square roots round up (:func:`~lipcert.bounds.network.mul_up`
+and friends check each result in exact rational arithmetic), so the float bound is never below the
+real one, and exact results (a chain of 1-Lipschitz ops: 1) stay exact.
 """
 
 from __future__ import annotations
@@ -32,6 +48,7 @@ import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -40,7 +57,19 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Interpreter, Node, Tracer
 from torch.fx.node import map_arg
 
-from lipcert.bounds.network import NORMS, has_bound_rule, matrix_operator_bound, module_bound
+from lipcert.bounds.inplace import check_in_place, target_name
+from lipcert.bounds.network import (
+    NORMS,
+    add_up,
+    distrust_reason,
+    has_bound_rule,
+    hook_reason,
+    matrix_operator_bound,
+    module_bound,
+    mul_up,
+    round_up,
+    sqrt_up,
+)
 from lipcert.bounds.padded_conv import conv_geometry
 from lipcert.bounds.rules import conv_bound, pad_factor
 from lipcert.nn.constraint import LipschitzLayer
@@ -52,6 +81,8 @@ TRACED_CONTAINERS = (nn.Sequential, Residual)
 #: Tensor queries whose results (sizes, dtypes) do not depend on the input's values.
 SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel"})
 SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
+#: The shape queries that never read the batch size.
+BATCH_FREE_QUERIES = frozenset({"dim", "ndimension", "ndim", "dtype", "device"})
 #: Relative tolerance of the check that the traced graph computes what the model computes.
 TRACE_CHECK_RTOL = 1e-4
 
@@ -122,12 +153,25 @@ def _shape_of(value: Any) -> Any:
     return None
 
 
+def _dtype_of(value: Any) -> torch.dtype | None:
+    """A tensor's dtype, or the first one's for a sequence of tensors; None otherwise."""
+    if isinstance(value, Tensor):
+        return value.dtype
+    if isinstance(value, tuple | list) and value and isinstance(value[0], Tensor):
+        return value[0].dtype
+    return None
+
+
 def _is_shape_query(node: Node) -> bool:
     if node.op == "call_method":
         return node.target in SHAPE_METHODS
     if node.target is builtins.getattr:
         return node.args[1] in SHAPE_ATTRIBUTES
     return node.target is builtins.len
+
+
+def _query_name(node: Node) -> str:
+    return node.args[1] if node.target is builtins.getattr else target_name(node)
 
 
 class _Probe(Interpreter):
@@ -138,8 +182,10 @@ class _Probe(Interpreter):
         self.extra_traceback = False  # our message names the node and the shapes
         self.input_shape, self.model_name = input_shape, model_name
         self.shapes: dict[Node, Any] = {}
+        self.dtypes: dict[Node, torch.dtype | None] = {}
         self.depends: set[Node] = set()
         self.constants: dict[Node, Any] = {}
+        self.batch_sized: set[Node] = set()  # constants that may change with the batch size
 
     def run_node(self, n: Node) -> Any:
         try:
@@ -150,7 +196,7 @@ class _Probe(Interpreter):
                 f"input_shape {self.input_shape} does not fit {self.model_name}: {_describe(n)} "
                 f"failed on inputs of shape {shapes} (batch of 1): {err}"
             ) from err
-        self.shapes[n] = _shape_of(result)
+        self.shapes[n], self.dtypes[n] = _shape_of(result), _dtype_of(result)
         if n.op == "placeholder":
             first = next(iter(self.module.graph.nodes))
             dependent = n is first
@@ -161,7 +207,39 @@ class _Probe(Interpreter):
             self.depends.add(n)
         else:
             self.constants[n] = result
+            if self._reads_batch_size(n):
+                self.batch_sized.add(n)
         return result
+
+    def _reads_batch_size(self, n: Node) -> bool:
+        """Whether the value of the constant node ``n`` may change with the batch size."""
+        if _is_shape_query(n):
+            source = n.args[0]
+            if _query_name(n) in BATCH_FREE_QUERIES or not isinstance(source, Node):
+                return False
+            if source in self.batch_sized:
+                return True
+            if source not in self.depends:
+                return False
+            dim = _arg(n, 1, "dim") if n.target == "size" else None
+            dim = self.env[dim] if isinstance(dim, Node) else dim
+            return dim is None or dim % len(self.shapes[source]) == 0
+        source = n.args[0] if n.args else None
+        size = self.env[source] if isinstance(source, Node) else None
+        if n.target is operator.getitem and isinstance(size, torch.Size):  # t.shape[i]
+            return source in self.batch_sized and _picks_first(self.env, n)
+        return any(a in self.batch_sized for a in n.all_input_nodes)
+
+
+def _picks_first(env: dict[Node, Any], node: Node) -> bool:
+    """Whether ``size[index]`` (``node``) may read entry 0 of the size (the batch size)."""
+    size, index = node.args
+    index = env[index] if isinstance(index, Node) else index
+    try:
+        picked = range(len(env[size]))[index]
+    except TypeError:
+        return True
+    return picked == 0 if isinstance(picked, int) else 0 in picked
 
 
 def _describe(node: Node) -> str:
@@ -171,6 +249,8 @@ def _describe(node: Node) -> str:
         return f"module '{node.target}' ({type(module).__name__})"
     if node.op == "call_method":
         return f"Tensor.{node.target}"
+    if node.target is builtins.getattr:
+        return f"Tensor.{node.args[1]}"
     if node.op == "call_function":
         owner = getattr(node.target, "__module__", None)
         owner = {"_operator": "operator"}.get(owner, owner)
@@ -186,8 +266,10 @@ class _Context:
     gm: GraphModule
     norm: str
     shapes: dict[Node, Any]
+    dtypes: dict[Node, torch.dtype | None]
     constants: dict[Node, Any]
     depends: set[Node]
+    batch_sized: set[Node]
     bounds: dict[Node, float] = field(default_factory=dict)
 
     def is_dependent(self, arg: Any) -> bool:
@@ -209,11 +291,11 @@ class _Context:
         """sqrt(r) (l2) when broadcasting repeats each entry of ``arg`` r times in ``out``."""
         if self.norm == "linf" or not self.is_dependent(arg):
             return 1.0
-        return math.sqrt(math.prod(self.shapes[out]) / math.prod(self.shapes[arg]))
+        return sqrt_up(Fraction(math.prod(self.shapes[out]), math.prod(self.shapes[arg])))
 
     def term(self, arg: Any, out: Node) -> float:
         """Contribution of ``arg`` to the bound of ``out`` in a sum (broadcast included)."""
-        return self.spread(arg, out) * self.bound(arg) if self.is_dependent(arg) else 0.0
+        return mul_up(self.spread(arg, out), self.bound(arg)) if self.is_dependent(arg) else 0.0
 
 
 def _nodes_in(arg: Any) -> list[Node]:
@@ -252,7 +334,120 @@ def _unary(ctx: _Context, node: Node, factor: float) -> Step:
             f"{_describe(node)} (node '{node.name}') combines several input-dependent tensors; "
             "no rule bounds that: wrap it in a module and register a rule for it"
         )
-    return Step(factor, factor * ctx.bound(source))
+    return Step(factor, mul_up(factor, ctx.bound(source)))
+
+
+def _batch_error(node: Node, what: str) -> TypeError:
+    return TypeError(
+        f"{_describe(node)} (node '{node.name}') {what}: samples must be processed "
+        "independently, so dimension 0 (the batch) must stay first and untouched"
+    )
+
+
+def _variadic(node: Node, key: str) -> list[Any]:
+    """Sizes or dims given as ``f(x, *sizes)``, ``f(x, sizes)`` or ``f(x, key=sizes)``."""
+    args = node.args[1:]
+    if len(args) == 1 and isinstance(args[0], tuple | list):
+        return list(args[0])
+    if args:
+        return list(args)
+    value = node.kwargs.get(key)
+    return list(value) if isinstance(value, tuple | list) else [] if value is None else [value]
+
+
+def _is_shape_of_dependent(ctx: _Context, arg: Any) -> bool:
+    """Whether ``arg`` is ``t.shape`` or ``t.size()`` of an input-dependent tensor t."""
+    if not isinstance(arg, Node) or not arg.args or not ctx.is_dependent(arg.args[0]):
+        return False
+    if arg.target is builtins.getattr:
+        return arg.args[1] == "shape"
+    return arg.op == "call_method" and arg.target == "size" and _arg(arg, 1, "dim") is None
+
+
+def _is_batch_size(ctx: _Context, arg: Any) -> bool:
+    """Whether ``arg`` is the batch size read directly: ``t.size(0)``, ``t.shape[0]``, ``len(t)``
+    of an input-dependent tensor t."""
+    if not isinstance(arg, Node) or not arg.args:
+        return False
+    source = arg.args[0]
+    if arg.target is builtins.len:
+        return ctx.is_dependent(source)
+    if arg.op == "call_method" and arg.target == "size":
+        dim = _arg(arg, 1, "dim")
+        return (
+            ctx.is_dependent(source) and isinstance(dim, int) and dim % len(ctx.shapes[source]) == 0
+        )
+    if arg.target is operator.getitem and _is_shape_of_dependent(ctx, source):
+        index = arg.args[1]
+        return isinstance(index, int) and index % len(ctx.constants[source]) == 0
+    return False
+
+
+def _batch_size_arguments(ctx: _Context, node: Node) -> set[Node]:
+    """The batch-size nodes a view / reshape may take: its first size, or a whole ``t.shape``."""
+    if target_name(node) not in ("view", "reshape"):
+        return set()
+    sizes = _variadic(node, "shape")
+    if len(sizes) == 1 and _is_shape_of_dependent(ctx, sizes[0]):
+        return {sizes[0]}
+    return {sizes[0]} if sizes and _is_batch_size(ctx, sizes[0]) else set()
+
+
+def _keeps_batch(ctx: _Context, node: Node) -> bool:
+    """Whether a reindexing op leaves dimension 0 (the batch) first and whole."""
+    name, ndim = target_name(node), len(ctx.shapes[node.args[0]])
+
+    def dim(index: int, key: str, default: Any = None) -> int:
+        return ctx.value(_arg(node, index, key, default)) % ndim
+
+    if name in ("narrow", "unflatten"):
+        return dim(1, "dim") != 0
+    if name in ("chunk", "split"):
+        return dim(2, "dim", 0) != 0
+    if name == "unbind":
+        return dim(1, "dim", 0) != 0
+    if name in ("transpose", "swapaxes", "swapdims"):
+        first, second = dim(1, "dim0"), dim(2, "dim1")
+        return first == second or 0 not in (first, second)
+    if name == "movedim":
+        moved = [
+            *_ints(ctx.value(_arg(node, 1, "source"))),
+            *_ints(ctx.value(_arg(node, 2, "destination"))),
+        ]
+        return all(d % ndim for d in moved)
+    if name == "permute":
+        dims = _variadic(node, "dims")
+        return bool(dims) and ctx.value(dims[0]) % ndim == 0
+    if name == "flatten":
+        return dim(1, "start_dim", 0) != 0 or dim(2, "end_dim", -1) == 0
+    if name == "squeeze":
+        squeezed = _arg(node, 1, "dim")
+        return squeezed is not None and all(d % ndim for d in _ints(ctx.value(squeezed)))
+    if name == "unsqueeze":
+        return ctx.value(_arg(node, 1, "dim")) % (ndim + 1) != 0
+    if name == "t":
+        return ndim < 2
+    if name in ("view", "reshape"):
+        return _reshape_keeps_batch(ctx, node)
+    if name in ("view_as", "reshape_as"):
+        return ctx.is_dependent(_arg(node, 1, "other"))
+    return True  # entrywise: clone, neg, contiguous, detach; pixel (un)shuffle act per sample
+
+
+def _ints(value: Any) -> list[int]:
+    return [value] if isinstance(value, int) else list(value)
+
+
+def _reshape_keeps_batch(ctx: _Context, node: Node) -> bool:
+    """A view / reshape keeps the batch first when its first size is the batch size or -1 (with
+    a batch of one first in the recorded shape, checked for every node: the other sizes then hold
+    one sample)."""
+    if _batch_size_arguments(ctx, node):
+        return True
+    sizes = _variadic(node, "shape")
+    if len(sizes) == 1 and isinstance(sizes[0], Node):  # a constant shape
+        sizes = list(ctx.value(sizes[0]))
+    return bool(sizes) and ctx.value(sizes[0]) == -1
 
 
 #: Each output entry is one input entry, used once: L unchanged in every l_p norm.
@@ -262,19 +457,56 @@ REINDEXING = (
     torch.unbind, torch.t, torch.clone, torch.neg, operator.neg, operator.pos, F.pixel_shuffle,
     F.pixel_unshuffle, "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten",
     "permute", "transpose", "swapaxes", "movedim", "squeeze", "unsqueeze", "contiguous", "clone",
-    "t", "narrow", "chunk", "split", "unbind", "neg", "float", "double", "detach",
+    "t", "narrow", "chunk", "split", "unbind", "neg", "detach",
 )  # fmt: skip
+#: Reindexing ops whose pieces, together, hold every entry of their input once.
+PARTITIONS = frozenset({torch.chunk, torch.split, torch.unbind, "chunk", "split", "unbind"})
 
 
 @_rule(*REINDEXING)
 def _reindex(ctx: _Context, node: Node) -> Step:
+    if ctx.dtypes[node] != ctx.dtypes[node.args[0]]:
+        raise TypeError(
+            f"{_describe(node)} (node '{node.name}') reinterprets the bits of a "
+            f"{ctx.dtypes[node.args[0]]} tensor as {ctx.dtypes[node]}, which is not Lipschitz"
+        )
+    if not _keeps_batch(ctx, node):
+        raise _batch_error(node, "moves, splits or merges the batch dimension")
+    return _unary(ctx, node, 1.0)
+
+
+def _is_exact_cast(source: torch.dtype | None, target: torch.dtype | None) -> bool:
+    """Whether every value of ``source`` is a value of ``target`` (floating types)."""
+    if (
+        source is None
+        or target is None
+        or not (source.is_floating_point and target.is_floating_point)
+    ):
+        return False
+    wide, narrow = torch.finfo(target), torch.finfo(source)
+    return source == target or (wide.eps <= narrow.eps and wide.max >= narrow.max)
+
+
+@_rule("float", "double", "half", "bfloat16", "to", "type")
+def _cast(ctx: _Context, node: Node) -> Step:
+    """A cast to a floating type that holds every input value is exact: L unchanged."""
+    source, target = ctx.dtypes[node.args[0]], ctx.dtypes[node]
+    if not _is_exact_cast(source, target):
+        raise TypeError(
+            f"{_describe(node)} (node '{node.name}') casts {source} to {target}, which rounds or "
+            "truncates (not Lipschitz, and not covered by the float64 rounding allowance): "
+            "only casts to a floating type that holds every input value are supported"
+        )
     return _unary(ctx, node, 1.0)
 
 
 @_rule(builtins.getattr)
 def _attribute(ctx: _Context, node: Node) -> Step:
-    if node.args[1] not in ("T", "mT"):
-        raise TypeError(f"no Lipschitz bound rule for the tensor attribute {node.args[1]!r}")
+    name, ndim = node.args[1], len(ctx.shapes[node.args[0]])
+    if name not in ("T", "mT"):
+        raise TypeError(f"no Lipschitz bound rule for the tensor attribute {name!r}")
+    if (name == "T" and ndim >= 2) or (name == "mT" and ndim < 3):
+        raise _batch_error(node, "transposes the batch dimension")
     return _unary(ctx, node, 1.0)
 
 
@@ -282,11 +514,14 @@ def _attribute(ctx: _Context, node: Node) -> Step:
 def _getitem(ctx: _Context, node: Node) -> Step:
     """One piece of a tuple, or basic indexing of a tensor (a subset of its entries, once)."""
     source, index = node.args
-    if not isinstance(ctx.shapes[source], list) and not _is_basic_index(ctx, index):
-        raise TypeError(
-            f"indexing with {index} (node '{node.name}') may repeat entries: only ints, slices, "
-            "None and ... are supported"
-        )
+    if not isinstance(ctx.shapes[source], list):
+        if not _is_basic_index(ctx, index):
+            raise TypeError(
+                f"indexing with {index} (node '{node.name}') may repeat entries: only ints, "
+                "slices, None and ... are supported"
+            )
+        if not _index_keeps_batch(index, len(ctx.shapes[source])):
+            raise _batch_error(node, f"indexes the batch dimension with {index}")
     return _unary(ctx, node, 1.0)
 
 
@@ -299,6 +534,19 @@ def _is_basic_index(ctx: _Context, index: Any) -> bool:
     if isinstance(index, Node):
         return not ctx.is_dependent(index) and isinstance(ctx.constants[index], int)
     return index is None or index is Ellipsis or isinstance(index, int)
+
+
+def _index_keeps_batch(index: Any, ndim: int) -> bool:
+    """A basic index leaves dimension 0 alone when it starts with ``:``, or with ``...`` followed
+    by fewer indexed dimensions than the tensor has (so that ``...`` covers dimension 0)."""
+    entries = index if isinstance(index, tuple) else (index,)
+    if not entries:
+        return True
+    first = entries[0]
+    if isinstance(first, slice):
+        return first == slice(None)
+    indexed = [e for e in entries[1:] if e is not None and not isinstance(e, bool)]
+    return first is Ellipsis and len(indexed) < ndim
 
 
 #: Functional forms of modules with bound rules: the module and the arguments it takes.
@@ -355,13 +603,22 @@ def _dropout(ctx: _Context, node: Node) -> Step:
     return _unary(ctx, node, 1.0)
 
 
+def _check_same_rank(ctx: _Context, node: Node, *operands: Any) -> None:
+    """Broadcasting must not prepend dimensions to an input-dependent operand (its batch
+    dimension would move and later ops could mix samples)."""
+    rank = len(ctx.shapes[node])
+    if any(ctx.is_dependent(a) and len(ctx.shapes[a]) != rank for a in operands):
+        raise _batch_error(node, "broadcasts an operand to more dimensions")
+
+
 @_rule(operator.add, operator.iadd, torch.add, "add", "add_", operator.sub, operator.isub,
        torch.sub, "sub", "sub_")  # fmt: skip
 def _add(ctx: _Context, node: Node) -> Step:
     """a + alpha b (or minus): L(a) + |alpha| L(b), each with its broadcast repeats."""
     a, b = node.args[0], _arg(node, 1, "other")
+    _check_same_rank(ctx, node, a, b)
     alpha = abs(ctx.value(node.kwargs.get("alpha", 1)))
-    return Step(None, ctx.term(a, node) + alpha * ctx.term(b, node))
+    return Step(None, add_up(ctx.term(a, node), mul_up(alpha, ctx.term(b, node))))
 
 
 def _largest_abs(value: Any) -> float:
@@ -376,9 +633,10 @@ def _mul(ctx: _Context, node: Node) -> Step:
             f"node '{node.name}' multiplies two input-dependent tensors, which is not globally "
             "Lipschitz: no sound bound exists"
         )
+    _check_same_rank(ctx, node, a, b)
     source, constant = (a, b) if ctx.is_dependent(a) else (b, a)
-    factor = _largest_abs(ctx.value(constant)) * ctx.spread(source, node)
-    return Step(factor, factor * ctx.bound(source))
+    factor = mul_up(_largest_abs(ctx.value(constant)), ctx.spread(source, node))
+    return Step(factor, mul_up(factor, ctx.bound(source)))
 
 
 @_rule(operator.truediv, operator.itruediv, torch.div, "div", "div_")
@@ -389,50 +647,63 @@ def _div(ctx: _Context, node: Node) -> Step:
             f"node '{node.name}': only division of a tensor by a constant, without rounding, is "
             "Lipschitz"
         )
+    _check_same_rank(ctx, node, node.args[0])
     smallest = float(torch.as_tensor(ctx.value(divisor), dtype=torch.float64).abs().min())
     if smallest == 0:
         raise TypeError(f"node '{node.name}' divides by zero")
-    factor = ctx.spread(node.args[0], node) / smallest
+    spread = ctx.spread(node.args[0], node)
+    factor = round_up(spread / smallest, Fraction(spread) / Fraction(smallest))
     return _unary(ctx, node, factor)
 
 
-def _dims(node: Node, dim: Any, ndim: int) -> list[int]:
+def _dims(ctx: _Context, node: Node, dim: Any, ndim: int) -> list[int]:
     """``dim`` (an int or a sequence) as non-negative ints; TypeError if it includes the batch."""
+    dim = ctx.value(dim)
     dims = [dim] if isinstance(dim, int) else list(dim or ())
     dims = [d % ndim for d in dims]
     if not dims or 0 in dims:
-        raise TypeError(
-            f"{_describe(node)} (node '{node.name}') acts across the batch dimension: samples "
-            "must be processed independently"
-        )
+        raise _batch_error(node, "acts across the batch dimension")
     return dims
 
 
 @_rule(torch.cat, torch.concat, torch.concatenate, torch.stack)
 def _cat(ctx: _Context, node: Node) -> Step:
-    """Pieces side by side: squared l2 norms add; the l_inf norm is the largest piece's."""
-    _dims(node, _arg(node, 1, "dim", 0), len(ctx.shapes[node]))
-    bounds = [ctx.bound(piece) for piece in _arg(node, 0, "tensors")]
+    """Pieces side by side: squared l2 norms add; the l_inf norm is the largest piece's. All the
+    pieces of one chunk / split / unbind hold each entry of its input once: L of that input."""
+    _dims(ctx, node, _arg(node, 1, "dim", 0), len(ctx.shapes[node]))
+    pieces = _arg(node, 0, "tensors")
+    if isinstance(pieces, Node):  # the tuple returned by one op
+        if pieces.target not in PARTITIONS:
+            raise TypeError(
+                f"{_describe(node)} (node '{node.name}') joins the tuple returned by "
+                f"{_describe(pieces)}: only the pieces of chunk / split / unbind, or a list of "
+                "tensors, are supported"
+            )
+        return Step(None, ctx.bound(pieces))
+    bounds = [ctx.bound(piece) for piece in pieces]
     if ctx.norm == "linf":
         return Step(None, max(bounds))
-    return Step(None, math.sqrt(sum(b * b for b in bounds)))
+    squares = 0.0
+    for b in bounds:
+        squares = add_up(squares, mul_up(b, b))
+    return Step(None, sqrt_up(squares))
 
 
 @_rule(torch.sum, "sum", torch.mean, "mean")
 def _sum_or_mean(ctx: _Context, node: Node) -> Step:
     source = node.args[0]
-    _dims(node, _arg(node, 1, "dim"), len(ctx.shapes[source]))
-    n = math.prod(ctx.shapes[source]) / math.prod(ctx.shapes[node])  # entries per group
+    _dims(ctx, node, _arg(node, 1, "dim"), len(ctx.shapes[source]))
+    n = Fraction(math.prod(ctx.shapes[source]), math.prod(ctx.shapes[node]))  # entries per group
     mean = node.target in (torch.mean, "mean")
     if ctx.norm == "linf":
-        return _unary(ctx, node, 1.0 if mean else n)
-    return _unary(ctx, node, 1 / math.sqrt(n) if mean else math.sqrt(n))
+        return _unary(ctx, node, 1.0 if mean else round_up(float(n), n))
+    return _unary(ctx, node, sqrt_up(1 / n) if mean else sqrt_up(n))
 
 
 @_rule(torch.amax, "amax", torch.amin, "amin")
 def _extreme(ctx: _Context, node: Node) -> Step:
     """|max_g x - max_g x'| <= max_g |x - x'| <= ||(x - x')_g||: 1 in every l_p."""
-    _dims(node, _arg(node, 1, "dim"), len(ctx.shapes[node.args[0]]))
+    _dims(ctx, node, _arg(node, 1, "dim"), len(ctx.shapes[node.args[0]]))
     return _unary(ctx, node, 1.0)
 
 
@@ -444,18 +715,22 @@ def _linear(ctx: _Context, node: Node) -> Step:
 
 @_rule(operator.matmul, torch.matmul, "matmul")
 def _matmul(ctx: _Context, node: Node) -> Step:
-    """x @ W applies W^T to each row of x; W @ x applies W to each column (W constant, 1-2 D)."""
+    """x @ W applies W^T to each row of x; W @ x applies W to each column (W constant, 1-2 D).
+    x must keep its batch dimension out of the product: at least 2-D on the left, 3-D on the
+    right."""
     a, b = node.args[0], _arg(node, 1, "other")
     if ctx.is_dependent(a) and ctx.is_dependent(b):
         raise TypeError(f"node '{node.name}' multiplies two input-dependent tensors")
-    constant = torch.as_tensor(ctx.value(b if ctx.is_dependent(a) else a))
+    source = a if ctx.is_dependent(a) else b
+    if len(ctx.shapes[source]) < (2 if source is a else 3):
+        raise _batch_error(node, "contracts the batch dimension")
+    constant = torch.as_tensor(ctx.value(b if source is a else a))
     if constant.dim() not in (1, 2):
         raise TypeError(f"node '{node.name}': matmul with a {constant.dim()}-D constant")
     matrix = constant.reshape(1, -1) if constant.dim() == 1 else constant
-    matrix = matrix.T if ctx.is_dependent(a) and constant.dim() == 2 else matrix
-    source = a if ctx.is_dependent(a) else b
+    matrix = matrix.T if source is a and constant.dim() == 2 else matrix
     factor = matrix_operator_bound(matrix, ctx.norm)
-    return Step(factor, factor * ctx.bound(source))
+    return Step(factor, mul_up(factor, ctx.bound(source)))
 
 
 @_rule(F.conv1d, F.conv2d)
@@ -472,6 +747,8 @@ def _conv(ctx: _Context, node: Node) -> Step:
 @_rule(F.pad)
 def _pad(ctx: _Context, node: Node) -> Step:
     pad, mode = ctx.value(_arg(node, 1, "pad")), ctx.value(_arg(node, 2, "mode", "constant"))
+    if len(pad) // 2 >= len(ctx.shapes[node.args[0]]):
+        raise _batch_error(node, "pads the batch dimension")
     factor = pad_factor(ctx.sample_shape(node.args[0]), tuple(pad), mode, ctx.norm)
     return _unary(ctx, node, factor)
 
@@ -479,40 +756,62 @@ def _pad(ctx: _Context, node: Node) -> Step:
 def _module_step(ctx: _Context, node: Node) -> Step:
     module = ctx.gm.get_submodule(node.target)
     if not has_bound_rule(module):
+        reason = distrust_reason(module)
         raise TypeError(
-            f"no Lipschitz bound rule for {_describe(node)}; wrap it in supported modules or "
-            "register a rule with lipcert.bounds.network.register_bound_rule"
+            f"no Lipschitz bound rule for {_describe(node)}{f' ({reason})' if reason else ''}; "
+            "wrap it in supported modules or register a rule with "
+            "lipcert.bounds.network.register_bound_rule"
         )
     source = node.args[0]
-    _check_not_in_place(node, getattr(module, "inplace", False))
+    if isinstance(module, nn.Flatten | nn.Unflatten):
+        ndim = len(ctx.shapes[source])
+        if isinstance(module, nn.Flatten):
+            keeps = module.start_dim % ndim != 0 or module.end_dim % ndim == 0
+        else:
+            keeps = module.dim % ndim != 0
+        if not keeps:
+            raise _batch_error(node, "flattens or splits the batch dimension")
     return _unary(ctx, node, module_bound(module, ctx.norm, ctx.sample_shape(source)))
 
 
-def _check_not_in_place(node: Node, in_place: bool) -> None:
-    """An in-place update of a tensor that other nodes read would bypass the graph's data flow."""
-    source = node.args[0] if node.args else None
-    if in_place and isinstance(source, Node) and len(source.users) > 1:
+def _check_batch_size_free(ctx: _Context, node: Node) -> None:
+    """The bound is computed at a batch of one and must hold at every batch size, so no constant
+    derived from the batch size may reach an input-dependent op (except a view's first size)."""
+    allowed = _batch_size_arguments(ctx, node)
+    used = [a for a in node.all_input_nodes if a in ctx.batch_sized and a not in allowed]
+    if used:
         raise TypeError(
-            f"{_describe(node)} (node '{node.name}') works in place on a tensor that other "
-            "operations also read: use the out-of-place form"
+            f"{_describe(node)} (node '{node.name}') uses {_describe(used[0])} (node "
+            f"'{used[0].name}'), which depends on the batch size: the bound is per sample and "
+            "computed at a batch of one. Only a view / reshape may take the batch size, as its "
+            "first size (x.view(x.size(0), -1))"
         )
+
+
+def _check_batch_first(ctx: _Context, node: Node) -> None:
+    """Every input-dependent tensor keeps the batch (of one, in the probe) as dimension 0."""
+    shape = ctx.shapes[node]
+    pieces = shape if isinstance(shape, list) else [shape] if isinstance(shape, tuple) else []
+    if any(not piece or piece[0] != 1 for piece in pieces):
+        raise _batch_error(node, f"gives shape {shape} on a batch of one")
 
 
 def _node_step(ctx: _Context, node: Node) -> Step:
     if node.op == "placeholder":
         return Step(None, 1.0)
+    _check_batch_size_free(ctx, node)
     if node.op == "call_module":
-        return _module_step(ctx, node)
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    in_place = name.endswith("_") and not name.endswith("__")  # relu_, add_, ...
-    _check_not_in_place(node, in_place or bool(node.kwargs.get("inplace", False)))
-    rule = FUNCTION_RULES.get(node.target)
-    if rule is None or node.op not in ("call_function", "call_method"):
-        raise TypeError(
-            f"no Lipschitz bound rule for {_describe(node)} (node '{node.name}'); wrap it in an "
-            "nn.Module and register a rule with lipcert.bounds.network.register_bound_rule"
-        )
-    return rule(ctx, node)
+        step = _module_step(ctx, node)
+    else:
+        rule = FUNCTION_RULES.get(node.target)
+        if rule is None or node.op not in ("call_function", "call_method"):
+            raise TypeError(
+                f"no Lipschitz bound rule for {_describe(node)} (node '{node.name}'); wrap it in "
+                "an nn.Module and register a rule with lipcert.bounds.network.register_bound_rule"
+            )
+        step = rule(ctx, node)
+    _check_batch_first(ctx, node)
+    return step
 
 
 def _ancestors(node: Node) -> set[Node]:
@@ -541,6 +840,19 @@ def _check_single_input(gm: GraphModule, name: str) -> None:
         raise TypeError(f"{name}.forward must take exactly one tensor to be bounded")
 
 
+def _check_no_hooks(model: nn.Module) -> None:
+    """Hooks and instance-level ``forward`` change what a module computes, unseen by the trace
+    (the root's) or by the rule of a module kept whole: refused everywhere."""
+    for name, module in model.named_modules():
+        reason = hook_reason(module)
+        if reason is not None:
+            where = f"module '{name}'" if name else "the model"
+            raise TypeError(
+                f"{where} ({type(module).__name__}) has {reason}, which can change what it "
+                "computes unseen by the bound: remove them (handle.remove()) before bounding"
+            )
+
+
 def _check_trace(model: nn.Module, x: Tensor, traced: Any) -> None:
     """The traced graph must compute what the model computes (in-place updates seen through other
     references, for instance, are lost by tracing)."""
@@ -567,23 +879,27 @@ def graph_bound(model: nn.Module, input_shape: tuple[int, ...], norm: str = "l2"
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     name = type(model).__name__
+    _check_no_hooks(model)
     gm = trace(model)
     _check_single_input(gm, name)
+    check_in_place(gm, _describe)  # before running anything: no write to the model's tensors
     probe = _Probe(gm, tuple(input_shape), name)
     x = _probe_input(model, tuple(input_shape))
     with torch.no_grad():
         traced = probe.run(x.clone())  # in-place layers may overwrite their input
     _check_trace(model, x.clone(), traced)
-    ctx = _Context(gm, norm, probe.shapes, probe.constants, probe.depends)
+    ctx = _Context(
+        gm, norm, probe.shapes, probe.dtypes, probe.constants, probe.depends, probe.batch_sized
+    )
     output = next(n for n in gm.graph.nodes if n.op == "output")
     result = output.args[0]
     needed = _ancestors(result) if isinstance(result, Node) else set()
     records = []
-    for node in gm.graph.nodes:
-        if node in needed and ctx.is_dependent(node):
+    for node in gm.graph.nodes:  # every input-dependent node, read by the output or not
+        if ctx.is_dependent(node) and node.op != "output":
             step = _node_step(ctx, node)
             ctx.bounds[node] = step.bound
-            if node.op != "placeholder":
+            if node in needed and node.op != "placeholder":
                 records.append(_record(ctx, node, step))
     return _summary(ctx, result, tuple(records))
 

@@ -6,7 +6,14 @@ with ``shaped=True`` also receives the module's input shape (without the batch d
 preferred when that shape is known (a convolution's bound depends on the input size). lipcert
 layers bring their own bound through ``LipschitzLayer.lipschitz_bound`` for the norm they
 declare. A module without a rule is refused by name, and a rule that cannot bound a norm raises
-:class:`UnsupportedNorm`: nothing is ever assumed to be 1-Lipschitz. :func:`module_bound`
+:class:`UnsupportedNorm`: nothing is ever assumed to be 1-Lipschitz. A rule covers only what its
+class computes, so it is not used (:func:`distrust_reason`) for a module with forward hooks or
+pre-hooks (its own or global ones), a ``forward`` patched on the instance, or a subclass that
+redefines a method of the class the rule belongs to (``forward``, ``_conv_forward``, ...; a
+subclass of a lipcert layer outside lipcert must define its own ``lipschitz_bound`` for that).
+Bounds round up: the arithmetic that combines them (:func:`mul_up`, :func:`add_up`,
+:func:`sqrt_up`) checks each result in exact rational arithmetic and takes the next float up
+when it fell below. :func:`module_bound`
 composes ``nn.Sequential`` chains without shapes (L(g o h) <= L(g) L(h));
 :func:`lipschitz_upper_bound` with an ``input_shape`` bounds any traceable model
 (:mod:`lipcert.bounds.graph`). The rules for ``torch.nn`` layers live in
@@ -15,10 +22,13 @@ composes ``nn.Sequential`` chains without shapes (L(g o h) <= L(g) L(h));
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from fractions import Fraction
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from lipcert.bounds.operator import rounding_safety, svd_spectral_bound
 from lipcert.modes import eval_mode
@@ -64,22 +74,111 @@ def register_bound_rule(*module_types: type[nn.Module], shaped: bool = False) ->
     return decorate
 
 
-def _ruled_class(module: nn.Module) -> type[nn.Module] | None:
-    """The nearest class of ``module`` (in its MRO) that has a rule, or None."""
+#: Methods a subclass may redefine without changing what its parent's ``forward`` computes
+#: (construction, printing, copying; ``torch.nn.utils.parametrize`` adds the copying ones).
+HARMLESS_OVERRIDES = frozenset({
+    "__init__", "__init_subclass__", "__repr__", "extra_repr", "reset_parameters",
+    "__getstate__", "__setstate__", "__copy__", "__deepcopy__",
+})  # fmt: skip
+
+
+def round_up(value: float, exact: Fraction) -> float:
+    """The float ``value`` computed for the real ``exact`` (by a few correctly rounded operations),
+    raised to the next floats until it is not below ``exact``: an exact result stays as it is."""
+    if not math.isfinite(value):
+        return value
+    while Fraction(value) < exact:
+        value = math.nextafter(value, math.inf)
+    return value
+
+
+def mul_up(a: float, b: float) -> float:
+    """An upper bound of a * b (a, b >= 0): the float product, rounded up if it was inexact."""
+    a, b = float(a), float(b)
+    product = a * b
+    return round_up(product, Fraction(a) * Fraction(b)) if math.isfinite(product) else product
+
+
+def add_up(a: float, b: float) -> float:
+    """An upper bound of a + b: the float sum, rounded up if it was inexact."""
+    a, b = float(a), float(b)
+    total = a + b
+    return round_up(total, Fraction(a) + Fraction(b)) if math.isfinite(total) else total
+
+
+def sqrt_up(value: float | Fraction) -> float:
+    """An upper bound of sqrt(value): the float square root, raised while its square (computed
+    exactly) is below ``value``, so sqrt(4) stays 2 and sqrt(3) rounds up."""
+    root = math.sqrt(value)
+    if not math.isfinite(root):
+        return root
+    while Fraction(root) ** 2 < Fraction(value):
+        root = math.nextafter(root, math.inf)
+    return root
+
+
+def _ruled_class(module: nn.Module) -> type | None:
+    """The class whose bound covers ``module``: for a lipcert layer the nearest class defining
+    ``lipschitz_bound``, otherwise the nearest class (in the MRO) with a registered rule."""
+    if isinstance(module, LipschitzLayer):
+        return next(t for t in type(module).__mro__ if "lipschitz_bound" in vars(t))
     ruled = (t for t in type(module).__mro__ if t in BOUND_RULES or t in SHAPED_BOUND_RULES)
     return next(ruled, None)
 
 
-def _rule_owner(module: nn.Module) -> type[nn.Module] | None:
-    """The class whose rule bounds ``module``: its nearest class with a rule, provided ``module``
-    computes what that class computes (the same ``forward``); None otherwise."""
+def hook_reason(module: nn.Module) -> str | None:
+    """Why ``module`` may compute something other than its class's ``forward``: forward hooks or
+    pre-hooks (its own or global ones) or a ``forward`` set on the instance; None if neither."""
+    if getattr(module, "_forward_hooks", None) or getattr(module, "_forward_pre_hooks", None):
+        return "forward hooks or pre-hooks"
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return "global forward hooks (torch.nn.modules.module.register_module_forward_hook)"
+    if "forward" in vars(module):
+        return "a forward method patched on the instance"
+    return None
+
+
+def _redefined_method(module: nn.Module, owner: type) -> str | None:
+    """'C overrides the m of B' when a class C of ``module`` before ``owner`` in its MRO redefines
+    a method m of a later class B (lipcert's own classes are trusted to keep the bound of a
+    lipcert layer they inherit); None if none does."""
+    mro = type(module).__mro__
+    for i, cls in enumerate(mro[: mro.index(owner)]):
+        if issubclass(owner, LipschitzLayer) and cls.__module__.split(".")[0] == "lipcert":
+            continue
+        for name, value in vars(cls).items():
+            method = callable(value) or isinstance(value, staticmethod | classmethod | property)
+            base = next((b for b in mro[i + 1 :] if name in vars(b)), None)
+            if method and base is not None and name not in HARMLESS_OVERRIDES:
+                return f"{cls.__name__} overrides the {name} of {base.__name__}"
+    return None
+
+
+def distrust_reason(module: nn.Module) -> str | None:
+    """Why the rule of ``module``'s class cannot bound ``module`` (None if it can, or if there is
+    no rule at all): hooks, a patched ``forward``, or a redefined method of the rule's class."""
     owner = _ruled_class(module)
-    return owner if owner is not None and type(module).forward is owner.forward else None
+    if owner is None:
+        return None
+    reason = hook_reason(module)
+    if reason is not None:
+        return f"it has {reason}, which the rule of {owner.__name__} does not cover"
+    override = _redefined_method(module, owner)
+    if override is not None:
+        return f"{override}, which the bound of {owner.__name__} does not cover"
+    return None
+
+
+def _rule_owner(module: nn.Module) -> type[nn.Module] | None:
+    """The class whose rule bounds ``module``, provided ``module`` computes what that class
+    computes (:func:`distrust_reason`); None otherwise."""
+    owner = _ruled_class(module)
+    return owner if owner is not None and distrust_reason(module) is None else None
 
 
 def has_bound_rule(module: nn.Module) -> bool:
-    """Whether :func:`module_bound` has a rule for ``module`` (lipcert layers always do)."""
-    return isinstance(module, LipschitzLayer) or _rule_owner(module) is not None
+    """Whether :func:`module_bound` has a rule for ``module`` that covers what it computes."""
+    return _rule_owner(module) is not None
 
 
 @register_bound_rule(*ONE_LIPSCHITZ_MODULES)
@@ -115,7 +214,7 @@ def _linear(module: nn.Module, norm: str) -> float:
 def _sequential(module: nn.Module, norm: str) -> float:
     bound = 1.0
     for child in module:
-        bound *= module_bound(child, norm)
+        bound = mul_up(bound, module_bound(child, norm))
     return bound
 
 
@@ -129,22 +228,19 @@ def module_bound(
     """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if isinstance(module, LipschitzLayer):
-        if module.lipschitz_norm not in (norm, "any"):
-            raise UnsupportedNorm(
-                f"{type(module).__name__} is Lipschitz in {module.lipschitz_norm}, not {norm}"
-            )
-        return module.lipschitz_bound()
     owner, name = _rule_owner(module), type(module).__name__
     if owner is None:
-        inherited, reason = _ruled_class(module), ""
-        if inherited is not None:  # the parent's rule bounds the parent's forward only
-            reason = f" (it overrides the forward of {inherited.__name__})"
+        reason = distrust_reason(module)  # the parent's rule bounds the parent's forward only
         raise TypeError(
-            f"no Lipschitz bound rule for {name}{reason}; pass input_shape to "
-            "lipschitz_upper_bound to trace it with torch.fx, wrap it in supported modules, or "
-            "register a rule with lipcert.bounds.network.register_bound_rule"
+            f"no Lipschitz bound rule for {name}{f' ({reason})' if reason else ''}; pass "
+            "input_shape to lipschitz_upper_bound to trace it with torch.fx, wrap it in "
+            "supported modules, or register a rule with "
+            "lipcert.bounds.network.register_bound_rule"
         )
+    if isinstance(module, LipschitzLayer):
+        if module.lipschitz_norm not in (norm, "any"):
+            raise UnsupportedNorm(f"{name} is Lipschitz in {module.lipschitz_norm}, not {norm}")
+        return module.lipschitz_bound()
     if input_shape is not None and owner in SHAPED_BOUND_RULES:
         return SHAPED_BOUND_RULES[owner](module, norm, tuple(input_shape))
     if owner in BOUND_RULES:

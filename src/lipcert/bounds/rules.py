@@ -10,28 +10,38 @@
   Training mode, or no running statistics, normalizes by the input's own statistics: refused,
   like LayerNorm / GroupNorm / RMSNorm, whose x / std(x) is not Lipschitz near constant inputs.
 * **Activations** act coordinate-wise, so their constant sup |g'| holds in every l_p norm
-  (constants and where they come from: :data:`ACTIVATION_CONSTANTS`).
+  (constants and where they come from: :data:`ACTIVATION_CONSTANTS`). Refused: CELU with
+  alpha <= 0 (its slope exp(x / alpha) is unbounded for alpha < 0) and Softplus with a finite
+  ``threshold`` (torch returns x past beta x > threshold, a jump of log1p(exp(-threshold)) / beta:
+  not Lipschitz at all).
 * **Max pooling**: |max_w x - max_w x'| <= max_{p in w} |x_p - x'_p|, so ||y - y'||_2^2
   <= sum_p uses(p) (x_p - x'_p)^2: sqrt(max uses) in l2, 1 in l_inf. Along an axis with kernel
   k, stride s, dilation d, pixel p is tap t of window j iff p = s j + d t, and the t < k that
   fit form a progression of step s / gcd(s, d): uses <= ceil(k gcd(s, d) / s) per axis.
 * **Average pooling** is a nonnegative matrix A; by the Schur test ||A||_2 <= sqrt(||A||_1
   ||A||_inf), the largest column sum (A^T 1) and row sum (A 1), computed exactly at the input
-  size from a pool of ones and its transpose; l_inf: the largest row sum.
+  size from a pool of ones and its transpose; l_inf: the largest row sum. All entries are
+  1 / divisor, of one sign, so a negative ``divisor_override`` takes absolute sums.
 * **Padding** with zeros/constants is 1-Lipschitz; reflect/replicate/circular padding copies
   pixels: sqrt(max copies) per axis in l2 (:func:`~lipcert.bounds.padded_conv.max_copies`), 1 in
   l_inf.
+
+Constants round up: a square root or quotient computed here is checked in exact arithmetic and
+raised to the next float when below (:func:`~lipcert.bounds.network.round_up`,
+:func:`~lipcert.bounds.network.sqrt_up`), or gets a
+:func:`~lipcert.bounds.operator.rounding_safety` factor when it sums many terms.
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 from torch import Tensor, nn
 
 from lipcert.bounds.conv import conv2d_operator_bound
-from lipcert.bounds.network import matrix_operator_bound, register_bound_rule
+from lipcert.bounds.network import matrix_operator_bound, register_bound_rule, round_up, sqrt_up
 from lipcert.bounds.operator import rounding_safety
 from lipcert.bounds.padded_conv import (
     ConvGeometry,
@@ -54,18 +64,18 @@ SILU_LIPSCHITZ = 1.09985
 MISH_LIPSCHITZ = 1.08851
 #: SELU = scale * ELU(alpha): sup |g'| = scale * alpha = 1.0507010 * 1.6732632 = 1.7580993.
 SELU_LIPSCHITZ = 1.7580994
+#: The slope 1/6 of Hardsigmoid on [-3, 3], rounded up (the nearest double is below 1/6).
+HARDSIGMOID_LIPSCHITZ = round_up(1 / 6, Fraction(1, 6))
 
 #: Lipschitz constants (sup |g'|, any l_p norm) of the parameter-free coordinate-wise activations.
 ACTIVATION_CONSTANTS: dict[type[nn.Module], float] = {
     nn.Sigmoid: 0.25,  # sigma (1 - sigma) <= 1/4
-    nn.Hardsigmoid: 1 / 6,  # slope 1/6 on [-3, 3]
+    nn.Hardsigmoid: HARDSIGMOID_LIPSCHITZ,
     nn.Hardtanh: 1.0,  # and its subclass ReLU6
     nn.Softsign: 1.0,  # 1 / (1 + |x|)^2
-    nn.Softplus: 1.0,  # sigma(beta x), linear past the threshold
     nn.LogSigmoid: 1.0,  # sigma(-x)
     nn.Tanhshrink: 1.0,  # 1 - tanh^2
     nn.Softshrink: 1.0,
-    nn.CELU: 1.0,  # exp(x / alpha) below 0
     nn.Hardswish: 1.5,  # (2x + 3) / 6 on [-3, 3]
     nn.SiLU: SILU_LIPSCHITZ,
     nn.Mish: MISH_LIPSCHITZ,
@@ -94,6 +104,34 @@ def _elu(module: nn.ELU, norm: str) -> float:
     return max(1.0, abs(module.alpha))  # alpha e^x below 0
 
 
+@register_bound_rule(nn.CELU)
+def _celu(module: nn.CELU, norm: str) -> float:
+    """max(0, x) + min(0, alpha (exp(x / alpha) - 1)): slope exp(x / alpha) <= 1 below 0 when
+    alpha > 0; unbounded as x -> -inf when alpha < 0 (and alpha = 0 divides by zero)."""
+    if not module.alpha > 0:
+        raise TypeError(
+            f"CELU(alpha={module.alpha}) is not Lipschitz: its slope exp(x / alpha) below 0 is "
+            "unbounded unless alpha > 0"
+        )
+    return 1.0
+
+
+@register_bound_rule(nn.Softplus)
+def _softplus(module: nn.Softplus, norm: str) -> float:
+    """log(1 + exp(beta x)) / beta has slope sigma(beta x) in (0, 1); torch returns x instead
+    where beta x > threshold, a jump of log1p(exp(-threshold)) / beta (2e-9 at the default 20)."""
+    beta, threshold = module.beta, module.threshold
+    if threshold != math.inf or beta == 0:
+        log1p_exp = max(-threshold, 0.0) + math.log1p(math.exp(-abs(threshold)))  # stable
+        jump = log1p_exp / abs(beta) if beta else math.inf
+        raise TypeError(
+            f"Softplus(beta={beta}, threshold={threshold}) is not Lipschitz: torch returns x "
+            f"where beta * x > threshold, a jump of log1p(exp(-threshold)) / |beta| = {jump:.3g}; "
+            "use nn.Softplus(beta, threshold=math.inf) (beta != 0), which is 1-Lipschitz"
+        )
+    return 1.0
+
+
 @register_bound_rule(nn.GELU)
 def _gelu(module: nn.GELU, norm: str) -> float:
     return GELU_TANH_LIPSCHITZ if module.approximate == "tanh" else GELU_LIPSCHITZ
@@ -108,7 +146,8 @@ def _prelu(module: nn.PReLU, norm: str) -> float:
 def _rrelu(module: nn.RReLU, norm: str) -> float:
     if module.training:
         raise ValueError("RReLU in training mode has random slopes: call model.eval() first")
-    return max(1.0, abs(module.lower + module.upper) / 2)  # eval slope: the mean
+    mean = Fraction(module.lower) + Fraction(module.upper)  # eval slope: the mean
+    return max(1.0, round_up(abs(module.lower + module.upper) / 2, abs(mean) / 2))
 
 
 @register_bound_rule(nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
@@ -215,7 +254,7 @@ def _max_pool(module: nn.MaxPool1d | nn.MaxPool2d, norm: str) -> float:
     uses = math.prod(
         -(-k * math.gcd(s, d) // s) for k, s, d in zip(kernel, stride, dilation, strict=True)
     )
-    return math.sqrt(uses)
+    return sqrt_up(uses)
 
 
 @register_bound_rule(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, shaped=True)
@@ -228,7 +267,8 @@ def _adaptive_max_pool(module: nn.Module, norm: str, input_shape: tuple[int, ...
     sizes = input_shape[-axes:]
     outputs = [n if o is None else o for n, o in
                zip(sizes, _per_axis(module.output_size, axes), strict=True)]  # fmt: skip
-    return math.sqrt(math.prod(_adaptive_uses(n, o) for n, o in zip(sizes, outputs, strict=True)))
+    uses = math.prod(_adaptive_uses(n, o) for n, o in zip(sizes, outputs, strict=True))
+    return sqrt_up(uses)
 
 
 def _adaptive_uses(n: int, o: int) -> int:
@@ -245,15 +285,17 @@ def _adaptive_uses(n: int, o: int) -> int:
     nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, shaped=True
 )
 def _avg_pool_at_size(module: nn.Module, norm: str, input_shape: tuple[int, ...]) -> float:
-    """Schur test (module docstring) with the exact row and column sums at this input size."""
+    """Schur test (module docstring) with the exact row and column sums at this input size; the
+    entries share the sign of the divisor, so absolute values give the sums of |A|."""
     axes = 1 if isinstance(module, nn.AvgPool1d | nn.AdaptiveAvgPool1d) else 2
     ones = torch.ones((1, 1, *input_shape[-axes:]), dtype=torch.float64)  # pools act per channel
     rows, transpose = torch.func.vjp(module, ones)
     (cols,) = transpose(torch.ones_like(rows))
+    rows, cols = float(rows.abs().max()), float(cols.abs().max())
     safety = rounding_safety(torch.float64, ones.numel())  # sums of at most that many terms
     if norm == "linf":
-        return float(rows.max()) * safety
-    return math.sqrt(float(rows.max()) * float(cols.max())) * safety
+        return rows * safety
+    return math.sqrt(rows * cols) * safety
 
 
 @register_bound_rule(nn.AvgPool1d, nn.AvgPool2d)
@@ -265,7 +307,8 @@ def _avg_pool_any_size(module: nn.AvgPool1d | nn.AvgPool2d, norm: str) -> float:
         _per_axis(v, axes) for v in (module.kernel_size, module.stride, module.padding)
     )
     padding_counted = module.count_include_pad or not any(padding)
-    if module.divisor_override or module.ceil_mode or not padding_counted:
+    override = getattr(module, "divisor_override", None)  # AvgPool1d has none
+    if override is not None or module.ceil_mode or not padding_counted:
         raise TypeError(f"the bound of {module} depends on its input shape")
     if norm == "linf":
         return 1.0
@@ -296,7 +339,7 @@ def pad_factor(input_shape: tuple[int, ...], pad: tuple[int, ...], mode: str, no
     axes = len(pad) // 2  # pad lists (before, after) from the last axis backwards
     sizes = input_shape[len(input_shape) - axes :][::-1]
     copies = [max_copies(n, (pad[2 * i], pad[2 * i + 1]), mode) for i, n in enumerate(sizes)]
-    return math.sqrt(math.prod(copies))
+    return sqrt_up(math.prod(copies))
 
 
 @register_bound_rule(*COPYING_PADS, shaped=True)

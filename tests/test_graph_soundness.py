@@ -1,0 +1,425 @@
+"""Regression tests of the whole-network bound's soundness (a reviewer's counterexamples).
+
+Each model here was once given a bound below its exact Lipschitz constant (or a certificate it
+did not deserve). Each test now either measures the bound against the exact float64 Jacobian
+norm (``torch.func.jacrev``) or checks that the operation is refused by name.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lipschitz import jacobian_matrix
+from torch import nn
+
+import lipcert
+from lipcert.bounds.graph import graph_bound
+from lipcert.bounds.network import module_bound
+from lipcert.certify import _radii, certify, clear_summary_cache, input_norm_bound, summarize
+
+
+def exact_norm(model: nn.Module, shape: tuple[int, ...], norm: str, points: int = 4) -> float:
+    """Largest exact Jacobian norm (float64) over random points of several scales."""
+    model = model.double().eval()
+    gen = torch.Generator().manual_seed(0)
+    best = 0.0
+    for i in range(points):
+        x = (0.3 + i) * torch.randn(shape, generator=gen, dtype=torch.float64)
+        jac = jacobian_matrix(model, x)
+        value = torch.linalg.matrix_norm(jac, ord=2) if norm == "l2" else jac.abs().sum(1).max()
+        best = max(best, float(value))
+    return best
+
+
+def assert_sound(model: nn.Module, shape: tuple[int, ...]) -> None:
+    model = model.double().eval()
+    for norm in ("l2", "linf"):
+        exact = exact_norm(model, shape, norm)
+        assert exact > 0
+        assert lipcert.lipschitz_upper_bound(model, shape, norm) >= exact, norm
+
+
+class Lambda(nn.Module):
+    """``fn(self, x)`` with a linear layer ``fc`` (4 -> 4) and an in-place ``act`` to hand."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+        self.fc, self.act = nn.Linear(4, 4), nn.LeakyReLU(3.0, inplace=True)
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+def _prealloc_narrow_copy(m, x):
+    out = torch.zeros((x.shape[0], 8))
+    out.narrow(1, 0, 4).copy_(x)
+    return out
+
+
+def _discarded_mul(m, x):
+    h = m.fc(x)
+    h.mul_(3)
+    return h
+
+
+def _discarded_adds(m, x):
+    h = m.fc(x)
+    h.add_(h)
+    h.add_(h)
+    return h
+
+
+def _discarded_leaky(m, x):
+    h = m.fc(x)
+    F.leaky_relu(h, 5.0, inplace=True)
+    return h
+
+
+def _view_alias(m, x):
+    h = m.fc(x)
+    return h + h.view(-1, 4).mul_(3)
+
+
+def _view_alias_module(m, x):
+    h = m.fc(x)
+    return h + m.act(h.view(-1, 4))
+
+
+def _out_alias(m, x):
+    h = m.fc(x)
+    return h + torch.mul(h, 3, out=h)
+
+
+def _positional_inplace(m, x):
+    h = m.fc(x)
+    return h + F.leaky_relu(h, 3.0, True)
+
+
+def _alias_no_op_cast(m, x):
+    h = m.fc(x)
+    return h + h.double().mul_(3)
+
+
+def _alias_contiguous(m, x):
+    h = m.fc(x)
+    return h + h.contiguous().mul_(3)
+
+
+def _in_place_on_the_input(m, x):
+    return m.fc(x.mul_(3))
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [_prealloc_narrow_copy, _discarded_mul, _discarded_adds, _discarded_leaky, _view_alias,
+     _view_alias_module, _out_alias, _positional_inplace, _alias_no_op_cast,
+     _alias_contiguous, _in_place_on_the_input],
+)  # fmt: skip
+def test_in_place_writes_another_operation_could_see_are_refused(fn):
+    """Bugs 1-2: writes off the output's path, through views / no-op aliases, out=."""
+    torch.manual_seed(0)
+    with pytest.raises(TypeError, match="writes in place"):
+        lipcert.lipschitz_upper_bound(Lambda(fn).double(), (4,))
+
+
+def test_a_preallocated_output_is_not_certified():
+    """Bug 1: the bound of ``out.narrow(...).copy_(x)`` was 0, so every radius was inf."""
+    model = Lambda(_prealloc_narrow_copy)
+    x = torch.randn(3, 4)
+    with pytest.raises(TypeError, match=r"Tensor\.copy_.*writes in place"):
+        certify(model, x, model(x).argmax(1))
+
+
+class AliasThroughModule(nn.Module):
+    """An in-place activation on the output of a module that returns its input (eval mode)."""
+
+    def __init__(self, alias: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.fc, self.alias, self.act = nn.Linear(4, 4), alias, act
+
+    def forward(self, x):
+        h = 4 * self.fc(x)
+        return h - self.act(self.alias(h))
+
+
+@pytest.mark.parametrize(
+    ("alias", "act"),
+    [(nn.Dropout(0.1), nn.SELU(inplace=True)), (nn.Identity(), nn.Hardswish(inplace=True))],
+)
+def test_in_place_module_after_a_module_returning_its_input_is_refused(alias, act):
+    torch.manual_seed(0)
+    with pytest.raises(TypeError, match=r"module 'act'.*writes in place.*Dropout or Identity"):
+        lipcert.lipschitz_upper_bound(AliasThroughModule(alias, act).double(), (4,))
+
+
+class BasicBlock(nn.Module):
+    """The ResNet block written the torchvision way: in-place ReLUs and ``out += identity``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
+        self.conv2, self.bn2 = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+def test_in_place_activations_after_fresh_tensors_stay_accepted():
+    torch.manual_seed(0)
+    assert_sound(BasicBlock(), (2, 5, 5))
+    chain = nn.Sequential(nn.Linear(4, 6), nn.LeakyReLU(2.0, inplace=True), nn.Linear(6, 3),
+                          nn.BatchNorm1d(3), nn.ReLU(inplace=True), nn.Linear(3, 2))  # fmt: skip
+    assert_sound(chain, (4,))
+
+
+def _hooked(kind: str) -> nn.Module:
+    linear = nn.Linear(4, 4)
+    if kind == "hook":
+        linear.register_forward_hook(lambda m, i, o: 10 * o)
+    elif kind == "pre-hook":
+        linear.register_forward_pre_hook(lambda m, i: (10 * i[0],))
+    elif kind == "pre-hook with kwargs":
+        linear.register_forward_pre_hook(lambda m, a, k: ((10 * a[0],), k), with_kwargs=True)
+    else:
+        linear.forward = lambda x: 10 * nn.Linear.forward(linear, x)
+    return nn.Sequential(linear)
+
+
+@pytest.mark.parametrize("kind", ["hook", "pre-hook", "pre-hook with kwargs", "patched forward"])
+def test_modules_with_hooks_or_a_patched_forward_are_refused(kind):
+    """Bug 3: the rule of Linear was used although the hook multiplied its output by 10."""
+    with pytest.raises(TypeError, match=r"module '0' \(Linear\) has (forward hooks|a forward)"):
+        lipcert.lipschitz_upper_bound(_hooked(kind), (4,))
+    with pytest.raises(TypeError, match="which the rule of Linear does not cover"):
+        module_bound(_hooked(kind)[0])
+
+
+def test_global_forward_hooks_are_refused():
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: o)
+    try:
+        with pytest.raises(TypeError, match="global forward hooks"):
+            lipcert.lipschitz_upper_bound(nn.Sequential(nn.Linear(4, 4)), (4,))
+    finally:
+        handle.remove()
+
+
+class ScaledConv(nn.Conv1d):
+    """Conv1d's forward, but a ``_conv_forward`` that scales the weight by 10."""
+
+    def _conv_forward(self, input, weight, bias):
+        return super()._conv_forward(input, 10 * weight, bias)
+
+
+class LoudOrtho(lipcert.nn.OrthoLinear):
+    def forward(self, x):
+        return 10 * super().forward(x)
+
+
+class LoudGroupSort(lipcert.nn.GroupSort):
+    def forward(self, x):
+        return 10 * super().forward(x)
+
+
+def test_subclasses_redefining_a_method_do_not_get_the_parent_bound():
+    """Bug 3: a subclass with Conv1d's forward but its own _conv_forward, and lipcert layers
+    subclassed outside lipcert, were bounded by their parent's rule (1 for a 10x map)."""
+    torch.manual_seed(0)
+    conv = ScaledConv(1, 1, 3, padding=1)
+    with pytest.raises(TypeError, match="ScaledConv overrides the _conv_forward of Conv1d"):
+        module_bound(conv, "l2", (1, 8))
+    assert_sound(nn.Sequential(conv), (1, 8))  # traced through: F.conv1d with 10 * weight
+    for layer in (LoudOrtho(4, 4), LoudGroupSort()):
+        with pytest.raises(TypeError, match=r"Loud\w+ overrides the forward"):
+            module_bound(layer)
+        try:  # traced through (or refused when its forward cannot be traced)
+            bound = lipcert.lipschitz_upper_bound(nn.Sequential(layer), (4,))
+        except TypeError as err:
+            assert "cannot trace" in str(err) or "overrides the forward" in str(err)
+        else:
+            assert bound >= exact_norm(nn.Sequential(layer), (4,), "l2")
+
+
+def test_batch_size_constants_are_refused_and_the_flatten_idiom_is_not():
+    """Bug 4: ``fc(x) * x.shape[0]`` was bounded at a batch of one."""
+    torch.manual_seed(0)
+    for fn in (lambda m, x: m.fc(x) * x.shape[0], lambda m, x: m.fc(x) / x.size(0),
+               lambda m, x: m.fc(x) * x.numel(),
+               lambda m, x: x.narrow(1, 0, x.shape[0]).sum(1)):  # fmt: skip
+        with pytest.raises(TypeError, match="depends on the batch size"):
+            lipcert.lipschitz_upper_bound(Lambda(fn), (4,))
+    for fn in (lambda m, x: m.fc(x.view(x.size(0), -1)), lambda m, x: x.reshape(x.shape[0], -1),
+               lambda m, x: x.view(x.shape).flatten(1) * x.shape[1]):  # fmt: skip
+        assert_sound(Lambda(fn), (2, 2))
+
+
+def test_bit_reinterpreting_and_narrowing_casts_are_refused():
+    """Bug 5: ``x.view(torch.int64)`` was bounded as a reshape; ``.float()`` on float64 rounds."""
+    with pytest.raises(TypeError, match=r"reinterprets the bits of a torch.float64"):
+        lipcert.lipschitz_upper_bound(Lambda(lambda m, x: x.view(torch.int64).double()).double(),
+                                      (4,))  # fmt: skip
+    with pytest.raises(TypeError, match=r"casts torch.float64 to torch.float32"):
+        lipcert.lipschitz_upper_bound(Lambda(lambda m, x: m.fc(x).float()).double(), (4,))
+    model = Lambda(lambda m, x: m.fc(x.float()).double())  # float32 -> float64 is exact
+    assert lipcert.lipschitz_upper_bound(model, (4,)) >= module_bound(model.fc)
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        (nn.CELU(alpha=-1.0), r"CELU\(alpha=-1.0\) is not Lipschitz"),
+        (Lambda(lambda m, x: F.celu(x, -0.5)), r"CELU\(alpha=-0.5\) is not Lipschitz"),
+        (nn.Softplus(), "jump of log1p"),
+        (nn.Softplus(beta=1.0, threshold=0.0), "jump.*= 0.693"),
+        (Lambda(lambda m, x: F.softplus(x, -1.0)), r"Softplus\(beta=-1.0, threshold=20.0\)"),
+    ],
+)
+def test_activations_that_are_not_lipschitz_are_refused(model, match):
+    """Bugs 6-7: CELU with alpha < 0 has slope exp(x / alpha) (unbounded); Softplus jumps by
+    log1p(exp(-threshold)) / beta where torch switches to the identity."""
+    with pytest.raises(TypeError, match=match):
+        lipcert.lipschitz_upper_bound(nn.Sequential(model), (4,))
+
+
+def test_celu_and_softplus_without_a_jump_are_bounded():
+    for act in (nn.CELU(0.3), nn.Softplus(0.5, threshold=math.inf)):
+        x = torch.linspace(-20, 20, 40_001, dtype=torch.float64, requires_grad=True)
+        (grad,) = torch.autograd.grad(act(x).sum(), x)
+        assert float(grad.abs().max()) <= module_bound(act)
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [nn.AvgPool2d(2, stride=1, divisor_override=-1),
+     nn.AvgPool2d(2, stride=2, ceil_mode=True, divisor_override=-3)],
+)  # fmt: skip
+def test_average_pool_with_a_negative_divisor_is_sound(pool):
+    """Bug 8: the Schur test summed signed entries (bound 2, exact 3.41; l_inf bound -4)."""
+    assert_sound(nn.Sequential(pool), (1, 4, 4))
+
+
+def test_average_pool_1d_without_input_shape():
+    """Bug 8: AvgPool1d has no divisor_override attribute (was an AttributeError)."""
+    bound = lipcert.lipschitz_upper_bound(nn.Sequential(nn.AvgPool1d(2)))
+    assert bound >= exact_norm(nn.Sequential(nn.AvgPool1d(2)), (1, 8), "l2")
+
+
+def test_irrational_constants_round_up():
+    """Bug 9: sqrt(3) and 1/6 rounded to nearest are below the true constants."""
+    for bound in (module_bound(nn.MaxPool1d(3, stride=1)),
+                  lipcert.lipschitz_upper_bound(nn.Sequential(nn.MaxPool1d(3, stride=1)), (1, 9)),
+                  lipcert.lipschitz_upper_bound(Lambda(lambda m, x: F.pad(x, (1, 1), "reflect")),
+                                                (1, 3))):  # fmt: skip
+        assert Fraction(bound) ** 2 >= 3
+    assert Fraction(module_bound(nn.Hardsigmoid())) >= Fraction(1, 6)
+    assert module_bound(nn.MaxPool1d(2)) == 1.0  # exact square roots stay exact
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [lambda m, x: x + x.narrow(0, 0, 1),
+     lambda m, x: x.transpose(0, 1).reshape(x.shape[0], -1),
+     lambda m, x: x + x[:1],
+     lambda m, x: x[0],
+     lambda m, x: x[None].sum(1),
+     lambda m, x: x.unsqueeze(0).sum(1),
+     lambda m, x: x.squeeze().unsqueeze(0),
+     lambda m, x: x.t(),
+     lambda m, x: x.T,
+     lambda m, x: x.view(1, -1),
+     lambda m, x: torch.cat(x.chunk(2), 1),
+     lambda m, x: (x + torch.zeros(1, 1, 4)).sum(1),
+     lambda m, x: torch.zeros(1, 4) @ x.mT,
+     lambda m, x: F.pad(x, (0, 0, 1, 1)),
+     lambda m, x: x.flatten(),
+     lambda m, x: x.movedim(1, 0)],
+)  # fmt: skip
+def test_operations_mixing_the_batch_are_refused(fn):
+    """Bug 10: these were accepted although a sample's output depends on other samples."""
+    with pytest.raises(TypeError, match="batch"):
+        lipcert.lipschitz_upper_bound(Lambda(fn), (4,))
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [lambda m, x: x[:, 1:] + x[..., :3],
+     lambda m, x: x.unsqueeze(1).permute(0, 2, 1).flatten(1),
+     lambda m, x: x.view(-1, 2, 2).transpose(1, 2).reshape(x.size(0), -1),
+     lambda m, x: torch.cat(x.split([1, 3], 1), dim=1),
+     lambda m, x: x.unsqueeze(-1) @ torch.ones(1, 3, dtype=x.dtype)],
+)  # fmt: skip
+def test_operations_keeping_the_batch_stay_accepted(fn):
+    assert_sound(Lambda(fn), (4,))
+
+
+def test_cat_of_chunks_is_bounded():
+    """Bug 11: ``torch.cat(x.chunk(2, 1), 1)`` raised a bare "'Node' object is not iterable"."""
+    model = Lambda(lambda m, x: torch.cat(x.chunk(2, 1), 1) + torch.stack(x.unbind(1), 1))
+    for norm in ("l2", "linf"):
+        assert lipcert.lipschitz_upper_bound(model, (4,), norm) == pytest.approx(2.0, rel=1e-12)
+    with pytest.raises(TypeError, match="only the pieces of chunk"):
+        lipcert.lipschitz_upper_bound(Lambda(lambda m, x: torch.cat(x.chunk(2, 1)[:1], 1)), (4,))
+
+
+def test_dead_code_is_bounded_too():
+    """Every input-dependent node is checked, even one the output does not read."""
+    with pytest.raises(TypeError, match=r"torch\.sin"):
+        lipcert.lipschitz_upper_bound(Lambda(lambda m, x: (torch.sin(x), m.fc(x))[1]), (4,))
+
+
+def test_certify_recomputes_the_bound_when_a_module_setting_changes():
+    """Bug 12: the cached summary was keyed on tensors only; a new slope kept the old radii."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(2.0), nn.Linear(4, 3)).eval()
+    x = torch.randn(5, 4)
+    certify(model, x, model(x).argmax(1))
+    model[1].negative_slope = 50.0
+    y = model(x).argmax(1)
+    cached = certify(model, x, y)
+    clear_summary_cache(model)
+    assert torch.equal(cached, certify(model, x, y))
+    assert summarize(model, "l2", (4,)).body_bound >= 50 * module_bound(model[0])
+    model[0].register_forward_hook(lambda m, i, o: 10 * o)  # a hook is configuration too
+    with pytest.raises(TypeError, match="hooks"):
+        certify(model, x, y)
+
+
+def test_certify_cache_is_reused_while_nothing_changes(monkeypatch):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)).eval()
+    x = torch.randn(4, 1, 4, 4)
+    y = model(x).argmax(1)
+    calls = []
+    module = sys.modules["lipcert.certify"]
+    monkeypatch.setattr(module, "graph_bound", lambda *a: calls.append(a) or graph_bound(*a))
+    first, second = certify(model, x, y), certify(model, x, y)
+    assert len(calls) == 1 and torch.equal(first, second)
+
+
+def test_overflowing_logits_are_not_certified():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Softplus(threshold=math.inf)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+        model[0].bias.zero_()
+    x = torch.tensor([[200.0, 0.0], [3.0, 0.0]])  # exp(200) overflows float32: logit inf
+    radii = certify(model, x, torch.tensor([0, 0]))
+    assert radii[0] == 0 and radii[1] > 0
+
+
+def test_rounding_allowance_uses_the_least_precise_dtype_of_the_forward():
+    """A float32 model that casts a float64 input rounds it: the allowance must be float32's."""
+    torch.manual_seed(0)
+    model = Lambda(lambda m, x: m.fc(x.float())).eval()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    y = model(x).argmax(1)
+    summary = summarize(model, "l2", (4,))
+    expected = _radii(model(x).detach(), input_norm_bound(x), y, summary, torch.float32)
+    assert torch.equal(certify(model, x, y), expected)
