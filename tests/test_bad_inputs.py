@@ -68,6 +68,11 @@ API_CASES = [
         "expects input",
     ),
     ("certify: label range", lambda: lipcert.certify(_mlp(), X4, Y3 + 5), "labels"),
+    (
+        "certify: empty batch",
+        lambda: lipcert.certify(_mlp(), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)),
+        "empty",
+    ),
     ("certify: int input", lambda: lipcert.certify(_mlp(), X4.long(), Y3), "float"),
     ("LinfDist: p < 1", lambda: LinfDist(4, 3, p=0.5), "p"),
     ("LinfDist: features", lambda: LinfDist(4, 3)(torch.rand(2, 5)), "expects input"),

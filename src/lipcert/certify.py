@@ -167,6 +167,8 @@ def _check_inputs(x: Tensor, y: Tensor, norm: str) -> None:
         raise ValueError(f"y must be an integer tensor of class ids, got {getattr(y, 'dtype', y)}")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"cannot certify an empty batch: x has shape {tuple(x.shape)}")
 
 
 def _finite_input_norms(x: Tensor) -> Tensor:
@@ -300,7 +302,7 @@ def certify(
         raise ValueError(f"lipschitz must be a positive finite number, got {lipschitz!r}")
     summary = _summary_once(model, norm, tuple(x.shape[1:]), lipschitz)
     with eval_mode(model):
-        return _certify_with(model, x, y, norm, summary)
+        return _certify_with(model, x, y, norm, summary, len(y), x.device)
 
 
 def _summary_once(
@@ -314,16 +316,27 @@ def _summary_once(
     return functools.cache(lambda: native_summary(model, norm, input_shape))
 
 
+def _logits(model: nn.Module, x: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """The logits of ``x``, computed in batches on ``device`` and gathered on x's device."""
+    batches = range(0, len(x), batch_size)
+    return torch.cat(
+        [_forward(model, x[i : i + batch_size].to(device)).to(x.device) for i in batches]
+    )
+
+
 def _certify_with(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
     norm: str,
     summary_of_model: Callable[[], LipschitzSummary],
+    batch_size: int,
+    device: torch.device,
 ) -> Tensor:
-    """Radii of one batch (model already in eval mode)."""
+    """Radii of ``x`` (model already in eval mode): the forward in batches, the margins and
+    their safety for all samples at once (a few dozen small operations, not per batch)."""
     x_norms = _finite_input_norms(x)
-    logits = _forward(model, x)
+    logits = _logits(model, x, batch_size, device)
     summary = summary_of_model()
     if logits.dim() != 2:
         raise ValueError(f"certify needs (B, C) logits, the model gave {tuple(logits.shape)}")
@@ -358,14 +371,4 @@ def certify_batched(
     device = next(model.parameters()).device
     summary = _summary_once(model, norm, tuple(x.shape[1:]))
     with eval_mode(model):
-        radii = [
-            _certify_with(
-                model,
-                x[i : i + batch_size].to(device),
-                y[i : i + batch_size].to(device),
-                norm,
-                summary,
-            ).cpu()
-            for i in range(0, len(y), batch_size)
-        ]
-    return torch.cat(radii)
+        return _certify_with(model, x, y, norm, summary, batch_size, device).cpu()
