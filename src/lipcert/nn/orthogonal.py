@@ -91,7 +91,8 @@ class BjorckOrthogonalizer:
 #: 784 -> 256, float32, one thread), with the same float64 tolerance in the table. In training the
 #: raw weight drifts away from orthogonality, so the saving shrinks or vanishes: an MNIST
 #: GroupSort MLP epoch took 33.1 s instead of 42.6 s in benchmarks/peer_comparison.py, and 36.0 s
-#: instead of 35.5 s with configs/mnist_hkr.toml (docs/results.md).
+#: instead of 35.5 s with the 256-wide hKR config of the time (docs/results.md). For a raw weight
+#: kept orthogonal, use ``OrthoLinear(..., retraction=k)`` instead (5.1 s an epoch there).
 #:
 #: A square default-init weight has sigma_min / sigma_max ~ 1e-5..6e-3 (measured), which 1.5x a step
 #: lifts slowly. OrthoLinear starts orthogonal, so "default" stays at machine precision while
