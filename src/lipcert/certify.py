@@ -168,7 +168,7 @@ def _check_inputs(x: Tensor, y: Tensor, norm: str) -> None:
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
     if x.dim() == 0 or x.shape[0] == 0:
-        raise ValueError(f"cannot certify an empty batch: x has shape {tuple(x.shape)}")
+        raise ValueError(f"cannot certify an empty set of inputs: x has shape {tuple(x.shape)}")
 
 
 def _finite_input_norms(x: Tensor) -> Tensor:
@@ -365,8 +365,6 @@ def certify_batched(
     model: nn.Module, x: Tensor, y: Tensor, norm: str = "l2", batch_size: int = 1000
 ) -> Tensor:
     """:func:`certify` over a whole dataset in batches (the bound is computed once)."""
-    if len(y) == 0:
-        raise ValueError("cannot certify an empty dataset")
     _check_inputs(x, y, norm)
     device = next(model.parameters()).device
     summary = _summary_once(model, norm, tuple(x.shape[1:]))

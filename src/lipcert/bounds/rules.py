@@ -146,8 +146,8 @@ def _prelu(module: nn.PReLU, norm: str) -> float:
 def _rrelu(module: nn.RReLU, norm: str) -> float:
     if module.training:
         raise ValueError("RReLU in training mode has random slopes: call model.eval() first")
-    mean = Fraction(module.lower) + Fraction(module.upper)  # eval slope: the mean
-    return max(1.0, round_up(abs(module.lower + module.upper) / 2, abs(mean) / 2))
+    total = Fraction(module.lower) + Fraction(module.upper)  # eval slope: the mean, total / 2
+    return max(1.0, round_up(abs(module.lower + module.upper) / 2, abs(total) / 2))
 
 
 @register_bound_rule(nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)

@@ -39,11 +39,21 @@ from lipcert.nn.constraint import original
 from lipcert.precision import ieee_float32
 
 
+def _gram(weight: Tensor) -> Tensor:
+    """The smaller Gram matrix, W^T W or W W^T."""
+    return weight.mT @ weight if weight.shape[-2] >= weight.shape[-1] else weight @ weight.mT
+
+
+def _bjorck_step_from_gram(weight: Tensor, gram: Tensor) -> Tensor:
+    """:func:`bjorck_step` given the smaller Gram matrix of ``weight``."""
+    if weight.shape[-2] >= weight.shape[-1]:
+        return 1.5 * weight - 0.5 * weight @ gram
+    return 1.5 * weight - 0.5 * gram @ weight
+
+
 def bjorck_step(weight: Tensor) -> Tensor:
     """One first-order Björck step via the smaller Gram matrix (Björck & Bowie 1971, Eq. 13)."""
-    if weight.shape[-2] >= weight.shape[-1]:
-        return 1.5 * weight - 0.5 * weight @ (weight.mT @ weight)  # W^T W: (in, in)
-    return 1.5 * weight - 0.5 * (weight @ weight.mT) @ weight  # W W^T: (out, out)
+    return _bjorck_step_from_gram(weight, _gram(weight))
 
 
 @dataclass(frozen=True)
@@ -152,11 +162,6 @@ RETRACTION_TOLERANCE = 0.5
 MAX_RETRACTION_STEPS = 32
 
 
-def _gram(weight: Tensor) -> Tensor:
-    """The smaller Gram matrix, W^T W or W W^T."""
-    return weight.mT @ weight if weight.shape[-2] >= weight.shape[-1] else weight @ weight.mT
-
-
 def _guard_scale(gram: Tensor, max_singular: float) -> Tensor:
     """A detached factor c >= 1 with sigma_max(W / c) <= ``max_singular``.
 
@@ -178,13 +183,6 @@ def _estimated_scale(gram: Tensor, max_singular: float, iterations: int = 8) -> 
         vector = vector / vector.norm().clamp_min(torch.finfo(gram.dtype).tiny)
     estimate = (vector.mT @ gram @ vector).squeeze().clamp_min(0).sqrt() * 1.2
     return torch.clamp(estimate / max_singular, min=1.0)
-
-
-def _bjorck_step_from_gram(weight: Tensor, gram: Tensor) -> Tensor:
-    """:func:`bjorck_step` given the smaller Gram matrix of ``weight``."""
-    if weight.shape[-2] >= weight.shape[-1]:
-        return 1.5 * weight - 0.5 * weight @ gram
-    return 1.5 * weight - 0.5 * gram @ weight
 
 
 def guarded_bjorck_step(weight: Tensor) -> Tensor:
@@ -215,14 +213,15 @@ class RetractedOrthogonalization(NearOrthogonalBound):
         which brings back singular values that a large optimizer step pushed towards 0."""
         with ieee_float32():
             result = weight
+            eye = torch.eye(min(weight.shape[-2:]), dtype=weight.dtype, device=weight.device)
             for step in range(MAX_RETRACTION_STEPS):
                 gram = _gram(result)
                 c = _estimated_scale(gram, RETRACTION_MAX_SINGULAR)
                 gram = gram / c**2
                 result = _bjorck_step_from_gram(result / c, gram)
-                eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-                near = bool(torch.linalg.matrix_norm(gram - eye) <= RETRACTION_TOLERANCE)
-                if step + 1 >= self.steps and near:
+                if step + 1 < self.steps:  # the defect check (a GPU sync) only where it may stop
+                    continue
+                if torch.linalg.matrix_norm(gram - eye) <= RETRACTION_TOLERANCE:
                     break
             weight.copy_(result)
 
