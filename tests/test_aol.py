@@ -15,9 +15,11 @@ from torch import nn
 from lipcert.bounds.network import lipschitz_upper_bound
 from lipcert.export import export
 from lipcert.nn.aol import (
+    RESCALE_SIDES,
     ROW_SUM_MARGIN,
     AOLConv2d,
     AOLLinear,
+    abs_correlation_sums,
     correlation_row_sums,
     kernel_self_correlation,
 )
@@ -50,10 +52,18 @@ def scale_raw_weight(layer: nn.Module, scale: float, seed: int) -> nn.Module:
     return layer
 
 
-@given(st.integers(1, 8), st.integers(1, 8), st.sampled_from([1.0, 100.0]), st.integers(0, 99))
-def test_aol_linear_is_one_lipschitz_at_init_and_after_adversarial_steps(n_in, n_out, scale, seed):
+@given(
+    st.integers(1, 8),
+    st.integers(1, 8),
+    st.sampled_from([1.0, 100.0]),
+    st.integers(0, 99),
+    st.sampled_from(RESCALE_SIDES),
+)
+def test_aol_linear_is_one_lipschitz_at_init_and_after_adversarial_steps(
+    n_in, n_out, scale, seed, rescale
+):
     torch.manual_seed(seed)
-    layer = AOLLinear(n_in, n_out)
+    layer = AOLLinear(n_in, n_out, rescale=rescale)
     assert_one_lipschitz_and_bounded(layer, (n_in,))
     scale_raw_weight(layer, scale, seed)
     assert_one_lipschitz_and_bounded(layer, (n_in,))
@@ -63,7 +73,8 @@ def test_aol_linear_is_one_lipschitz_at_init_and_after_adversarial_steps(n_in, n
 
 @st.composite
 def conv_configs(draw):
-    """(layer kwargs, input shape): stride 1-2, zero padding 0..k or circular <= (k-1)/2."""
+    """(layer kwargs, input shape): stride 1-2, zero padding 0..k or circular <= (k-1)/2, either
+    rescaled side."""
     k = draw(st.integers(1, 4))
     stride = draw(st.integers(1, 2))
     mode = draw(st.sampled_from(["zeros", "circular"]))
@@ -73,7 +84,8 @@ def conv_configs(draw):
         padding = "same"
     c_in, c_out = draw(st.integers(1, 5)), draw(st.integers(1, 5))
     height, width = draw(st.integers(max(k, 5), 8)), draw(st.integers(max(k, 5), 8))
-    kwargs = {"stride": stride, "padding": padding, "padding_mode": mode}
+    rescale = draw(st.sampled_from(RESCALE_SIDES))
+    kwargs = {"stride": stride, "padding": padding, "padding_mode": mode, "rescale": rescale}
     return (c_in, c_out, k), kwargs, (c_in, height, width)
 
 
@@ -89,14 +101,60 @@ def test_aol_conv_is_one_lipschitz_for_any_stride_and_padding(config, scale, see
     assert_one_lipschitz_and_bounded(layer, input_shape)
 
 
-def _explicit_gram_row_sums(kernel: torch.Tensor, size: int) -> torch.Tensor:
-    """Absolute row sums of A^T A at the central pixel of each input channel, A the convolution
-    on a size x size zero-padded grid, as an explicit matrix."""
+@pytest.mark.parametrize("rescale", ["output", "auto"])
+@pytest.mark.parametrize(("c_in", "c_out"), [(5, 3), (3, 5)])
+@pytest.mark.parametrize(
+    ("stride", "padding", "padding_mode"),
+    [(1, "same", "zeros"), (1, 2, "zeros"), (2, 1, "zeros"), (2, 1, "circular")],
+)
+def test_aol_conv_rescaling_the_output_is_one_lipschitz(
+    rescale, c_in, c_out, stride, padding, padding_mode
+):
+    input_shape = (c_in, 7, 6)
+    torch.manual_seed(0)
+    layer = AOLConv2d(c_in, c_out, 3, stride, padding, padding_mode=padding_mode, rescale=rescale)
+    scale_raw_weight(layer, 100.0, seed=c_in)
+    assert_one_lipschitz_and_bounded(layer, input_shape)
+    adversarial_steps(layer, input_shape)
+    assert_one_lipschitz_and_bounded(layer, input_shape)
+    x = torch.randn((4, *input_shape))
+    for training in (True, False):
+        with torch.no_grad():
+            gap = export(layer)(x) - layer.train(training)(x)
+        assert gap.abs().max() <= EXPORT_TOL
+
+
+def _explicit_gram_row_sums(kernel: torch.Tensor, size: int, side: str = "input") -> torch.Tensor:
+    """Absolute row sums of A^T A (``side="input"``) or A A^T ("output") at the central pixel of
+    each channel of that side, A the convolution on a size x size zero-padded grid, as an
+    explicit matrix."""
     c_in = kernel.shape[1]
     x = torch.zeros(c_in, size, size, dtype=torch.float64)
     a = jacobian_matrix(lambda v: F.conv2d(v, kernel, padding="same"), x)  # (out, in)
-    gram = (a.T @ a).abs().sum(dim=1).reshape(c_in, size, size)
-    return gram[:, size // 2, size // 2]
+    gram = a.T @ a if side == "input" else a @ a.T
+    rows = gram.abs().sum(dim=1).reshape(-1, size, size)  # (channels, size, size)
+    return rows[:, size // 2, size // 2]
+
+
+@pytest.mark.parametrize(
+    ("rescale", "c_in", "c_out", "side"),
+    [
+        ("input", 5, 3, "input"),
+        ("output", 3, 5, "output"),
+        ("output", 4, 2, "output"),
+        ("auto", 5, 3, "output"),
+        ("auto", 3, 5, "input"),
+        ("auto", 4, 4, "input"),
+    ],
+)
+def test_rescale_scales_the_chosen_side_by_its_explicit_gram(rescale, c_in, c_out, side):
+    layer = AOLConv2d(c_in, c_out, 3, rescale=rescale).double()
+    scale_raw_weight(layer, 1.0, seed=c_in + c_out)
+    raw = original(layer).detach()
+    rows = _explicit_gram_row_sums(raw, size=13, side=side)  # 13 > 4k: no border within reach
+    scales = (rows * (1 + ROW_SUM_MARGIN)).rsqrt()
+    shape = (-1, 1, 1, 1) if side == "output" else (1, -1, 1, 1)
+    torch.testing.assert_close(layer.weight.detach(), raw * scales.view(shape))
 
 
 @given(st.integers(1, 4), st.integers(1, 4), st.sampled_from([1, 3, 5]), st.integers(0, 99))
@@ -134,6 +192,8 @@ def test_bound_is_sound_for_a_weight_the_rescaling_did_not_produce():
         (AOLLinear(6, 3), (6,)),
         (AOLConv2d(3, 5, 3, stride=2, padding=1), (3, 7, 6)),
         (AOLConv2d(2, 4, (3, 2), padding_mode="circular", bias=False), (2, 5, 6)),
+        (AOLLinear(3, 6, rescale="output"), (3,)),
+        (AOLConv2d(5, 3, 3, stride=2, padding=1, rescale="auto"), (5, 7, 6)),
     ],
 )
 def test_export_state_dict_and_eval_cache(layer, input_shape):
@@ -152,6 +212,19 @@ def test_export_state_dict_and_eval_cache(layer, input_shape):
     with torch.no_grad():
         fresh = layer.constraint.constrain(original(layer))
         torch.testing.assert_close(layer.weight, fresh, rtol=0, atol=0)
+
+
+def test_rescale_is_a_constructor_argument_outside_the_state_dict():
+    """Checkpoints of either side share their keys; the side comes from the constructor."""
+    torch.manual_seed(0)
+    layer = scale_raw_weight(AOLConv2d(5, 3, 3, rescale="auto"), 1.0, seed=0)
+    assert layer.state_dict().keys() == AOLConv2d(5, 3, 3).state_dict().keys()
+    twin = AOLConv2d(5, 3, 3, rescale="auto")
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 5, 6, 7)
+    with torch.no_grad():
+        assert torch.equal(twin(x), layer(x))
+    assert "rescale='auto'" in repr(layer)
 
 
 def test_lipschitz_upper_bound_of_a_network():
@@ -177,6 +250,11 @@ def test_bad_arguments_raise_value_errors_naming_them():
         AOLConv2d(2, 2, 3, padding=2, padding_mode="circular")
     with pytest.raises(ValueError, match="stride"):
         AOLConv2d(2, 2, 3, stride=2)  # 'same' padding
+    allowed = r"rescale must be one of \('input', 'output', 'auto'\), got 'outputs'"
+    with pytest.raises(ValueError, match=allowed):
+        AOLConv2d(2, 2, 3, rescale="outputs")
+    with pytest.raises(ValueError, match=allowed):
+        AOLLinear(2, 2, rescale="outputs")
 
 
 def test_wrong_input_shape_names_the_layer_and_both_shapes():
@@ -199,3 +277,34 @@ def test_matches_orthogonium_aol_when_out_channels_cover_in_channels():
             ratio = ours.weight / theirs.weight
         expected = torch.full_like(ratio, (1 + ROW_SUM_MARGIN) ** -0.5)
         torch.testing.assert_close(ratio, expected)
+
+
+def test_auto_rescale_matches_orthogonium_aol_for_any_channel_counts():
+    """With rescale="auto" we pick orthogonium's side (output channels when out < in) everywhere:
+    the layers agree up to our ROW_SUM_MARGIN."""
+    aol = pytest.importorskip("orthogonium.layers.conv.AOL.aol")
+    torch.manual_seed(0)
+    for c_in, c_out in [(3, 5), (4, 4), (5, 3)]:
+        ours = AOLConv2d(c_in, c_out, 3, padding=1, rescale="auto")
+        scale_raw_weight(ours, 1.0, seed=c_in)
+        theirs = aol.AOLConv2D(c_in, c_out, 3, padding=1, niter=1)
+        with torch.no_grad():
+            theirs.parametrizations.weight.original.copy_(original(ours))
+            ratio = ours.weight / theirs.weight
+        expected = torch.full_like(ratio, (1 + ROW_SUM_MARGIN) ** -0.5)
+        torch.testing.assert_close(ratio, expected)
+
+
+@pytest.mark.parametrize(
+    ("c_out", "c_in", "kh", "kw"),
+    [(3, 5, 3, 1), (4, 2, 1, 3), (2, 3, 2, 4), (5, 4, 5, 5), (3, 3, 1, 1)],
+)
+def test_gram_block_correlation_sums_equal_the_convolution(c_out, c_in, kh, kw):
+    kernel = torch.randn(c_out, c_in, kh, kw, dtype=torch.float64, requires_grad=True)
+    fast = abs_correlation_sums(kernel)
+    slow = kernel_self_correlation(kernel).abs().sum(dim=(-2, -1))
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    weights = torch.rand(c_in, c_in, dtype=torch.float64)
+    (fast_grad,) = torch.autograd.grad((fast * weights).sum(), kernel)
+    (slow_grad,) = torch.autograd.grad((slow * weights).sum(), kernel)
+    torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-10, atol=1e-10)

@@ -7,6 +7,7 @@ mode), for plain Conv2d + ReLU, each lipcert family before and after ``export``,
 (deel-torchlip, orthogonium) when installed. Ratios are to the plain net, measured in the same run.
 lipcert nets use the family's layers, a 1-Lipschitz activation (ReLU, the plain net's, to isolate
 the layers' cost; or MaxMin, gradient-norm preserving) and ScaledAvgPool2d + a constrained head.
+"AOLConv2d(auto)" rescales the output channels where out < in (conv(256->128)), the cheaper side.
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ def families() -> dict[str, Callable[[], nn.Module]]:
         ),
         "lipcert AOLConv2d+ReLU": lambda: _lipcert_net(
             lambda i, o: lnn.AOLConv2d(i, o, 3), lnn.AOLLinear, nn.ReLU
+        ),
+        "lipcert AOLConv2d(auto)+ReLU": lambda: _lipcert_net(
+            lambda i, o: lnn.AOLConv2d(i, o, 3, rescale="auto"), lnn.AOLLinear, nn.ReLU
         ),
         "lipcert AOLConv2d+MaxMin": lambda: _lipcert_net(
             lambda i, o: lnn.AOLConv2d(i, o, 3), lnn.AOLLinear, lnn.MaxMin
