@@ -21,7 +21,11 @@ from test_spectral import (
 from tiny_run import write_tiny_config
 from torch import nn
 
-from lipcert.bounds.operator import gram_spectral_bound
+from lipcert.bounds.operator import (
+    FROBENIUS_DEFECT_ENOUGH,
+    gram_spectral_bound,
+    semi_unitary_spectral_bound,
+)
 from lipcert.config import load_config
 from lipcert.nn.constraint import original
 from lipcert.nn.orthogonal import (
@@ -227,3 +231,22 @@ def test_wrong_input_shape_names_the_layer_and_both_shapes():
     with pytest.raises(ValueError, match="OrthoLinear") as err:
         _ortho()(torch.zeros(2, 4))
     assert "(*, 5)" in str(err.value) and "(2, 4)" in str(err.value)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(64, 64), (96, 40), (30, 70)])
+@pytest.mark.parametrize("noise", [1e-7, 1e-5, 1e-2])
+def test_near_orthogonal_bound_is_sound_and_tight_in_both_branches(rows, cols, noise):
+    # noise 1e-7: ||Q^T Q - I||_F < FROBENIUS_DEFECT_ENOUGH (Frobenius branch); larger: Gram
+    # iteration on the defect. Each bound is >= the exact float64 norm of the float32 matrix.
+    gen = torch.Generator().manual_seed(rows + cols)
+    q = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols), generator=gen))[0]
+    q = q if rows >= cols else q.T
+    q = (q + noise * torch.randn(q.shape, generator=gen)).float()
+    exact = float(torch.linalg.matrix_norm(q.double(), ord=2))
+    gram = q.double().T @ q.double() if rows >= cols else q.double() @ q.double().T
+    defect = float(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype)))
+    assert (defect < FROBENIUS_DEFECT_ENOUGH) == (noise == 1e-7)
+    bound = semi_unitary_spectral_bound(q)
+    assert exact <= bound <= math.sqrt(1 + defect) * (1 + 1e-12)
+    if noise == 1e-7:
+        assert bound <= 1 + 1e-5
