@@ -181,6 +181,20 @@ def _finite_input_norms(x: Tensor) -> Tensor:
     return norms
 
 
+def _logits_and_norms(
+    model: nn.Module, x: Tensor, batch_size: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """The logits of ``x``, computed in batches on ``device`` and gathered on x's device, and
+    :func:`_finite_input_norms` of each sample, taken per batch just before its forward pass
+    reads it (one pass over x from memory instead of two)."""
+    logits, norms = [], []
+    for i in range(0, len(x), batch_size):
+        batch = x[i : i + batch_size]
+        norms.append(_finite_input_norms(batch))
+        logits.append(_forward(model, batch.to(device)).to(x.device))
+    return torch.cat(logits), torch.cat(norms)
+
+
 def logit_rounding_bound(
     logits: Tensor, x: Tensor, lipschitz: float, computed_in: torch.dtype
 ) -> Tensor:
@@ -188,15 +202,16 @@ def logit_rounding_bound(
 
     ``computed_in`` is the dtype the forward pass ran in (the logits may have been upcast since).
     """
-    return _rounding_bound(logits, input_norm_bound(x), lipschitz, computed_in)
+    largest = logits.abs().amax(dim=1)
+    return _rounding_bound(largest, input_norm_bound(x), lipschitz, computed_in)
 
 
 def _rounding_bound(
-    logits: Tensor, x_norms: Tensor, lipschitz: float, computed_in: torch.dtype
+    largest_logit: Tensor, x_norms: Tensor, lipschitz: float, computed_in: torch.dtype
 ) -> Tensor:
-    """:func:`logit_rounding_bound` given upper bounds of the inputs' l2 norms."""
+    """:func:`logit_rounding_bound` given each sample's max_k |f_k| and bounds of its ||x||_2."""
     rel = ROUNDING_REL_FLOAT32 * torch.finfo(computed_in).eps / torch.finfo(torch.float32).eps
-    return rel * (1 + logits.abs().amax(dim=1) + lipschitz * x_norms.to(logits.dtype))
+    return rel * (1 + largest_logit + lipschitz * x_norms.to(largest_logit.dtype))
 
 
 def input_norm_bound(x: Tensor) -> Tensor:
@@ -254,17 +269,15 @@ def _radii(
     true_logit = logits64.gather(1, y[:, None])  # (B, 1)
     margins = true_logit - logits64  # (B, C); 0 at the true class
     pair = _pair_bounds(summary, num_logits, logits64.device)[y]  # (B, C)
-    delta_margin = 2 * _rounding_bound(logits64, x_norms, summary.body_bound, computed_in)
-    safe = margins - 3 * delta_margin[:, None]
-    per_class = safe / pair.clamp_min(1e-300)
+    largest = logits64.abs().amax(dim=1)  # NaN if any logit is NaN
+    delta_margin = 2 * _rounding_bound(largest, x_norms, summary.body_bound, computed_in)
+    # A margin <= 0 (misclassified or tied) gives (margin - 3 delta) / pair < 0: delta > 0.
+    per_class = (margins - 3 * delta_margin[:, None]) / pair.clamp_min(1e-300)
     per_class.scatter_(1, y[:, None], math.inf)
     radius = per_class.amin(dim=1)
-    # A sample whose computed margin is not positive is misclassified (or tied): radius <= 0.
-    wrong = margins.scatter(1, y[:, None], math.inf).amin(dim=1) <= 0
-    radius = torch.where(wrong, torch.minimum(radius, torch.zeros_like(radius)), radius)
     # A logit that overflowed (inf / NaN) has no rounding bound: not certified.
-    overflow = ~torch.isfinite(logits64).all(dim=1)
-    return torch.where(overflow, torch.zeros_like(radius), radius).float()
+    overflow = ~torch.isfinite(largest)
+    return radius.masked_fill_(overflow, 0.0).float()
 
 
 def convert_radius(radius: Tensor, source: str, target: str, input_dim: int) -> Tensor:
@@ -316,14 +329,6 @@ def _summary_once(
     return functools.cache(lambda: native_summary(model, norm, input_shape))
 
 
-def _logits(model: nn.Module, x: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    """The logits of ``x``, computed in batches on ``device`` and gathered on x's device."""
-    batches = range(0, len(x), batch_size)
-    return torch.cat(
-        [_forward(model, x[i : i + batch_size].to(device)).to(x.device) for i in batches]
-    )
-
-
 def _certify_with(
     model: nn.Module,
     x: Tensor,
@@ -335,8 +340,7 @@ def _certify_with(
 ) -> Tensor:
     """Radii of ``x`` (model already in eval mode): the forward in batches, the margins and
     their safety for all samples at once (a few dozen small operations, not per batch)."""
-    x_norms = _finite_input_norms(x)
-    logits = _logits(model, x, batch_size, device)
+    logits, x_norms = _logits_and_norms(model, x, batch_size, device)
     summary = summary_of_model()
     if logits.dim() != 2:
         raise ValueError(f"certify needs (B, C) logits, the model gave {tuple(logits.shape)}")
