@@ -23,6 +23,8 @@ def test_defaults_and_round_trip():
         ({"data": {"batch_size": -4}}, ["data.batch_size"]),
         ({"data": 3}, ["[data]"]),
         ({"device": "tpu"}, ["device", "cuda"]),
+        ({"optim": {"beta2": 1.0}}, ["optim.beta2", "< 1"]),
+        ({"optim": {"eps": 0.0}}, ["optim.eps", "> 0"]),
     ],
 )
 def test_bad_values_name_the_key(raw, names):

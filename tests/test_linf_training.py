@@ -86,6 +86,20 @@ def test_mix_decays_with_progress_and_loss_is_in_the_config():
             LinfDistLoss(**bad)
 
 
+def test_geometric_mix_holds_then_decays_to_its_end_value():
+    loss = LinfDistLoss(0.9, ce_weight=0.05, ce_weight_end=0.0002, decay_start=0.1, decay_end=0.9)
+    loss.set_progress(0.05)
+    assert loss.mix == 0.05
+    loss.set_progress(0.5)  # half way: the geometric mean of the two ends
+    assert loss.mix == pytest.approx((0.05 * 0.0002) ** 0.5)
+    loss.set_progress(0.95)
+    assert loss.mix == pytest.approx(0.0002)
+    with pytest.raises(ValueError, match="decay_start"):
+        LinfDistLoss(0.9, decay_start=0.5, decay_end=0.5)
+    with pytest.raises(ValueError, match="ce_weight_end"):
+        LinfDistLoss(0.9, ce_weight=0.0, ce_weight_end=0.1)
+
+
 def test_model_structure_and_validation():
     model = build_model("linf_dist_net", input_shape=[1, 4, 4], num_classes=3, width=8, depth=4)
     assert model(torch.rand(5, 1, 4, 4)).shape == (5, 3)

@@ -27,6 +27,10 @@ def _positive() -> dict:
     return {"positive": True}
 
 
+def _below_one() -> dict:
+    return {"below_one": True}
+
+
 @dataclass
 class DataConfig:
     dataset: str = field(
@@ -64,6 +68,9 @@ class OptimConfig:
     lr: float = field(default=1e-3, metadata=_positive())
     weight_decay: float = 0.0
     momentum: float = 0.9
+    beta1: float = field(default=0.9, metadata=_below_one())  # Adam's betas and eps
+    beta2: float = field(default=0.999, metadata=_below_one())
+    eps: float = field(default=1e-8, metadata=_positive())
     schedule: str = field(default="cosine", metadata=_choice("cosine", "constant", "onecycle"))
     warmup_epochs: float = 0.0
     grad_clip: float = 0.0  # 0: off
@@ -108,6 +115,8 @@ def _check_value(section: str, f: dataclasses.Field, value: Any, hint: Any) -> A
         raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {allowed}")
     if f.metadata.get("positive") and not value > 0:
         raise ConfigError(f"{key} must be > 0, got {value!r}")
+    if f.metadata.get("below_one") and not value < 1:
+        raise ConfigError(f"{key} must be < 1, got {value!r}")
     if base in (int, float) and value < 0:
         raise ConfigError(f"{key} must be >= 0, got {value!r}")
     return value

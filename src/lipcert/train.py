@@ -93,7 +93,8 @@ def make_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
         )
     optimizer = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    betas = (cfg.beta1, cfg.beta2)
+    return optimizer(params, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(cfg: OptimConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:

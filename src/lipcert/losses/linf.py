@@ -9,15 +9,21 @@ with margin m(x) = f_y(x) - max_{j != y} f_j(x) and hinge threshold theta,
 the hinge is *clipped* at theta so that points far inside a wrong class (m <= 0), which cannot
 become certified, stop pulling the weights, and the cross-entropy on the logits scaled by s
 supplies the gradient signal early in training, when the l_p relaxation makes the net poorly
-conditioned. The mixing coefficient lambda decays linearly from ``ce_weight`` to 0 at training
-progress ``decay_end`` (``set_progress``, called by lipcert.train every step), so training ends on
-the clipped hinge alone. An l_inf-distance net with logits -u is 1-Lipschitz per logit in l_inf,
-so m(x) > 2 eps certifies radius eps: choose theta a little above 2 eps (the train eps).
+conditioned. The mixing coefficient lambda starts at ``ce_weight``, holds until training progress
+``decay_start`` (``set_progress``, called by lipcert.train every step) and decays until
+``decay_end``: linearly to 0 (``ce_weight_end`` = 0, training ends on the clipped hinge alone), or
+geometrically to ``ce_weight_end`` > 0, lambda_0 (lambda_end / lambda_0)^t over the decay
+(the authors' released MNIST recipe: lambda 0.05 -> 0.0002 over the l_p ramp, on a hinge divided
+by theta, i.e. ``ce_weight`` = 0.05 theta here). An l_inf-distance net with logits -u is
+1-Lipschitz per logit in l_inf, so m(x) > 2 eps certifies radius eps: choose theta a little
+above 2 eps (the train eps).
 
 Targets are (B,) int64 class ids; logits are (B, C) with C >= 2.
 """
 
 from __future__ import annotations
+
+import math
 
 from torch import Tensor
 from torch.nn import functional as F
@@ -60,11 +66,19 @@ def linf_dist_loss(
 class LinfDistLoss(ReducedLoss):
     """Module form of :func:`linf_dist_loss` with the decaying mix (``set_progress``).
 
-    ``ce_weight`` is lambda at the start; ``mix`` is its current value, ``ce_weight`` * max(0,
-    1 - progress / ``decay_end``).
+    ``ce_weight`` is lambda at the start, ``mix`` its current value: ``ce_weight`` until progress
+    ``decay_start``, then a linear decay to 0 (``ce_weight_end`` = 0) or a geometric one to
+    ``ce_weight_end`` at ``decay_end``, constant after.
     """
 
-    hyperparameters = ("hinge_threshold", "ce_scale", "ce_weight", "decay_end")
+    hyperparameters = (
+        "hinge_threshold",
+        "ce_scale",
+        "ce_weight",
+        "ce_weight_end",
+        "decay_start",
+        "decay_end",
+    )
 
     def __init__(
         self,
@@ -73,6 +87,9 @@ class LinfDistLoss(ReducedLoss):
         ce_weight: float = 1.0,
         decay_end: float = 1.0,
         reduction: str = "mean",
+        *,
+        ce_weight_end: float = 0.0,
+        decay_start: float = 0.0,
     ) -> None:
         super().__init__(reduction)
         self.hinge_threshold = check_hyperparameter(
@@ -80,11 +97,21 @@ class LinfDistLoss(ReducedLoss):
         )
         self.ce_scale = check_hyperparameter("ce_scale", ce_scale, positive=True)
         self.ce_weight = check_hyperparameter("ce_weight", ce_weight, positive=False)
+        self.ce_weight_end = check_hyperparameter("ce_weight_end", ce_weight_end, positive=False)
+        self.decay_start = check_hyperparameter("decay_start", decay_start, positive=False)
         self.decay_end = check_hyperparameter("decay_end", decay_end, positive=True)
+        if self.ce_weight_end > 0 and self.ce_weight == 0:
+            raise ValueError("ce_weight_end > 0 needs ce_weight > 0 (a geometric decay from it)")
+        if not self.decay_start < self.decay_end:
+            raise ValueError(f"decay_start ({decay_start}) must be < decay_end ({decay_end})")
         self.mix = self.ce_weight
 
     def set_progress(self, progress: float) -> None:
-        self.mix = self.ce_weight * max(0.0, 1.0 - progress / self.decay_end)
+        t = min(max((progress - self.decay_start) / (self.decay_end - self.decay_start), 0.0), 1.0)
+        if self.ce_weight_end > 0:
+            self.mix = self.ce_weight * math.exp(t * math.log(self.ce_weight_end / self.ce_weight))
+        else:
+            self.mix = self.ce_weight * (1.0 - t)
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         return linf_dist_loss(
