@@ -182,6 +182,37 @@ def test_in_place_activations_after_fresh_tensors_stay_accepted():
     assert_sound(chain, (4,))
 
 
+@pytest.mark.parametrize(
+    ("layer", "norm"),
+    [
+        (lambda: lipcert.nn.SLLLinear(6, 8), "l2"),
+        (lambda: lipcert.nn.GroupSort(3), "l2"),
+        (lambda: lipcert.nn.GroupSort(6), "linf"),
+    ],
+)
+def test_in_place_activation_after_an_allocating_lipcert_layer_is_accepted(layer, norm):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), layer(), nn.LeakyReLU(2.0, inplace=True))
+    model = model.double().eval()
+    assert lipcert.lipschitz_upper_bound(model, (4,), norm) >= exact_norm(model, (4,), norm)
+
+
+def test_in_place_activation_after_linf_dist_is_accepted_and_bounded():
+    torch.manual_seed(0)  # lp_distance has no functorch rule: random pairs instead of jacrev
+    model = nn.Sequential(lipcert.nn.LinfDist(4, 6), nn.LeakyReLU(2.0, inplace=True)).eval()
+    bound = lipcert.lipschitz_upper_bound(model, (4,), "linf")
+    x, x2 = torch.randn(2000, 4), torch.randn(2000, 4)
+    with torch.no_grad():
+        ratio = (model(x) - model(x2)).abs().amax(1) / (x - x2).abs().amax(1)
+    assert bound == 2.0 and 1.0 < float(ratio.max()) <= bound
+
+
+def test_in_place_activation_after_a_lipcert_layer_that_may_return_a_view_is_refused():
+    model = nn.Sequential(lipcert.nn.InvertibleDownsample(2), nn.ReLU(inplace=True))
+    with pytest.raises(TypeError, match="writes in place"):
+        lipcert.lipschitz_upper_bound(model, (1, 4, 4))
+
+
 def _hooked(kind: str) -> nn.Module:
     linear = nn.Linear(4, 4)
     if kind == "hook":

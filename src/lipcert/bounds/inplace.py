@@ -126,7 +126,10 @@ def _allocates(gm: GraphModule, node: Node) -> bool:
     """Whether ``node`` (not writing in place) always returns a newly allocated tensor."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        return isinstance(module, ALLOCATING_MODULES) and has_bound_rule(module)
+        allocating = isinstance(module, ALLOCATING_MODULES) or getattr(
+            module, "allocates_output", False
+        )
+        return allocating and has_bound_rule(module)
     return node.op in ("call_function", "call_method") and node.target in ALLOCATING_FUNCTIONS
 
 

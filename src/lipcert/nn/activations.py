@@ -135,6 +135,8 @@ class GroupSort(LipschitzLayer, nn.Module):
             )
         return dim
 
+    allocates_output = True  # a sort, or a stack of maxima and minima
+
     def forward(self, x: Tensor) -> Tensor:
         dim = self._check_input(x)
         if self.group_size == 2:

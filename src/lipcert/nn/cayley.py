@@ -158,6 +158,8 @@ class CayleyConv2d(LipschitzLayer, nn.Module):
         spectrum = self.kernel_spectrum()
         return cayley(spectrum.to(SOLVE_DTYPE)).to(spectrum.dtype)
 
+    allocates_output = True  # an inverse FFT
+
     def forward(self, x: Tensor) -> Tensor:
         expected = (self.in_channels, *self.input_size)
         ok = x.dim() == 4 and tuple(x.shape[1:]) == expected

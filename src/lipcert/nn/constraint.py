@@ -110,6 +110,10 @@ class LipschitzLayer:
     """
 
     lipschitz_norm: str = "l2"
+    #: True when ``forward`` always returns a newly allocated tensor (never its input or a view
+    #: of it): then the graph bound accepts an in-place activation right after the layer
+    #: (``lipcert.bounds.inplace``).
+    allocates_output: bool = False
 
     def lipschitz_bound(self) -> float:
         raise NotImplementedError

@@ -140,6 +140,8 @@ class LinfDist(LipschitzLayer, nn.Module):
         if self.p_schedule is not None:
             self.set_p(self.p_schedule(progress))
 
+    allocates_output = True  # the distances
+
     def forward(self, input: Tensor) -> Tensor:
         ok = input.dim() >= 1 and input.shape[-1] == self.in_features
         check_input_shape(self, input, f"(*, {self.in_features})", ok)
@@ -226,6 +228,7 @@ class Negate(LipschitzLayer, nn.Module):
     al. 2021: a class scores high near its prototype). An isometry in every norm."""
 
     lipschitz_norm = "any"
+    allocates_output = True
 
     def forward(self, input: Tensor) -> Tensor:
         return -input

@@ -67,6 +67,8 @@ def _map_size(x: Tensor) -> Pair:
 class _WindowPool2d(LipschitzLayer, nn.Module):
     """Validation and window logic shared by the two pools (non-overlapping windows only)."""
 
+    allocates_output = True  # a pooled map, rescaled or square-rooted
+
     def __init__(
         self, kernel_size: int | tuple[int, int] | None, stride: int | tuple[int, int] | None
     ) -> None:

@@ -134,6 +134,8 @@ class _SLL(LipschitzLayer, nn.Module):
         sources = [self.weight, self.log_q]
         return self.cache.get(sources, lambda: self.fold()[1], enabled=not self.training)
 
+    allocates_output = True  # x - (...)
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         return x - self._outer(F.relu(self._inner(x)), self.outer_weight())
