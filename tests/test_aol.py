@@ -264,35 +264,23 @@ def test_wrong_input_shape_names_the_layer_and_both_shapes():
         AOLConv2d(3, 4, 3)(torch.zeros(1, 2, 5, 5))
 
 
-def test_matches_orthogonium_aol_when_out_channels_cover_in_channels():
-    """orthogonium rescales the input channels when out >= in: then the layers agree up to our
-    ROW_SUM_MARGIN. For out < in it rescales the output channels (AOL of W^T), a different map."""
+@pytest.mark.parametrize(
+    ("rescale", "c_in", "c_out"),
+    [("input", 3, 5), ("input", 4, 4), ("auto", 3, 5), ("auto", 4, 4), ("auto", 5, 3)],
+)
+def test_matches_orthogonium_aol(rescale, c_in, c_out):
+    """orthogonium rescales the input channels when out >= in and the output channels (AOL of
+    W^T) when out < in: our rescale="auto" everywhere, our default "input" when out >= in. The
+    layers agree up to our ROW_SUM_MARGIN."""
     aol = pytest.importorskip("orthogonium.layers.conv.AOL.aol")
     torch.manual_seed(0)
-    for c_in, c_out in [(3, 5), (4, 4)]:
-        ours = scale_raw_weight(AOLConv2d(c_in, c_out, 3, padding=1), 1.0, seed=c_in)
-        theirs = aol.AOLConv2D(c_in, c_out, 3, padding=1, niter=1)
-        with torch.no_grad():
-            theirs.parametrizations.weight.original.copy_(original(ours))
-            ratio = ours.weight / theirs.weight
-        expected = torch.full_like(ratio, (1 + ROW_SUM_MARGIN) ** -0.5)
-        torch.testing.assert_close(ratio, expected)
-
-
-def test_auto_rescale_matches_orthogonium_aol_for_any_channel_counts():
-    """With rescale="auto" we pick orthogonium's side (output channels when out < in) everywhere:
-    the layers agree up to our ROW_SUM_MARGIN."""
-    aol = pytest.importorskip("orthogonium.layers.conv.AOL.aol")
-    torch.manual_seed(0)
-    for c_in, c_out in [(3, 5), (4, 4), (5, 3)]:
-        ours = AOLConv2d(c_in, c_out, 3, padding=1, rescale="auto")
-        scale_raw_weight(ours, 1.0, seed=c_in)
-        theirs = aol.AOLConv2D(c_in, c_out, 3, padding=1, niter=1)
-        with torch.no_grad():
-            theirs.parametrizations.weight.original.copy_(original(ours))
-            ratio = ours.weight / theirs.weight
-        expected = torch.full_like(ratio, (1 + ROW_SUM_MARGIN) ** -0.5)
-        torch.testing.assert_close(ratio, expected)
+    ours = scale_raw_weight(AOLConv2d(c_in, c_out, 3, padding=1, rescale=rescale), 1.0, seed=c_in)
+    theirs = aol.AOLConv2D(c_in, c_out, 3, padding=1, niter=1)
+    with torch.no_grad():
+        theirs.parametrizations.weight.original.copy_(original(ours))
+        ratio = ours.weight / theirs.weight
+    expected = torch.full_like(ratio, (1 + ROW_SUM_MARGIN) ** -0.5)
+    torch.testing.assert_close(ratio, expected)
 
 
 @pytest.mark.parametrize(
