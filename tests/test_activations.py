@@ -81,6 +81,17 @@ def test_maxmin_equals_groupsort_2_with_and_without_grad() -> None:
         torch.testing.assert_close(MaxMin()(x), _sort_groups(x, 2, 1), rtol=0, atol=0)
 
 
+def test_maxmin_output_can_be_written_in_place_in_training() -> None:
+    """A residual block's ``out += identity`` after MaxMin (an autograd view error before)."""
+    x = torch.randn(4, 6, 3, requires_grad=True)
+    grad_out = torch.randn(4, 6, 3)
+    out = MaxMin()(x)
+    out += x
+    (grad_fast,) = torch.autograd.grad(out, x, grad_out)
+    (grad_sort,) = torch.autograd.grad(_sort_groups(x, 2, 1) + x, x, grad_out)
+    torch.testing.assert_close(grad_fast, grad_sort, rtol=0, atol=0)
+
+
 def test_maxmin_forward_mode_matches_the_sort_path() -> None:
     x = torch.randn(3, 6, 2, requires_grad=True)
     tangent = torch.randn(3, 6, 2)

@@ -186,6 +186,7 @@ def test_in_place_activations_after_fresh_tensors_stay_accepted():
     ("layer", "norm"),
     [
         (lambda: lipcert.nn.SLLLinear(6, 8), "l2"),
+        (lambda: lipcert.nn.MaxMin(), "l2"),
         (lambda: lipcert.nn.GroupSort(3), "l2"),
         (lambda: lipcert.nn.GroupSort(6), "linf"),
     ],

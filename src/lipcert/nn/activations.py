@@ -29,30 +29,30 @@ from lipcert.nn.constraint import LipschitzLayer
 SORT_DESCENDING = True
 
 
-def _maxmin_values(x: Tensor, dim: int) -> Tensor:
-    """(max, min) of every contiguous pair along ``dim`` (exact: no arithmetic on the values)."""
+def _maxmin_pairs(x: Tensor, dim: int) -> Tensor:
+    """(max, min) of every contiguous pair along ``dim``, as a new ``(..., C/2, 2, ...)`` tensor
+    (exact: no arithmetic on the values); flattening ``dim, dim + 1`` gives MaxMin's output."""
     first, second = x.unflatten(dim, (-1, 2)).unbind(dim + 1)  # each (..., C/2, ...)
-    pairs = torch.stack((torch.maximum(first, second), torch.minimum(first, second)), dim + 1)
-    return pairs.flatten(dim, dim + 1)  # (..., C, ...)
+    return torch.stack((torch.maximum(first, second), torch.minimum(first, second)), dim + 1)
 
 
-def _swap_pairs(values: Tensor, first_is_max: Tensor, dim: int) -> Tensor:
-    """Apply MaxMin's Jacobian at the point where ``first_is_max`` was computed to ``values``.
+def _swap_pairs(pairs: Tensor, first_is_max: Tensor, dim: int) -> Tensor:
+    """Apply MaxMin's Jacobian at the point where ``first_is_max`` was computed to ``pairs``
+    (``(..., C/2, 2, ...)``, as :func:`_maxmin_pairs`).
 
     That Jacobian swaps exactly the pairs whose second member is the larger: a symmetric
     permutation (J = J^T), so it serves both the backward (J^T g) and forward-mode AD (J t).
     Multiplying by a boolean mask is exact and, on CPU, several times faster than ``torch.where``.
     """
-    first, second = values.unflatten(dim, (-1, 2)).unbind(dim + 1)  # each (..., C/2, ...)
+    first, second = pairs.unbind(dim + 1)  # each (..., C/2, ...)
     second_is_max = ~first_is_max
-    swapped = torch.stack(
+    return torch.stack(
         (
             first * first_is_max + second * second_is_max,
             first * second_is_max + second * first_is_max,
         ),
         dim + 1,
     )
-    return swapped.flatten(dim, dim + 1)  # (..., C, ...)
 
 
 def _sort_groups(x: Tensor, group_size: int, dim: int) -> Tensor:
@@ -67,7 +67,9 @@ class _MaxMinFunction(torch.autograd.Function):
 
     The pair mask is a second, non-differentiable output so that ``torch.func`` transforms
     (``jacrev``, ``vmap``) can use the generated vmap rule. Backward and jvp are made of
-    differentiable ops, so double backward (gradient penalties) works.
+    differentiable ops, so double backward (gradient penalties) works. The output is the
+    ``(..., C/2, 2, ...)`` tensor of :func:`_maxmin_pairs`, flattened by the caller: a view made
+    inside a Function could not be written in place afterwards (``out += identity``).
     """
 
     generate_vmap_rule = True
@@ -75,7 +77,7 @@ class _MaxMinFunction(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
         first, second = x.unflatten(dim, (-1, 2)).unbind(dim + 1)  # each (..., C/2, ...)
-        return _maxmin_values(x, dim), first >= second
+        return _maxmin_pairs(x, dim), first >= second
 
     @staticmethod
     def setup_context(ctx, inputs: tuple[Tensor, int], output: tuple[Tensor, Tensor]) -> None:
@@ -87,12 +89,12 @@ class _MaxMinFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor, _grad_mask: Tensor) -> tuple[Tensor, None]:
         (first_is_max,) = ctx.saved_tensors
-        return _swap_pairs(grad, first_is_max, ctx.dim), None
+        return _swap_pairs(grad, first_is_max, ctx.dim).flatten(ctx.dim, ctx.dim + 1), None
 
     @staticmethod
     def jvp(ctx, tangent: Tensor, _dim_tangent: None) -> tuple[Tensor, None]:
         (first_is_max,) = ctx.saved_tensors
-        return _swap_pairs(tangent, first_is_max, ctx.dim), None
+        return _swap_pairs(tangent.unflatten(ctx.dim, (-1, 2)), first_is_max, ctx.dim), None
 
 
 class GroupSort(LipschitzLayer, nn.Module):
@@ -105,6 +107,7 @@ class GroupSort(LipschitzLayer, nn.Module):
 
     #: Sorting within groups is 1-Lipschitz in every l_p norm (a per-input permutation).
     lipschitz_norm = "any"
+    allocates_output = True  # a sort, or a stack of maxima and minima
 
     def __init__(self, group_size: int = 2, dim: int = 1) -> None:
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
@@ -135,14 +138,14 @@ class GroupSort(LipschitzLayer, nn.Module):
             )
         return dim
 
-    allocates_output = True  # a sort, or a stack of maxima and minima
-
     def forward(self, x: Tensor) -> Tensor:
         dim = self._check_input(x)
         if self.group_size == 2:
             if torch.is_grad_enabled() and x.requires_grad:
-                return _MaxMinFunction.apply(x, dim)[0]
-            return _maxmin_values(x, dim)
+                pairs = _MaxMinFunction.apply(x, dim)[0]
+            else:
+                pairs = _maxmin_pairs(x, dim)
+            return pairs.flatten(dim, dim + 1)
         return _sort_groups(x, self.group_size, dim)
 
     def lipschitz_bound(self) -> float:
