@@ -14,6 +14,7 @@ from torch import nn
 
 from lipcert.bounds.network import lipschitz_upper_bound
 from lipcert.export import export
+from lipcert.models import build_model
 from lipcert.nn.aol import (
     RESCALE_SIDES,
     ROW_SUM_MARGIN,
@@ -296,3 +297,17 @@ def test_gram_block_correlation_sums_equal_the_convolution(c_out, c_in, kh, kw):
     (fast_grad,) = torch.autograd.grad((fast * weights).sum(), kernel)
     (slow_grad,) = torch.autograd.grad((slow * weights).sum(), kernel)
     torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-10, atol=1e-10)
+
+
+def test_models_pass_aol_rescale_to_their_aol_layers():
+    model = build_model(
+        "sll_convnet", input_shape=[1, 8, 8], num_classes=3, width=4, aol_rescale="auto"
+    )
+    aol = [m for m in model.modules() if isinstance(m, (AOLConv2d, AOLLinear))]
+    assert aol and all(m.constraint.rescale == "auto" for m in aol)
+    halving = [m for m in aol if isinstance(m, AOLConv2d) and m.out_channels < m.in_channels]
+    assert halving and all(m.constraint.rescales_output(m.weight) for m in halving)
+    bound = lipschitz_upper_bound(model.eval(), (1, 8, 8))
+    assert bound <= 1.1  # 1-Lipschitz body (up to float slack) times the head's row norms
+    with pytest.raises(ValueError, match="rescale"):
+        build_model("sll_mlp", input_shape=[4], num_classes=3, aol_rescale="both")
