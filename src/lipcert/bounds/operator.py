@@ -84,11 +84,6 @@ def svd_spectral_bound(matrix: Tensor) -> Tensor:
 PAIRWISE_CHUNK_ELEMENTS = 2**24
 
 
-#: A defect ||G - I||_F below this bounds ||G - I||_2 well enough: the Gram iteration's tighter
-#: bound could lower sqrt(1 + ||G - I||) by at most sqrt(1 + 1e-4) - 1 ~ 5e-5, at ten products.
-FROBENIUS_DEFECT_ENOUGH = 1e-4
-
-
 def semi_unitary_spectral_bound(q: Tensor) -> float:
     """Sound upper bound, in float64, of max sigma_max(Q) over a batch of nearly semi-unitary Q.
 
@@ -96,21 +91,16 @@ def semi_unitary_spectral_bound(q: Tensor) -> float:
     ||G||_2 <= 1 + ||G - I||_2. G - I is formed in float64 (complex128 for complex Q) from the
     exact copy of ``q``; each entry's rounding is at most gamma_n (||q_i|| ||q_j|| + |G_ij - I_ij|)
     (Higham, eq. 3.5, and Cauchy-Schwarz), so the rounding matrix has Frobenius norm at most
-    gamma_n (||Q||_F^2 + ||G - I||_F), added to a bound of ||G - I||_2: its Frobenius norm when
-    below :data:`FROBENIUS_DEFECT_ENOUGH`, else the Gram-iteration bound (Delattre et al., ICML
-    2023).
+    gamma_n (||Q||_F^2 + ||G - I||_F), added to the Gram-iteration bound of ||G - I||_2 (Delattre
+    et al., ICML 2023).
     """
     q = q.detach().to(torch.complex128 if q.is_complex() else torch.float64)
     rows, cols = q.shape[-2:]
     gram = q.mH @ q if rows >= cols else q @ q.mH  # (..., n, n), n = min(rows, cols)
     defect = gram - torch.eye(gram.shape[-1], dtype=q.dtype, device=q.device)
-    defect_frobenius = _frobenius(defect) * rounding_safety(torch.float64, defect[0].numel())
     gamma = rounding_safety(torch.float64, max(rows, cols)) - 1
-    rounding = gamma * (_frobenius(q) ** 2 + defect_frobenius)
-    defect_bound = defect_frobenius
-    if bool((defect_frobenius > FROBENIUS_DEFECT_ENOUGH).any()):
-        defect_bound = torch.minimum(defect_frobenius, gram_spectral_bound(defect))
-    squared = 1 + defect_bound + rounding
+    rounding = gamma * (_frobenius(q) ** 2 + _frobenius(defect))
+    squared = 1 + gram_spectral_bound(defect) + rounding
     return float(squared.max().sqrt()) * rounding_safety(torch.float64, 1)
 
 
