@@ -347,7 +347,7 @@ def _certify_with(
     num_classes = max(2, logits.shape[1])
     if bool((y < 0).any()) or bool((y >= num_classes).any()):
         raise ValueError(f"labels must lie in [0, {num_classes}), got {y.min()}..{y.max()}")
-    radius = _radii(logits, x_norms.to(logits.device), y, summary, _forward_dtype(model, x, logits))
+    radius = _radii(logits, x_norms, y, summary, _forward_dtype(model, x, logits))
     return convert_radius(radius, summary.norm, norm, x[0].numel())
 
 
