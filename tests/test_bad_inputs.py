@@ -158,6 +158,10 @@ CLI_CASES = [
     ("w1: missing file", ["w1", "{root}/none.npy", "{root}/a2.npy"], "none.npy"),
     ("export: missing checkpoint", ["export", "{root}/nope.safetensors"], "not found"),
 ]
+if not torch.cuda.is_available():
+    CLI_CASES.append(
+        ("attack: no GPU", ["attack", "{root}/run/last.safetensors", "--device", "cuda"], "cuda")
+    )
 
 
 @pytest.mark.parametrize("name, argv, pattern", CLI_CASES, ids=[c[0] for c in CLI_CASES])

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lipcert.modes import eval_mode
+from lipcert.precision import ieee_float32
 
 NORMS = ("l2", "linf")
 #: Step size factor: eps * 2.5 / steps lets PGD cross the ball and back (Madry et al. 2018).
@@ -65,10 +66,11 @@ def pgd(
 
     Returns ``(x_adv, success)``: the strongest point found per sample and whether its margin is
     >= 0 (wrong class or tie). ``clamp`` keeps inputs in a box (e.g. images in [0, 1]).
+    Runs in IEEE float32 (no TF32 on a GPU), the arithmetic the certificates assume.
     """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    with eval_mode(model):  # restores each module's mode after
+    with eval_mode(model), ieee_float32():  # restores each module's mode after
         return _search(model, x, y, _per_sample(eps, x), norm, steps, restarts, clamp, seed)
 
 

@@ -21,18 +21,20 @@ def run(args: argparse.Namespace) -> None:
     from lipcert.certify import certify_batched
     from lipcert.export import export
 
-    check_eps(args.eps)
     for option in ("steps", "restarts", "limit"):
         check_positive(f"--{option}", getattr(args, option))
-    model, config, data = load_run(args.checkpoint, args.data_dir)
+    model, config, data = load_run(args.checkpoint, args.data_dir, args.device)
     norm = args.norm or config.certify.norm
+    eps_values = check_eps(args.eps or config.certify.eps)
     x, y = data.test.x[: args.limit], data.test.y[: args.limit]
     radii = certify_batched(model, x, y, norm)
     plain = export(model)
+    x, y = x.to(args.device), y.to(args.device)
     total_broken = 0
-    for eps in args.eps:
+    for eps in eps_values:
         certified = radii >= eps
         _, success = pgd(plain, x, y, eps, norm, steps=args.steps, restarts=args.restarts)
+        success = success.cpu()
         broken = int((certified & success).sum())
         total_broken += broken
         print(

@@ -22,15 +22,15 @@ def run(args: argparse.Namespace) -> None:
     from lipcert.certify import certified_accuracy, certify_batched
     from lipcert.report import accuracy_table, plot_certified_curve
 
-    check_eps(args.eps)
-    model, config, data = load_run(args.checkpoint, args.data_dir)
+    model, config, data = load_run(args.checkpoint, args.data_dir, args.device)
     norm = args.norm or config.certify.norm
+    eps = check_eps(args.eps or config.certify.eps)
     started = time.perf_counter()
     radii = certify_batched(model, data.test.x, data.test.y, norm)
     seconds = time.perf_counter() - started
-    accuracy = certified_accuracy(radii, [0.0, *args.eps])
+    accuracy = certified_accuracy(radii, [0.0, *eps])
     print(accuracy_table(accuracy, norm))
-    print(f"{len(radii)} test points certified in {seconds:.2f} s")
+    print(f"{len(radii)} test points certified in {seconds:.2f} s ({args.device})")
     ckpt = Path(args.checkpoint)
     plot = Path(args.plot or ckpt.with_name(f"{ckpt.stem}.certified_{norm}.png"))
     plot_certified_curve(radii, plot, norm, title=f"{ckpt.parent.name} ({norm})")

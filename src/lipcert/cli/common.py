@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
+import torch
 from torch import nn
 
 from lipcert.checkpoint import load, read_checkpoint
@@ -13,9 +14,13 @@ from lipcert.data import Dataset, load_dataset
 from lipcert.train import select_classes
 
 
-def load_run(checkpoint: str, data_dir: str | None) -> tuple[nn.Module, TrainConfig, Dataset]:
-    """The model of a training checkpoint, its config and its dataset."""
-    model = load(checkpoint)
+def load_run(
+    checkpoint: str, data_dir: str | None, device: str = "cpu"
+) -> tuple[nn.Module, TrainConfig, Dataset]:
+    """The model of a training checkpoint (on ``device``), its config and its dataset."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
+    model = load(checkpoint).to(device)
     _, meta = read_checkpoint(checkpoint)
     config = parse_config(meta["config"])
     data = load_dataset(config.data.dataset, data_dir or config.data.data_dir or None)
@@ -40,6 +45,7 @@ def check_positive(option: str, value: int) -> int:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the commands that evaluate a checkpoint on its test split."""
     parser.add_argument("checkpoint", help="a lipcert .safetensors checkpoint")
-    parser.add_argument("--eps", type=float, nargs="+", default=[0.5, 1.0, 1.58])
+    parser.add_argument("--eps", type=float, nargs="+", help="default: the run's config")
     parser.add_argument("--norm", choices=("l2", "linf"), help="default: the run's config")
     parser.add_argument("--data-dir", help="dataset folder (default: the config's, then search)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")

@@ -1,0 +1,54 @@
+"""``lipcert certify`` and ``lipcert attack`` on a real (tiny) run: tables, device choice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_run import write_tiny_config
+
+from lipcert.cli import main
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    assert main(["train", str(write_tiny_config(root)), "--run-dir", str(root / "run")]) == 0
+    return str(root / "run" / "last.safetensors")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_certify_prints_the_table_and_json(checkpoint, capsys, device):
+    assert main(["certify", checkpoint, "--eps", "0.05", "0.1", "--json", "--device", device]) == 0
+    out = capsys.readouterr().out
+    numbers = json.loads(out.strip().splitlines()[-1])
+    assert numbers["norm"] == "l2"
+    accuracies = list(numbers["accuracy"].values())
+    assert len(accuracies) == 3 and accuracies == sorted(accuracies, reverse=True)
+    assert f"({device})" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_certify_agrees_across_devices(checkpoint, capsys):
+    results = []
+    for device in DEVICES:
+        assert main(["certify", checkpoint, "--eps", "0.1", "--json", "--device", device]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"])
+    # float32 sums in another order may move a point lying right at eps: one point of ~360 at most
+    for key, value in results[0].items():
+        assert abs(results[1][key] - value) <= 0.003, (key, results)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attack_breaks_no_certified_point(checkpoint, capsys, device):
+    argv = ["attack", checkpoint, "--eps", "0.1", "--steps", "10", "--restarts", "1"]
+    assert main([*argv, "--limit", "50", "--device", device]) == 0
+    assert "certified points broken: 0 of" in capsys.readouterr().out
+
+
+def test_eps_default_to_the_runs_config(checkpoint, capsys):
+    assert main(["certify", checkpoint, "--json"]) == 0  # the tiny config certifies at 0.1
+    assert list(json.loads(capsys.readouterr().out.splitlines()[-1])["accuracy"]) == ["0.0", "0.1"]
