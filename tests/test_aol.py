@@ -299,6 +299,13 @@ def test_gram_block_correlation_sums_equal_the_convolution(c_out, c_in, kh, kw):
     torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(3, 2, 3, 3), (2, 4, 2, 3), (5, 3, 1, 1), (4, 2, 3, 2)])
+def test_correlation_sums_backward_passes_gradcheck(shape):
+    """The hand-written backward (one batched product) against finite differences."""
+    kernel = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(abs_correlation_sums, (kernel,))
+
+
 def test_models_pass_aol_rescale_to_their_aol_layers():
     model = build_model(
         "sll_convnet", input_shape=[1, 8, 8], num_classes=3, width=4, aol_rescale="auto"

@@ -2,9 +2,10 @@
 
 One process, 2 threads, batch 64, input 3x32x32. Net: conv(3->64) act conv(64->64) act
 PixelUnshuffle(2) conv(256->128) act conv(128->128) act global-avg-pool linear(128->10).
-Median ms of 7 train steps (forward + backward + SGD step) and 7 eval forwards (no_grad, eval
-mode), for plain Conv2d + ReLU, each lipcert family before and after ``export``, and the peers
-(deel-torchlip, orthogonium) when installed. Ratios are to the plain net, measured in the same run.
+Train steps (forward + backward + SGD step) and eval forwards (no_grad, eval mode) of plain
+Conv2d + ReLU, each lipcert family before and after ``export``, and the peers (deel-torchlip,
+orthogonium) when installed, timed in 7 interleaved rounds (each round times every net once, in
+turn). Ratios are to the plain net: the median over rounds of the ratio within a round.
 lipcert nets use the family's layers, a 1-Lipschitz activation (ReLU, the plain net's, to isolate
 the layers' cost; or MaxMin, gradient-norm preserving) and ScaledAvgPool2d + a constrained head.
 "AOLConv2d(auto)" rescales the output channels where out < in (conv(256->128)), the cheaper side.
@@ -118,35 +119,50 @@ def _peer_families() -> dict[str, Callable[[], nn.Module]]:
     return peers
 
 
-def _median_ms(fn: Callable[[], None]) -> float:
-    for _ in range(WARMUP):
-        fn()
-    times = []
-    for _ in range(REPEATS):
-        started = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
-
-
-def time_net(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Median ms of a train step and of an eval forward."""
+def _train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
 
-    def train_step() -> None:
+    def step() -> None:
         opt.zero_grad(set_to_none=True)
         loss_fn(net(x), y).backward()
         opt.step()
 
-    def eval_forward() -> None:
+    return step
+
+
+def _eval_forward(net: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def forward() -> None:
         with torch.no_grad():
             net(x)
 
-    net.train()
-    train_ms = _median_ms(train_step)
-    net.eval()
-    return train_ms, _median_ms(eval_forward)
+    return forward
+
+
+def _interleaved_ms(calls: dict[str, Callable[[], None]]) -> dict[str, list[float]]:
+    """ms of every call in each of REPEATS rounds; a round runs each call once, in turn, so that
+    a slow spell of the machine hits every family instead of biasing one."""
+    for call in calls.values():
+        for _ in range(WARMUP):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(REPEATS):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - started) * 1e3)
+    return times
+
+
+def _summaries(times: dict[str, list[float]], base: str) -> dict[str, tuple[float, float]]:
+    """(median ms, median over rounds of the ratio to ``base`` in the same round) per name."""
+    return {
+        name: (
+            statistics.median(ms),
+            statistics.median(t / b for t, b in zip(ms, times[base], strict=True)),
+        )
+        for name, ms in times.items()
+    }
 
 
 def measure() -> list[dict]:
@@ -155,22 +171,32 @@ def measure() -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     x = torch.rand((BATCH, *INPUT_SHAPE), generator=gen)
     y = torch.randint(0, CLASSES, (BATCH,), generator=gen)
-    rows = []
+    nets = {}
     for name, build in families().items():
         torch.manual_seed(0)
-        net = build()
-        train_ms, eval_ms = time_net(net, x, y)
-        row = {"family": name, "train_ms": train_ms, "eval_ms": eval_ms}
+        nets[name] = build()
+    base = next(iter(nets))
+    for net in nets.values():
+        net.train()
+    train = _summaries(_interleaved_ms({n: _train_step(m, x, y) for n, m in nets.items()}), base)
+    evals = {name: _eval_forward(net.eval(), x) for name, net in nets.items()}
+    for name, net in nets.items():
         if name.startswith("lipcert"):
-            plain = lipcert.export(net)
-            row["exported_eval_ms"] = time_net(plain, x, y)[1]
+            evals[f"{name} exported"] = _eval_forward(lipcert.export(net).eval(), x)
+    evaluated = _summaries(_interleaved_ms(evals), base)
+    rows = []
+    for name in nets:
+        (train_ms, train_ratio), (eval_ms, eval_ratio) = train[name], evaluated[name]
+        row = {
+            "family": name,
+            "train_ms": train_ms,
+            "eval_ms": eval_ms,
+            "train_ratio": train_ratio,
+            "eval_ratio": eval_ratio,
+        }
+        if f"{name} exported" in evaluated:
+            row["exported_eval_ms"], row["exported_eval_ratio"] = evaluated[f"{name} exported"]
         rows.append(row)
-    base = rows[0]
-    for row in rows:
-        row["train_ratio"] = row["train_ms"] / base["train_ms"]
-        row["eval_ratio"] = row["eval_ms"] / base["eval_ms"]
-        if "exported_eval_ms" in row:
-            row["exported_eval_ratio"] = row["exported_eval_ms"] / base["eval_ms"]
     return rows
 
 
@@ -193,6 +219,6 @@ def main(as_json: bool = False) -> None:
     ]
     print(format_table(header, table))
     print(
-        f"batch {BATCH}, input {INPUT_SHAPE}, {THREADS} threads, median of {REPEATS}; "
-        "ratios to the plain Conv2d+ReLU net in this run"
+        f"batch {BATCH}, input {INPUT_SHAPE}, {THREADS} threads, {REPEATS} interleaved rounds; "
+        "ratios: median over rounds of the ratio to the plain Conv2d+ReLU net in the same round"
     )
