@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch is pinned here (a CPU build lies on the dev machines); pyproject keeps a range.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install test lint bench demo clean
+.PHONY: install test test-slow audit lint bench demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ install: $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+audit: $(STAMP)
+	LIPCERT=$(BIN)/lipcert bash benchmarks/audit.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

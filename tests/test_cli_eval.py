@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +57,16 @@ def test_attack_breaks_no_certified_point(checkpoint, capsys, device):
 def test_eps_default_to_the_runs_config(checkpoint, capsys):
     assert main(["certify", checkpoint, "--json"]) == 0  # the tiny config certifies at 0.1
     assert list(json.loads(capsys.readouterr().out.splitlines()[-1])["accuracy"]) == ["0.0", "0.1"]
+
+
+def test_audit_script_totals_the_attacks(checkpoint):
+    """``make audit`` (benchmarks/audit.sh): every matching checkpoint attacked, one total."""
+    script = Path(__file__).parents[1] / "benchmarks" / "audit.sh"
+    lipcert = f"{sys.executable} -m lipcert"
+    env = {**os.environ, "RUNS": checkpoint, "LIMIT": "30", "LIPCERT": lipcert}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"audit: 0 broken of \d+ certified points", done.stdout), done.stdout
+    env["RUNS"] = str(Path(checkpoint).parent / "nothing*.safetensors")
+    missing = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "no checkpoint matches" in missing.stderr
