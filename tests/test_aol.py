@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from lipschitz import LIPSCHITZ_TOL, adversarial_steps, jacobian_matrix, max_jacobian_norm
 from torch import nn
 
+import lipcert.nn.aol as aol_module
 from lipcert.bounds.network import lipschitz_upper_bound
 from lipcert.export import export
 from lipcert.models import build_model
@@ -302,8 +303,29 @@ def test_gram_block_correlation_sums_equal_the_convolution(c_out, c_in, kh, kw):
 @pytest.mark.parametrize("shape", [(3, 2, 3, 3), (2, 4, 2, 3), (5, 3, 1, 1), (4, 2, 3, 2)])
 def test_correlation_sums_backward_passes_gradcheck(shape):
     """The hand-written backward (one batched product) against finite differences."""
+    torch.manual_seed(sum(shape))
     kernel = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(abs_correlation_sums, (kernel,))
+
+
+def test_correlation_sums_backward_in_chunks_of_targets(monkeypatch):
+    """Large kernels form the gradient blocks a few target positions at a time: same gradient."""
+    torch.manual_seed(0)
+    kernel = torch.randn(4, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(3, 3, dtype=torch.float64)
+    (whole,) = torch.autograd.grad((abs_correlation_sums(kernel) * weights).sum(), kernel)
+    monkeypatch.setattr(aol_module, "GRADIENT_CHUNK_BYTES", 2 * 6 * 3 * 3 * 8)  # 2 targets
+    (chunked,) = torch.autograd.grad((abs_correlation_sums(kernel) * weights).sum(), kernel)
+    torch.testing.assert_close(chunked, whole, rtol=1e-13, atol=1e-13)
+
+
+def test_train_mode_layers_work_under_vmap():
+    """torch.func.vmap over the batch (per-sample gradients and the like) in train mode."""
+    torch.manual_seed(0)
+    layer = AOLConv2d(3, 4, 3).double().train()
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    batched = torch.func.vmap(lambda xi: layer(xi[None])[0])(x)
+    torch.testing.assert_close(batched, layer(x), rtol=1e-12, atol=1e-12)
 
 
 def test_models_pass_aol_rescale_to_their_aol_layers():

@@ -147,6 +147,11 @@ CLI_CASES = [
     ("certify: negative eps", ["certify", "{root}/run/last.safetensors", "--eps", "-1"], "eps"),
     ("attack: NaN eps", ["attack", "{root}/run/last.safetensors", "--eps", "nan"], "eps"),
     ("attack: zero steps", ["attack", "{root}/run/last.safetensors", "--steps", "0"], "steps"),
+    (
+        "certify: other norm, no eps",
+        ["certify", "{root}/run/last.safetensors", "--norm", "linf"],
+        "--eps",
+    ),
     ("train: missing config", ["train", "{root}/nope.toml"], "not found"),
     ("train: invalid TOML", ["train", "{root}/bad.toml"], "TOML"),
     ("train: bad value", ["train", "{root}/badvalue.toml", "--run-dir", "{root}/r1"], "lr"),

@@ -21,7 +21,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    assert main(["train", str(write_tiny_config(root)), "--run-dir", str(root / "run")]) == 0
+    config = write_tiny_config(root, epochs=6)  # 69% clean, 35% certified at 0.1 (of 450)
+    assert main(["train", str(config), "--run-dir", str(root / "run")]) == 0
     return str(root / "run" / "last.safetensors")
 
 
@@ -51,7 +52,8 @@ def test_certify_agrees_across_devices(checkpoint, capsys):
 def test_attack_breaks_no_certified_point(checkpoint, capsys, device):
     argv = ["attack", checkpoint, "--eps", "0.1", "--steps", "10", "--restarts", "1"]
     assert main([*argv, "--limit", "50", "--device", device]) == 0
-    assert "certified points broken: 0 of" in capsys.readouterr().out
+    certified = re.search(r"certified points broken: 0 of (\d+)", capsys.readouterr().out)
+    assert certified and int(certified[1]) >= 10
 
 
 def test_eps_default_to_the_runs_config(checkpoint, capsys):
@@ -66,7 +68,8 @@ def test_audit_script_totals_the_attacks(checkpoint):
     env = {**os.environ, "RUNS": checkpoint, "LIMIT": "30", "LIPCERT": lipcert}
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert re.search(r"audit: 0 broken of \d+ certified points", done.stdout), done.stdout
+    total = re.search(r"audit: 0 broken of (\d+) certified points", done.stdout)
+    assert total and int(total[1]) >= 10, done.stdout
     env["RUNS"] = str(Path(checkpoint).parent / "nothing*.safetensors")
     missing = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert missing.returncode == 2 and "no checkpoint matches" in missing.stderr

@@ -140,16 +140,19 @@ def _eval_forward(net: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 
 def _interleaved_ms(calls: dict[str, Callable[[], None]]) -> dict[str, list[float]]:
-    """ms of every call in each of REPEATS rounds; a round runs each call once, in turn, so that
-    a slow spell of the machine hits every family instead of biasing one."""
+    """ms of every call in each of REPEATS rounds; a round runs each call once, in turn (the order
+    rotated from round to round), so that a slow spell of the machine or a position in the round
+    hits every family instead of biasing one."""
     for call in calls.values():
         for _ in range(WARMUP):
             call()
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(REPEATS):
-        for name, call in calls.items():
+    names = list(calls)
+    for round_index in range(REPEATS):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
             started = time.perf_counter()
-            call()
+            calls[name]()
             times[name].append((time.perf_counter() - started) * 1e3)
     return times
 

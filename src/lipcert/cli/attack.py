@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lipcert.cli.common import add_eval_arguments, check_eps, check_positive, load_run
+from lipcert.cli.common import add_eval_arguments, check_positive, eps_for, load_run
 
 
 def register(sub) -> None:
@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> None:
         check_positive(f"--{option}", getattr(args, option))
     model, config, data = load_run(args.checkpoint, args.data_dir, args.device)
     norm = args.norm or config.certify.norm
-    eps_values = check_eps(args.eps or config.certify.eps)
+    eps_values = eps_for(args.eps, norm, config)
     x, y = data.test.x[: args.limit], data.test.y[: args.limit]
     radii = certify_batched(model, x, y, norm)
     plain = export(model)

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from lipcert.cli.common import add_eval_arguments, check_eps, load_run
+from lipcert.cli.common import add_eval_arguments, eps_for, load_run
 
 
 def register(sub) -> None:
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> None:
 
     model, config, data = load_run(args.checkpoint, args.data_dir, args.device)
     norm = args.norm or config.certify.norm
-    eps = check_eps(args.eps or config.certify.eps)
+    eps = eps_for(args.eps, norm, config)
     started = time.perf_counter()
     radii = certify_batched(model, data.test.x, data.test.y, norm)
     seconds = time.perf_counter() - started

@@ -36,6 +36,17 @@ def check_eps(eps: list[float]) -> list[float]:
     return eps
 
 
+def eps_for(eps: list[float] | None, norm: str, config: TrainConfig) -> list[float]:
+    """The --eps values, or the run's own when the norm is the run's (never l2 radii for l_inf)."""
+    if eps is None:
+        if norm != config.certify.norm:
+            raise ValueError(
+                f"--norm {norm} is not the run's norm ({config.certify.norm}): give --eps for it"
+            )
+        eps = config.certify.eps
+    return check_eps(eps)
+
+
 def check_positive(option: str, value: int) -> int:
     if value <= 0:
         raise ValueError(f"{option} must be a positive integer, got {value}")

@@ -87,7 +87,7 @@ def _gradient_slots(kh: int, kw: int, device: torch.device) -> Tensor:
     slots = (kh - 1) * (2 * kw - 1) + kw
     r = torch.arange(kh * kw, device=device)
     table = torch.where(r[:, None] > r, offset, offset.T + slots - 1).fill_diagonal_(0)
-    return table.T.contiguous().flatten()  # row q lists the sources r
+    return table.T.contiguous()  # row q lists the sources r
 
 
 def _correlation_half(columns: Tensor, c_in: int, kh: int, kw: int) -> Tensor:
@@ -101,6 +101,19 @@ def _correlation_half(columns: Tensor, c_in: int, kh: int, kw: int) -> Tensor:
     return corr
 
 
+#: Most bytes of gradient blocks H(., q) that :class:`_AbsCorrelationSums`'s backward holds at once
+#: (all of them are (kh kw)^2 c_in^2 floats: 5 MB for 3x3 at 128 channels, 2.5 GB for 7x7 at 512).
+GRADIENT_CHUNK_BYTES = 64 * 2**20
+
+
+def _gradient_from_sources(columns: Tensor, bank: Tensor, sources: Tensor) -> Tensor:
+    """dK_q = sum_r K_r H(r, q) for the targets q whose rows of :func:`_gradient_slots` are
+    ``sources`` (q, r): ``(q, c_out, c_in)``."""
+    c_in = bank.shape[-1]
+    blocks = bank.index_select(0, sources.flatten()).view(len(sources), -1, c_in)  # (q, r i, j)
+    return torch.matmul(columns, blocks)
+
+
 class _AbsCorrelationSums(torch.autograd.Function):
     """:func:`abs_correlation_sums` with a backward of one batched product.
 
@@ -108,9 +121,12 @@ class _AbsCorrelationSums(torch.autograd.Function):
     (a, b) of corr(d) gives dK_a += K_b E_d^T and dK_b += K_a E_d, so dK_q = sum_r K_r H(r, q)
     with H(r, q) = E_s(r,q) (r > q), E_s(q,r)^T (r < q), E_0 + E_0^T (r = q): one
     (kh kw)-batched product of [K_0 K_1 ...] with the blocks of H, instead of autograd's
-    2 (kh kw) products, slices and scatter-adds (measured: forward + backward 10.5 ms instead of
-    14 ms for the benchmark net's four kernels, 2 threads).
+    2 (kh kw) products, slices and scatter-adds (forward + backward of the benchmark net's four
+    kernels, 2 threads: 10.5 ms instead of 13.7-14.4 ms). The blocks are formed a few targets q at
+    a time (:data:`GRADIENT_CHUNK_BYTES`). vmap: generated from the operations.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(kernel: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -138,8 +154,11 @@ class _AbsCorrelationSums(torch.autograd.Function):
         grad_zero = signs[0] * grad
         grad_positive = signs[1:] * (grad + grad.T)
         bank = torch.cat([(grad_zero + grad_zero.T)[None], grad_positive, grad_positive.mT])
-        blocks = bank.index_select(0, _gradient_slots(kh, kw, grad.device))
-        per_target = torch.matmul(columns, blocks.view(kh * kw, kh * kw * c_in, c_in))  # (q, o, j)
+        slots = _gradient_slots(kh, kw, grad.device)
+        per_target_bytes = slots.shape[1] * c_in * c_in * bank.element_size()
+        chunk = max(1, GRADIENT_CHUNK_BYTES // per_target_bytes)
+        parts = [_gradient_from_sources(columns, bank, rows) for rows in slots.split(chunk)]
+        per_target = parts[0] if len(parts) == 1 else torch.cat(parts)  # (q, o, j)
         return per_target.permute(1, 2, 0).reshape(c_out, c_in, kh, kw)
 
 
