@@ -181,18 +181,12 @@ def _finite_input_norms(x: Tensor) -> Tensor:
     return norms
 
 
-def _logits_and_norms(
-    model: nn.Module, x: Tensor, batch_size: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """The logits of ``x``, computed in batches on ``device`` and gathered on x's device, and
-    :func:`_finite_input_norms` of each sample, taken per batch just before its forward pass
-    reads it (one pass over x from memory instead of two)."""
-    logits, norms = [], []
-    for i in range(0, len(x), batch_size):
-        batch = x[i : i + batch_size]
-        norms.append(_finite_input_norms(batch))
-        logits.append(_forward(model, batch.to(device)).to(x.device))
-    return torch.cat(logits), torch.cat(norms)
+def _logits(model: nn.Module, x: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """The logits of ``x``, computed in batches on ``device`` and gathered on x's device."""
+    batches = range(0, len(x), batch_size)
+    return torch.cat(
+        [_forward(model, x[i : i + batch_size].to(device)).to(x.device) for i in batches]
+    )
 
 
 def logit_rounding_bound(
@@ -340,7 +334,8 @@ def _certify_with(
 ) -> Tensor:
     """Radii of ``x`` (model already in eval mode): the forward in batches, the margins and
     their safety for all samples at once (a few dozen small operations, not per batch)."""
-    logits, x_norms = _logits_and_norms(model, x, batch_size, device)
+    x_norms = _finite_input_norms(x)
+    logits = _logits(model, x, batch_size, device)
     summary = summary_of_model()
     if logits.dim() != 2:
         raise ValueError(f"certify needs (B, C) logits, the model gave {tuple(logits.shape)}")
