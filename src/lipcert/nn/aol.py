@@ -78,13 +78,19 @@ def _offset_slots(kh: int, kw: int, device: torch.device) -> Tensor:
     return (y[:, None] - y) * (2 * kw - 1) + x[:, None] - x
 
 
+def _half_slot_count(kh: int, kw: int) -> int:
+    """Number of offset slots d >= 0 of :func:`_offset_slots` (the zero offset and the
+    lexicographically positive ones)."""
+    return (kh - 1) * (2 * kw - 1) + kw
+
+
 @functools.cache
 def _gradient_slots(kh: int, kw: int, device: torch.device) -> Tensor:
     """(kh kw, kh kw): for the target position q and source position r, the block of
     :class:`_AbsCorrelationSums`'s gradient bank that H(r, q) takes: 0 (E_0 + E_0^T) for r = q,
     s(r, q) (E_s) for r > q, n - 1 + s(q, r) (E_s^T) for r < q; n = number of slots."""
     offset = _offset_slots(kh, kw, device)
-    slots = (kh - 1) * (2 * kw - 1) + kw
+    slots = _half_slot_count(kh, kw)
     r = torch.arange(kh * kw, device=device)
     table = torch.where(r[:, None] > r, offset, offset.T + slots - 1).fill_diagonal_(0)
     return table.T.contiguous()  # row q lists the sources r
@@ -94,7 +100,7 @@ def _correlation_half(columns: Tensor, c_in: int, kh: int, kw: int) -> Tensor:
     """corr(d) for the slots d >= 0, ``(c_in, slots, c_in)``, from the Gram blocks K_a^T K_b with
     a >= b of ``columns`` = [K_0 K_1 ...] (see :func:`abs_correlation_sums`)."""
     offset = _offset_slots(kh, kw, columns.device)
-    corr = columns.new_zeros(c_in, (kh - 1) * (2 * kw - 1) + kw, c_in)  # (i, d >= 0, j)
+    corr = columns.new_zeros(c_in, _half_slot_count(kh, kw), c_in)  # (i, d >= 0, j)
     for a, block in enumerate(columns.split(c_in, dim=1)):
         products = (block.T @ columns[:, : (a + 1) * c_in]).view(c_in, a + 1, c_in)  # b <= a
         corr.index_add_(1, offset[a, : a + 1], products)
