@@ -7,7 +7,13 @@ from torch import nn
 import lipcert
 from lipcert.attacks import pgd, wrong_class_margin
 from lipcert.bounds import gram_spectral_bound
-from lipcert.certify import certified_accuracy, certify, certify_batched, logit_rounding_bound
+from lipcert.certify import (
+    certified_accuracy,
+    certify,
+    certify_batched,
+    clear_summary_cache,
+    logit_rounding_bound,
+)
 from lipcert.nn.constrained import BoundedWeightConstraint, ConstrainedLinear
 
 
@@ -90,6 +96,21 @@ def test_rounding_bound_covers_float64_recomputation():
     assert (err * 10 < bound).all()
 
 
+def test_float32_radii_of_a_float64_model_are_rounded_down():
+    """A float64 model's allowance is ~2^-43 relative: the float32 radius must not round up."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), nn.Linear(6, 4)).double()
+    x = torch.randn(4000, 6, dtype=torch.float64)
+    y = model(x).argmax(1).detach()
+    radii = certify(model, x, y)
+    exact = (model(x).gather(1, y[:, None]) - model(x)).detach()  # margins, float64
+    weight = model[1].weight.detach()
+    pair = torch.cdist(weight, weight)[y]  # ||w_y - w_j||, the exact pair Lipschitz constants
+    exact_radius = (exact / pair).masked_fill(pair == 0, math.inf).amin(1)
+    assert radii.dtype == torch.float32 and (radii.double() <= exact_radius).all()
+    assert (radii.double() > exact_radius * (1 - 1e-6)).all()  # and only by the float slack
+
+
 def test_linf_radius_is_l2_over_sqrt_d():
     model = _net()
     x, y = _data()
@@ -108,6 +129,27 @@ def test_bound_is_cached_and_follows_weight_changes():
         model[-1].weight.mul_(2)
     r2 = certify(model, x, y)
     assert not torch.allclose(r1, r2)
+
+
+@pytest.mark.parametrize("change", ["data", "numpy"])
+def test_cached_bound_follows_changes_that_bump_no_version(change):
+    """``p.data.mul_`` and writes through a NumPy view leave ``p._version`` alone: the cached bound
+    must still be recomputed, or the radii would be those of the unscaled net."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x, y = _data(20)
+    certify(model, x, y)  # caches the bound of the unscaled net
+    weight = model[0].weight
+    version = weight._version
+    if change == "data":
+        weight.data.mul_(3)
+    else:
+        weight.detach().numpy()[:] *= 3
+    assert weight._version == version
+    y = model(x).argmax(1)
+    cached = certify(model, x, y)
+    clear_summary_cache(model)
+    assert torch.equal(cached, certify(model, x, y))
 
 
 @pytest.mark.parametrize(

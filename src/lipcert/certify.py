@@ -31,10 +31,11 @@ exact margin is >= 2 delta_m and the computed one >= delta_m > 0, so even a floa
 excluded. A sample with a non-finite logit (overflow) gets radius 0: the a-priori bound does not
 cover overflow.
 
-**Cache.** The bound is computed once per model state and input shape: the cache key holds every
-parameter, buffer and tensor attribute (by version) and every module's configuration (class,
-plain attributes such as a slope or a stride, hooks), so editing ``negative_slope`` or adding a
-hook recomputes it.
+**Cache.** The bound is computed once per model state and input shape: the cache keeps copies of
+every parameter, buffer and tensor attribute and compares their values (version counters miss
+changes made through ``.data`` or a NumPy view), and every module's configuration (class, plain
+attributes such as a slope or a stride, hooks), so editing ``negative_slope``, adding a hook or
+``p.data.mul_(2)`` recomputes it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
@@ -53,7 +55,6 @@ from lipcert.bounds.graph import graph_bound
 from lipcert.bounds.network import UnsupportedNorm
 from lipcert.bounds.operator import pairwise_row_distance_bound
 from lipcert.modes import eval_mode
-from lipcert.nn.constraint import EvalCache
 from lipcert.precision import ieee_float32
 
 #: Relative float32 logit error allowed for: 2^-14 ~ 6.1e-5 = 1024 * float32 unit roundoff
@@ -73,12 +74,46 @@ class LipschitzSummary:
     head_pair_bound: Tensor | None  # (C, C): ||w_i - w_j||_* (dual norm), float64, or None
 
 
-#: Per model, per (norm, input shape): the configuration the cache holds, and the cache.
-_SUMMARIES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[tuple, EvalCache]]] = (
+@dataclass(frozen=True)
+class _CachedSummary:
+    """A summary with what it was computed from: the model's configuration and copies of its
+    tensors."""
+
+    config: tuple
+    tensors: tuple[Tensor, ...]
+    summary: LipschitzSummary
+
+    def holds_for(self, config: tuple, tensors: list[Tensor]) -> bool:
+        """Same configuration and tensors of the same values. Values are compared, not version
+        counters: an in-place change through ``.data`` or a NumPy view bumps no version, and a
+        stale bound would certify radii the changed model does not have."""
+        return (
+            self.config == config
+            and len(self.tensors) == len(tensors)
+            and all(map(_same_values, self.tensors, tensors))
+        )
+
+
+def _same_values(old: Tensor, new: Tensor) -> bool:
+    """Whether ``new`` holds the values of ``old`` (same dtype, device and shape)."""
+    if old.dtype != new.dtype or old.device != new.device or old.shape != new.shape:
+        return False
+    if new.device.type == "cpu" and new.dtype in _NUMPY_COMPARED:  # ~4x faster than torch.equal
+        return bool(np.array_equal(old.numpy(), new.detach().resolve_conj().resolve_neg().numpy()))
+    return torch.equal(old, new)
+
+
+#: Per model, per (norm, input shape): the cached summary.
+_SUMMARIES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _CachedSummary]] = (
     weakref.WeakKeyDictionary()
 )
+#: Dtypes whose CPU tensors the cache compares with NumPy.
+_NUMPY_COMPARED = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32)
 #: Attribute values compared by value in the configuration key; other objects by identity.
 _PLAIN_TYPES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+#: Module attributes holding tensors and modules that are tracked on their own: only their names
+#: enter the configuration key.
+_TRACKED_ATTRIBUTES = frozenset({"_parameters", "_buffers", "_modules"})
 #: Dual norm of each input norm: the margin (w_y - w_j) . h moves by ||w_y - w_j||_* ||dh||.
 _DUAL_P = {"l2": 2.0, "linf": 1.0}
 
@@ -106,23 +141,27 @@ def _plain(value: object) -> object:
     own); anything else (hooks, functions) by identity, kept alive by the key."""
     if isinstance(value, _PLAIN_TYPES):
         return value
-    if isinstance(value, tuple | list):
-        return tuple(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return tuple((k, _plain(v)) for k, v in value.items())
     if isinstance(value, Tensor | nn.Module):
         return None
+    if isinstance(value, dict):  # most are a module's empty hook dicts
+        return tuple((k, _plain(v)) for k, v in value.items()) if value else ()
+    if isinstance(value, tuple | list):
+        return tuple(map(_plain, value))
     return (id(value), value)  # the ids differ, or the objects are the same (no __eq__ call)
 
 
 def _model_state(model: nn.Module) -> tuple[tuple, list[Tensor]]:
     """What a bound reads besides the input shape: the configuration (every module's class and
     non-tensor attributes, hooks included, with the global forward hooks) and the tensors
-    (parameters, buffers and plain tensor attributes), which the cache tracks by version."""
+    (parameters, buffers and plain tensor attributes), which the cache compares by value."""
     config, tensors = [], []
     for module in model.modules():
         attributes = vars(module)
-        config.append((type(module), _plain(attributes)))
+        settings = tuple(
+            (name, tuple(value) if name in _TRACKED_ATTRIBUTES else _plain(value))
+            for name, value in attributes.items()
+        )
+        config.append((type(module), settings))
         tensors.extend(v for v in attributes.values() if isinstance(v, Tensor))
     hooks = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks)
     config.append(_plain(hooks))
@@ -130,15 +169,18 @@ def _model_state(model: nn.Module) -> tuple[tuple, list[Tensor]]:
 
 
 def cached_summary(model: nn.Module, norm: str, input_shape: tuple[int, ...]) -> LipschitzSummary:
-    """:func:`summarize`, computed once per model state: every parameter and buffer (by version)
-    and every module's configuration (a slope, a stride, a hook: :func:`_model_state`)."""
+    """:func:`summarize`, computed once per model state: the values of every parameter and
+    buffer and every module's configuration (a slope, a stride, a hook: :func:`_model_state`)."""
     key = (norm, tuple(input_shape))
-    config, sources = _model_state(model)
+    config, tensors = _model_state(model)
     caches = _SUMMARIES.setdefault(model, {})
-    if key not in caches or caches[key][0] != config:
-        caches[key] = (config, EvalCache())
-    with torch.no_grad(), ieee_float32():
-        return caches[key][1].get(sources, lambda: summarize(model, norm, input_shape), True)
+    cached = caches.get(key)
+    if cached is None or not cached.holds_for(config, tensors):
+        with torch.no_grad(), ieee_float32():
+            summary = summarize(model, norm, input_shape)
+        copies = tuple(t.detach().clone() for t in tensors)
+        caches[key] = cached = _CachedSummary(config, copies, summary)
+    return cached.summary
 
 
 def clear_summary_cache(model: nn.Module) -> None:
@@ -244,7 +286,8 @@ def radii_from_logits(logits: Tensor, x: Tensor, y: Tensor, summary: LipschitzSu
     the rounding allowance of the less precise of their dtype and the inputs' (pass the logits as
     the forward computed them; :func:`certify` also accounts for the model's own dtype)."""
     computed_in = max(logits.dtype, x.dtype, key=lambda dtype: torch.finfo(dtype).eps)
-    return _radii(logits, input_norm_bound(x), y, summary, computed_in)
+    radius = _radii(logits, input_norm_bound(x), y, summary, computed_in)
+    return _float32_rounded_down(radius)
 
 
 def _radii(
@@ -254,24 +297,39 @@ def _radii(
     summary: LipschitzSummary,
     computed_in: torch.dtype,
 ) -> Tensor:
-    """:func:`radii_from_logits` given upper bounds of the inputs' l2 norms."""
+    """:func:`radii_from_logits` given upper bounds of the inputs' l2 norms, in float64.
+
+    r = min_{j != y} (f_y - 3 delta_m - f_j) / L_yj in float64, as a product with the (C, C)
+    reciprocals of the pair bounds (a few full-size passes instead of a dozen). The true class's
+    own term is excluded by a reciprocal of -inf on the diagonal: (-3 delta_m) * (-inf) = +inf.
+    The float64 operations perturb r by a few 2^-53 relative, which moves the margin by far less
+    than the one delta_m of slack (delta_m >= 2^-43 m even for float64 logits); the callers'
+    cast to float32 rounds down (:func:`_float32_rounded_down`): round-to-nearest could add
+    2^-24 relative, more than that slack for float64 logits.
+    """
     logits64 = logits.detach().double()
     num_logits = logits64.shape[1]
     if num_logits == 1:  # binary: class 1 iff f > 0, as logits (0, f)
         logits64 = torch.cat([torch.zeros_like(logits64), logits64], dim=1)
     y = y.long()
-    true_logit = logits64.gather(1, y[:, None])  # (B, 1)
-    margins = true_logit - logits64  # (B, C); 0 at the true class
-    pair = _pair_bounds(summary, num_logits, logits64.device)[y]  # (B, C)
     largest = logits64.abs().amax(dim=1)  # NaN if any logit is NaN
     delta_margin = 2 * _rounding_bound(largest, x_norms, summary.body_bound, computed_in)
-    # A margin <= 0 (misclassified or tied) gives (margin - 3 delta) / pair < 0: delta > 0.
-    per_class = (margins - 3 * delta_margin[:, None]) / pair.clamp_min(1e-300)
-    per_class.scatter_(1, y[:, None], math.inf)
+    # A margin <= 0 (misclassified or tied) gives (margin - 3 delta) * (1 / L) < 0: delta > 0.
+    shifted_true = logits64.gather(1, y[:, None]) - 3 * delta_margin[:, None]  # (B, 1)
+    reciprocal = _pair_bounds(summary, num_logits, logits64.device).clamp_min(1e-300).reciprocal()
+    reciprocal.fill_diagonal_(-math.inf)
+    per_class = (shifted_true - logits64).mul_(reciprocal.index_select(0, y))
     radius = per_class.amin(dim=1)
     # A logit that overflowed (inf / NaN) has no rounding bound: not certified.
     overflow = ~torch.isfinite(largest)
-    return radius.masked_fill_(overflow, 0.0).float()
+    return radius.masked_fill_(overflow, 0.0)
+
+
+def _float32_rounded_down(values: Tensor) -> Tensor:
+    """float64 ``values`` as the largest float32 numbers not above them."""
+    nearest = values.float()
+    rounded_up = nearest.double() > values
+    return torch.where(rounded_up, torch.nextafter(nearest, nearest.new_tensor(-math.inf)), nearest)
 
 
 def convert_radius(radius: Tensor, source: str, target: str, input_dim: int) -> Tensor:
@@ -343,7 +401,7 @@ def _certify_with(
     if bool((y < 0).any()) or bool((y >= num_classes).any()):
         raise ValueError(f"labels must lie in [0, {num_classes}), got {y.min()}..{y.max()}")
     radius = _radii(logits, x_norms, y, summary, _forward_dtype(model, x, logits))
-    return convert_radius(radius, summary.norm, norm, x[0].numel())
+    return _float32_rounded_down(convert_radius(radius, summary.norm, norm, x[0].numel()))
 
 
 def _forward_dtype(model: nn.Module, x: Tensor, logits: Tensor) -> torch.dtype:
