@@ -130,6 +130,23 @@ def test_bound_covers_the_exported_function(name, builder, input_shape) -> None:
     assert jacobian_spectral_norm(plain, x) <= lipschitz_upper_bound(model, input_shape)
 
 
+def test_export_computes_what_the_model_computes_after_a_data_write() -> None:
+    """A ``.data`` write bumps no version counter: the model keeps its cached constrained weights,
+    and the export must fold those, not the new raw values (it used to differ by ~2)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        lipcert.nn.SLLLinear(6, 12), lipcert.nn.AOLLinear(6, 6), lipcert.nn.OrthoLinear(6, 4)
+    ).eval()
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        before = model(x)
+        for name, parameter in model.named_parameters():
+            if not name.endswith("bias"):  # biases are used as they are, never cached
+                parameter.data.mul_(-2)
+        assert torch.equal(model(x), before)  # the eval caches did not see the writes
+        torch.testing.assert_close(lipcert.export(model)(x), before, rtol=0, atol=EXPORT_TOL)
+
+
 def test_export_leaves_every_module_mode_unchanged() -> None:
     model = _build(_downsampling_net)
     for training in (True, False):

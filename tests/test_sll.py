@@ -151,12 +151,31 @@ def test_export_state_dict_and_eval_cache(layer, input_shape):
         assert torch.equal(layer(x), twin(x))
         assert not torch.equal(layer(x), y)
         layer.log_q.add_(torch.arange(layer.log_q.numel()))  # q alone changes T
-        torch.testing.assert_close(layer.outer_weight(), layer.fold()[1], rtol=0, atol=0)
+        torch.testing.assert_close(layer.folded()[2], layer.fold()[1], rtol=0, atol=0)
     opt = torch.optim.SGD(layer.parameters(), lr=1.0)
     layer(x).pow(2).sum().backward()  # eval mode with grad: computed afresh
     opt.step()
     with torch.no_grad():
-        torch.testing.assert_close(layer.outer_weight(), layer.fold()[1], rtol=0, atol=0)
+        torch.testing.assert_close(layer.folded()[2], layer.fold()[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("layer", "input_shape"), [(SLLLinear(6, 12), (6,)), (SLLConv2d(3, 5, 3), (3, 6, 6))]
+)
+def test_a_data_write_keeps_forward_and_bound_consistent(layer, input_shape):
+    """``weight.data`` writes bump no version counter: the eval forward keeps its cached K and B
+    (an old, but whole, SLL layer), and the bound must describe that same layer (it used to fold
+    K afresh: bound 1 for a forward of norm ~2-4)."""
+    randomize(layer, 1.0, seed=8)
+    layer.eval().requires_grad_(False)  # the cached path also under jacrev
+    x = torch.randn((3, *input_shape))
+    before = layer(x)  # builds the eval cache
+    layer.weight.data.mul_(-3)
+    assert torch.equal(layer(x), before)  # the cache did not see the write
+    for point in x:
+        jacobian = torch.func.jacrev(layer)(point).reshape(point.numel(), point.numel())
+        norm = torch.linalg.matrix_norm(jacobian.double(), ord=2)
+        assert norm <= layer.lipschitz_bound() * (1 + 1e-5)
 
 
 def test_autocast_does_not_lower_the_precision_of_t():

@@ -1,8 +1,11 @@
 """Export a lipcert model to plain ``torch.nn`` modules (and ONNX).
 
 Every :class:`~lipcert.nn.constraint.LipschitzLayer` is replaced by its ``export()``; any other
-parametrized module keeps its current values with the parametrization removed. The result is in
-eval mode and computes the same outputs as ``model.eval()``.
+parametrized module keeps its current values with the parametrization removed. The values are
+those ``model``'s own eval-mode forward uses, cached ones included (after a write that bumps no
+version counter, ``weight.data``, a fresh copy would fold the new weights while the model still
+computes with the cached ones). The result is in eval mode and computes the same outputs as
+``model.eval()``.
 """
 
 from __future__ import annotations
@@ -14,20 +17,30 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lipcert.modes import eval_mode
 from lipcert.nn.constraint import LipschitzLayer
 
 
-def _export_tree(module: nn.Module) -> nn.Module:
-    if isinstance(module, LipschitzLayer):
-        return module.export()
-    if parametrize.is_parametrized(module):
-        module = copy.deepcopy(module)
-        for name in list(module.parametrizations.keys()):
-            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-        return module
-    for name, child in module.named_children():
-        setattr(module, name, _export_tree(child))
-    return module
+def _export_tree(original: nn.Module, copied: nn.Module) -> nn.Module:
+    """``copied`` (a deep copy of ``original``) with each constrained module replaced by the plain
+    version of ``original``'s: the values its eval-mode forward uses (cached ones included)."""
+    if isinstance(original, LipschitzLayer):
+        return original.export()
+    if parametrize.is_parametrized(original):
+        return _without_parametrizations(original)
+    for name, child in original.named_children():
+        setattr(copied, name, _export_tree(child, getattr(copied, name)))
+    return copied
+
+
+def _without_parametrizations(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parametrized tensors are plain, holding ``module``'s values."""
+    plain = copy.deepcopy(module)
+    for name in list(module.parametrizations.keys()):
+        value = getattr(module, name)
+        parametrize.remove_parametrizations(plain, name, leave_parametrized=True)
+        getattr(plain, name).copy_(value)
+    return plain
 
 
 def export(
@@ -40,8 +53,8 @@ def export(
     With ``onnx_path`` (and ``input_shape``, without the batch dimension) also write an ONNX file
     with a dynamic batch dimension.
     """
-    with torch.no_grad():  # the copy goes to eval mode; the original keeps every module's mode
-        plain = _export_tree(copy.deepcopy(model).eval()).eval()
+    with torch.no_grad(), eval_mode(model):  # every module's own mode is restored after
+        plain = _export_tree(model, copy.deepcopy(model)).eval()
     if onnx_path is not None:
         if input_shape is None:
             raise ValueError("export(onnx_path=...) needs input_shape (without the batch dim)")

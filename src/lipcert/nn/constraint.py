@@ -1,10 +1,11 @@
 """The machinery every constrained layer shares.
 
 * :class:`EvalCache` keeps a value computed from some source tensors (the raw weights) and hands it
-  back until one of them changes. Changes are detected through each tensor's identity, storage and
-  autograd version counter, which every in-place update bumps: optimizer steps, ``load_state_dict``
-  (``copy_``), ``module.to(...)``. In-place writes through the legacy ``tensor.data`` alias bypass
-  the version counter; after such a write call :func:`clear_caches`.
+  back until one of them changes. Changes are detected through each tensor's identity (a weak
+  reference), storage and autograd version counter, which every in-place update bumps: optimizer
+  steps, ``load_state_dict`` (``copy_``), ``module.to(...)``. In-place writes through the legacy
+  ``tensor.data`` alias bypass the version counter: the layer then keeps computing with its cached
+  values (its bound and ``export`` describe those); call :func:`clear_caches` to use the new ones.
 * :class:`WeightConstraint` is the base of the ``torch.nn.utils.parametrize`` modules: its forward
   is the constraint, computed afresh in training mode and cached in eval mode.
 * :class:`LipschitzLayer` is the protocol of a lipcert layer: a sound bound of its own Lipschitz
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,19 +26,24 @@ from lipcert.precision import ieee_float32
 
 
 def _version_key(tensors: Sequence[Tensor]) -> tuple | None:
-    """A key that changes whenever any of ``tensors`` is replaced or modified in place."""
+    """The storage, version counter, dtype, device and shape of each of ``tensors``: a key that
+    changes whenever one is modified in place (their identity is checked apart, by reference)."""
     try:
-        return tuple(
-            (id(t), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors
-        )
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors)
     except RuntimeError:  # functorch-wrapped or storage-less tensors: never cache them
         return None
 
 
 class EvalCache:
-    """Caches ``compute()`` while the ``sources`` it was computed from stay unchanged."""
+    """Caches ``compute()`` while the ``sources`` it was computed from stay unchanged.
+
+    The sources are held by weak reference and compared by identity: a freed tensor's id and
+    address can be reused by a new one at the same version (``torch.func.functional_call`` with
+    fresh parameters each call), which an id in the key would take for the old tensor.
+    """
 
     def __init__(self) -> None:
+        self._sources: tuple[weakref.ref, ...] = ()
         self._key: tuple | None = None
         self._value: Any = None
 
@@ -53,14 +60,19 @@ class EvalCache:
         key = _version_key(sources)
         if key is None:
             return compute()
-        if key != self._key:
+        if key != self._key or not self._same_sources(sources):
             with torch.inference_mode(False), torch.no_grad():
                 self._value = compute()
-            self._key = key
+            self._sources, self._key = tuple(weakref.ref(t) for t in sources), key
         return self._value
 
+    def _same_sources(self, sources: Sequence[Tensor]) -> bool:
+        return len(sources) == len(self._sources) and all(
+            ref() is t for ref, t in zip(self._sources, sources, strict=True)
+        )
+
     def clear(self) -> None:
-        self._key, self._value = None, None
+        self._sources, self._key, self._value = (), None, None
 
 
 class WeightConstraint(nn.Module):

@@ -129,29 +129,38 @@ class _SLL(LipschitzLayer, nn.Module):
             scales = sll_scales(as_kernel(self.weight), self.log_q)
         return scales, self.weight * scales.view(-1, *([1] * (self.weight.dim() - 1)))
 
-    def outer_weight(self) -> Tensor:
-        """B, cached in eval mode on the raw tensors (weight, log_q)."""
+    def folded(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(K, c, B, q): the kernel, scales, outer weight and q weights the forward uses. Computed
+        afresh in training; in eval mode computed once and cached on the raw tensors (weight,
+        log_q), with K copied: the forward, :meth:`lipschitz_bound` and :meth:`export` then use
+        one consistent set even after a write that bumps no version counter (``weight.data``),
+        where a live K beside a cached B would be no SLL layer at all."""
         sources = [self.weight, self.log_q]
-        return self.cache.get(sources, lambda: self.fold()[1], enabled=not self.training)
+        return self.cache.get(sources, self._fold_all, enabled=not self.training)
+
+    def _fold_all(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        scales, outer = self.fold()
+        kernel = self.weight if torch.is_grad_enabled() else self.weight.detach().clone()
+        return kernel, scales, outer, q_weights(self.log_q)
 
     allocates_output = True  # x - (...)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return x - self._outer(F.relu(self._inner(x)), self.outer_weight())
+        kernel, _, outer, _ = self.folded()
+        return x - self._outer(F.relu(self._inner(x, kernel)), outer)
 
     def lipschitz_bound(self) -> float:
         with torch.no_grad():
-            scales, outer = self.fold()
-            weights = q_weights(self.log_q)  # the q the forward used
-            return residual_bound(as_kernel(self.weight), as_kernel(outer), scales, weights)
+            kernel, scales, outer, weights = self.folded()
+            return residual_bound(as_kernel(kernel), as_kernel(outer), scales, weights)
 
     def export(self) -> Residual:
         """x + (-B^T) relu(W^T x + b) as plain modules; -B is an exact negation."""
         with torch.no_grad():
-            outer = self.fold()[1]
+            kernel, _, outer, _ = self.folded()
             return Residual(
-                nn.Sequential(self._plain_inner(), nn.ReLU(), self._plain_outer(-outer))
+                nn.Sequential(self._plain_inner(kernel), nn.ReLU(), self._plain_outer(-outer))
             )
 
     def _factory(self) -> dict:
@@ -160,13 +169,13 @@ class _SLL(LipschitzLayer, nn.Module):
     def _check_input(self, x: Tensor) -> None:
         raise NotImplementedError
 
-    def _inner(self, x: Tensor) -> Tensor:
+    def _inner(self, x: Tensor, kernel: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _outer(self, z: Tensor, outer: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _plain_inner(self) -> nn.Module:
+    def _plain_inner(self, kernel: Tensor) -> nn.Module:
         raise NotImplementedError
 
     def _plain_outer(self, weight: Tensor) -> nn.Module:
@@ -196,17 +205,17 @@ class SLLLinear(_SLL):
         ok = x.dim() >= 1 and x.shape[-1] == self.features
         check_input_shape(self, x, f"(*, {self.features})", ok)
 
-    def _inner(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)  # (..., inner)
+    def _inner(self, x: Tensor, kernel: Tensor) -> Tensor:
+        return F.linear(x, kernel, self.bias)  # (..., inner)
 
     def _outer(self, z: Tensor, outer: Tensor) -> Tensor:
         return F.linear(z, outer.t())  # (..., features)
 
-    def _plain_inner(self) -> nn.Linear:
+    def _plain_inner(self, kernel: Tensor) -> nn.Linear:
         plain = nn.Linear(
             self.features, self.inner_features, self.bias is not None, **self._factory()
         )
-        plain.weight.copy_(self.weight)
+        plain.weight.copy_(kernel)
         if self.bias is not None:
             plain.bias.copy_(self.bias)
         return plain
@@ -251,13 +260,13 @@ class SLLConv2d(_SLL):
         ok = x.dim() in (3, 4) and x.shape[-3] == self.channels
         check_input_shape(self, x, f"(B, {self.channels}, H, W)", ok)
 
-    def _inner(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight, self.bias, padding=self.padding)  # (B, inner, H, W)
+    def _inner(self, x: Tensor, kernel: Tensor) -> Tensor:
+        return F.conv2d(x, kernel, self.bias, padding=self.padding)  # (B, inner, H, W)
 
     def _outer(self, z: Tensor, outer: Tensor) -> Tensor:
         return F.conv_transpose2d(z, outer, padding=self.padding)  # (B, channels, H, W)
 
-    def _plain_inner(self) -> nn.Conv2d:
+    def _plain_inner(self, kernel: Tensor) -> nn.Conv2d:
         plain = nn.Conv2d(
             self.channels,
             self.inner_channels,
@@ -266,7 +275,7 @@ class SLLConv2d(_SLL):
             bias=self.bias is not None,
             **self._factory(),
         )
-        plain.weight.copy_(self.weight)
+        plain.weight.copy_(kernel)
         if self.bias is not None:
             plain.bias.copy_(self.bias)
         return plain
