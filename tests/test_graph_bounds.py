@@ -274,6 +274,10 @@ def test_batch_norm_bound_is_exact():
         module_bound(bn.train(), "l2")
     with pytest.raises(TypeError, match="running statistics"):
         module_bound(nn.BatchNorm1d(3, track_running_stats=False).eval(), "l2")
+    instance = nn.InstanceNorm1d(3, track_running_stats=True).eval()
+    instance.track_running_stats = False  # buffers kept, but torch now uses the input's statistics
+    with pytest.raises(TypeError, match="running statistics"):
+        module_bound(instance, "l2")
 
 
 def test_average_pool_bounds_are_sound_and_exact_for_global_pooling():

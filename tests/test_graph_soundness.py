@@ -312,6 +312,34 @@ def test_bit_reinterpreting_and_narrowing_casts_are_refused():
     assert lipcert.lipschitz_upper_bound(model, (4,)) >= module_bound(model.fc)
 
 
+def _write_past_a_threshold(m, x):
+    h = m.fc(x)
+    out = h[:, :]  # a view of h: sees the in-place write, which fx traces out of place
+    h += 100 * F.relu(x - 10)
+    return out
+
+
+def test_a_lost_in_place_write_is_caught_beyond_the_first_probe():
+    """The write above is zero on a randn probe: the trace was checked at that one input and the
+    bound ignored the write (radius 0.354 broken at 0.02). Scaled probes catch it."""
+    with pytest.raises(TypeError, match="does not reproduce its output"):
+        lipcert.lipschitz_upper_bound(Lambda(_write_past_a_threshold), (4,))
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda m, x: m.fc(x.sum(1, keepdim=True, dtype=torch.bfloat16).float().expand(-1, 4)),
+        lambda m, x: m.fc(torch.mean(x, 1, keepdim=True, dtype=torch.float16).float() + x),
+    ],
+)
+def test_operations_that_narrow_the_type_are_refused(fn):
+    """A reduction with dtype= rounds like a narrowing cast; it was bounded as exact (a certified
+    radius of 0.0049 broken at 0.0015 through a bfloat16 sum)."""
+    with pytest.raises(TypeError, match=r"turns a torch.float32 operand into a torch.(b)?float16"):
+        lipcert.lipschitz_upper_bound(Lambda(fn), (4,))
+
+
 @pytest.mark.parametrize(
     ("model", "match"),
     [

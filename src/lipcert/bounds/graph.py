@@ -85,6 +85,9 @@ SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
 BATCH_FREE_QUERIES = frozenset({"dim", "ndimension", "ndim", "dtype", "device"})
 #: Relative tolerance of the check that the traced graph computes what the model computes.
 TRACE_CHECK_RTOL = 1e-4
+#: Scales of the random probe at which the trace must reproduce the model: behaviour that only
+#: large or negated inputs trigger (an in-place write past a threshold) shows at one of them.
+TRACE_CHECK_SCALES = (1.0, 100.0, -1.0)
 
 
 @dataclass(frozen=True)
@@ -810,8 +813,26 @@ def _node_step(ctx: _Context, node: Node) -> Step:
                 "an nn.Module and register a rule with lipcert.bounds.network.register_bound_rule"
             )
         step = rule(ctx, node)
+        _check_no_narrowing(ctx, node)
     _check_batch_first(ctx, node)
     return step
+
+
+def _check_no_narrowing(ctx: _Context, node: Node) -> None:
+    """An operation whose result has a less precise floating type than an input-dependent
+    operand (``x.sum(dtype=torch.bfloat16)``) rounds like a narrowing cast: refused."""
+    result = ctx.dtypes[node]
+    if result is None:  # not a tensor: sizes and the like, which their rules check
+        return
+    for operand in node.all_input_nodes:
+        source = ctx.dtypes[operand]
+        floating = source is not None and source.is_floating_point
+        if ctx.is_dependent(operand) and floating and not _is_exact_cast(source, result):
+            raise TypeError(
+                f"{_describe(node)} (node '{node.name}') turns a {source} operand into a "
+                f"{result} result, which rounds (not Lipschitz, and not covered by the "
+                "rounding allowance): compute it in the operand's type"
+            )
 
 
 def _ancestors(node: Node) -> set[Node]:
@@ -887,7 +908,9 @@ def graph_bound(model: nn.Module, input_shape: tuple[int, ...], norm: str = "l2"
     x = _probe_input(model, tuple(input_shape))
     with torch.no_grad():
         traced = probe.run(x.clone())  # in-place layers may overwrite their input
-    _check_trace(model, x.clone(), traced)
+        others = [(scale * x, gm(scale * x)) for scale in TRACE_CHECK_SCALES[1:]]
+    for probe_x, probe_out in [(x, traced), *others]:
+        _check_trace(model, probe_x.clone(), probe_out)
     ctx = _Context(
         gm, norm, probe.shapes, probe.dtypes, probe.constants, probe.depends, probe.batch_sized
     )

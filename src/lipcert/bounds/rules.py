@@ -39,6 +39,7 @@ from fractions import Fraction
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from lipcert.bounds.conv import conv2d_operator_bound
 from lipcert.bounds.network import matrix_operator_bound, register_bound_rule, round_up, sqrt_up
@@ -168,7 +169,8 @@ def _batch_norm(module: nn.Module, norm: str) -> float:
         raise ValueError(
             f"{name} in training mode normalizes by batch statistics: call model.eval() first"
         )
-    if module.running_var is None:
+    instance_stats = isinstance(module, _InstanceNorm) and not module.track_running_stats
+    if module.running_var is None or instance_stats:  # InstanceNorm reads the flag at each call
         raise TypeError(
             f"{name} without running statistics normalizes by its input's own statistics, "
             "which is not Lipschitz; use track_running_stats=True"
