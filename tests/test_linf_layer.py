@@ -331,6 +331,26 @@ def test_export_gives_plain_modules_and_equal_outputs(tmp_path, p):
     assert (torch.from_numpy(onnx_out) - model(x)).abs().max() <= EXPORT_TOL
 
 
+@pytest.mark.parametrize("p", [2.0, 128.0, 1000.0])
+def test_export_at_a_finite_p_keeps_far_and_large_distances(tmp_path, p):
+    """torch.cdist (the export's old kernel) overflowed at p = 128 and 1000 (inf outputs) and lost
+    distances between points far from the origin at p = 2 (0.6 off, its x.w expansion)."""
+    torch.manual_seed(0)
+    model = LinfDist(16, 32, p=p).eval()
+    with torch.no_grad():
+        model.weight.mul_(3).add_(100.0)
+    x = model.weight.detach()[torch.arange(40) % 32] + 1e-3 * torch.randn(40, 16)
+    plain = lipcert.export(model, onnx_path=tmp_path / "linf.onnx", input_shape=(16,))
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.isfinite(expected).all()
+        assert (plain(x) - expected).abs().max() <= EXPORT_TOL
+    onnxruntime = pytest.importorskip("onnxruntime")
+    session = onnxruntime.InferenceSession(str(tmp_path / "linf.onnx"))
+    (onnx_out,) = session.run(None, {"input": x.numpy()})
+    assert (torch.from_numpy(onnx_out) - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
 def test_bad_arguments_and_shapes():
     for kwargs, name in (
         ({"p": 0.5}, "p must be"),

@@ -190,8 +190,11 @@ class PlainLinfDist(nn.Module):
     """The export of :class:`LinfDist`: ||x - w||_p + b - shift with constant weights.
 
     No ``torch.nn`` layer computes an l_p distance, so this small module holds the weights as
-    buffers and uses plain torch ops: ``torch.cdist`` (memory-lean) in PyTorch, a broadcast
-    difference while exporting to ONNX (Sub, Abs, ReduceMax / Pow, ReduceSum).
+    buffers and computes the distance as the layer does (:func:`lp_distance`, memory-lean, each
+    |x_i - w_i| scaled by the largest before the power), and with plain ops while exporting to
+    ONNX (Sub, Abs, ReduceMax, Div, Pow, ReduceSum; the same scaling). ``torch.cdist`` is not used:
+    at a large finite p its unscaled sum of powers overflows, and at p = 2 it switches to
+    ||x||^2 + ||w||^2 - 2 x.w, which loses distances between points far from the origin.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, shift: Tensor | None, p: float):
@@ -205,12 +208,12 @@ class PlainLinfDist(nn.Module):
         flat = input.reshape(-1, self.weight.shape[1]).to(self.weight.dtype)  # (B, N)
         if torch.onnx.is_in_onnx_export():
             diff = (flat[:, None, :] - self.weight[None]).abs()  # (B, M, N)
-            if math.isinf(self.p):
-                out = diff.amax(dim=-1)
-            else:
-                out = diff.pow(self.p).sum(dim=-1).pow(1.0 / self.p)
+            out = diff.amax(dim=-1)
+            if not math.isinf(self.p):
+                scale = out.clamp_min(torch.finfo(out.dtype).tiny)[..., None]
+                out = (diff / scale).pow(self.p).sum(dim=-1).pow(1.0 / self.p) * scale[..., 0]
         else:
-            out = torch.cdist(flat, self.weight, p=self.p)  # (B, M)
+            out = lp_distance(flat, self.weight, self.p)  # (B, M)
         if self.bias is not None:
             out = out + self.bias
         if self.shift is not None:
