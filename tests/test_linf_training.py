@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 import lipcert
 from lipcert.attacks import pgd
-from lipcert.certify import certify, logit_rounding_bound
+from lipcert.certify import certify, logit_rounding_bound, summarize
 from lipcert.config import LossConfig, load_config, parse_config
 from lipcert.data import Dataset, Split
 from lipcert.losses import LinfDistLoss, clipped_hinge, linf_dist_loss
@@ -126,9 +126,11 @@ def test_save_and_load_keep_p_and_outputs(tmp_path):
     torch.testing.assert_close(loaded(x), model(x))
 
 
-def _safety(logits: Tensor, x: Tensor, lipschitz: float) -> Tensor:
+def _safety(logits: Tensor, x: Tensor, lipschitz: float, model: nn.Module) -> Tensor:
     """certify's margin safety: 3 * delta_margin, delta_margin = 2 * the logit rounding bound."""
-    return 6 * logit_rounding_bound(logits.double(), x.double(), lipschitz, torch.float32)
+    zero_scale = summarize(model, "linf", tuple(x.shape[1:])).zero_input_scale
+    bound = logit_rounding_bound(logits.double(), x.double(), lipschitz, torch.float32, zero_scale)
+    return 6 * bound
 
 
 def test_certify_is_margin_over_two_and_l2_is_the_same_number():
@@ -137,7 +139,7 @@ def test_certify_is_margin_over_two_and_l2_is_the_same_number():
     logits = model(x).detach()
     top2 = logits.double().topk(2, dim=1).values
     margin = top2[:, 0] - top2[:, 1]
-    expected = (margin - _safety(logits, x, 1.0)) / 2
+    expected = (margin - _safety(logits, x, 1.0, model)) / 2
     radii = certify(model, x, y, norm="linf")
     right = logits.argmax(1) == y
     assert right.float().mean() > 0.9 and (radii > 0.3).float().mean() > 0.5
@@ -154,7 +156,7 @@ def test_certify_before_p_reaches_inf_uses_the_lp_bound():
     lipschitz = math.prod(m.lipschitz_bound() for m in model if isinstance(m, LinfDist))
     assert lipschitz == pytest.approx(FEATURES ** (1 / 8) * 16 ** (2 / 8))
     top2 = logits.double().topk(2, dim=1).values
-    expected = (top2[:, 0] - top2[:, 1] - _safety(logits, x, lipschitz)) / (2 * lipschitz)
+    expected = (top2[:, 0] - top2[:, 1] - _safety(logits, x, lipschitz, model)) / (2 * lipschitz)
     radii = certify(model, x, y, norm="linf")
     right = logits.argmax(1) == y
     torch.testing.assert_close(radii[right], expected[right].float())

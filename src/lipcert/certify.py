@@ -22,14 +22,18 @@ a linear head the pair bound is L_b ||w_y - w_j||_1 (Hölder). **Binary** models
 **Rounding.** Logits are computed in floating point, each off its exact value by some delta.
 Bounding the float32 forward error of a whole network tightly is impractical, so we use a
 documented a-priori bound, checked against float64 recomputation in the tests:
-delta_logit(x) = ROUNDING_REL * (1 + max_k |f_k(x)| + L_b ||x||_2) for float32 (scaled by the
-eps of the least precise dtype among the input, the logits and the model's tensors otherwise: a
-float32 model rounds a float64 input), L_b the body bound: L_b ||x||_2 bounds the size of the
-intermediate activations. With delta_m = 2 delta_logit (a margin is a difference of two
-logits), the radius is r = (m_computed - 3 delta_m) / L_pair: at any x' with ||x' - x|| <= r the
-exact margin is >= 2 delta_m and the computed one >= delta_m > 0, so even a float tie is
-excluded. A sample with a non-finite logit (overflow) gets radius 0: the a-priori bound does not
-cover overflow.
+delta_logit(x) = ROUNDING_REL * (1 + max_k |f_k(x)| + L_b ||x||_2 + Z) for float32 (scaled by
+the eps of the least precise dtype among the input, the logits and the model's tensors otherwise:
+a float32 model rounds a float64 input), L_b the body bound: L_b ||x||_2 bounds the part of the
+intermediate activations that grows with x, and Z (:func:`lipcert.bounds.graph.zero_input_scale`:
+max_n ||h_n(0)|| L / L_n, from one forward pass at x = 0) the part the model's constants add,
+carried to the logits. Without Z, a bias of 3e4 that a later bias cancels (intermediates ~3e4,
+logits ~1) was certified beyond its float32 resolution. A known ``lipschitz`` given to
+:func:`certify` skips the graph, and Z with it. With delta_m = 2 delta_logit (a margin is a
+difference of two logits), the radius is r = (m_computed - 3 delta_m) / L_pair: at any x' with
+||x' - x|| <= r the exact margin is >= 2 delta_m and the computed one >= delta_m > 0, so even a
+float tie is excluded. A sample with a non-finite logit (overflow) gets radius 0: the a-priori
+bound does not cover overflow.
 
 **Cache.** The bound is computed once per model state and input shape: the cache keeps copies of
 every parameter, buffer and tensor attribute and compares their values (version counters miss
@@ -72,6 +76,7 @@ class LipschitzSummary:
     norm: str  # the input norm the bounds hold in: "l2" or "linf"
     body_bound: float  # the whole model's bound when there is no head
     head_pair_bound: Tensor | None  # (C, C): ||w_i - w_j||_* (dual norm), float64, or None
+    zero_input_scale: float = 0.0  # Z of the rounding allowance (module docstring)
 
 
 @dataclass(frozen=True)
@@ -131,8 +136,8 @@ def summarize(model: nn.Module, norm: str, input_shape: tuple[int, ...]) -> Lips
     bounds = graph_bound(model, input_shape, norm)
     if bounds.head is not None:
         head_pairs = _head_pair_bound(bounds.head.weight, norm)
-        return LipschitzSummary(norm, bounds.body_bound, head_pairs)
-    return LipschitzSummary(norm, bounds.bound, None)
+        return LipschitzSummary(norm, bounds.body_bound, head_pairs, bounds.zero_input_scale)
+    return LipschitzSummary(norm, bounds.bound, None, bounds.zero_input_scale)
 
 
 def _plain(value: object) -> object:
@@ -232,22 +237,31 @@ def _logits(model: nn.Module, x: Tensor, batch_size: int, device: torch.device) 
 
 
 def logit_rounding_bound(
-    logits: Tensor, x: Tensor, lipschitz: float, computed_in: torch.dtype
+    logits: Tensor,
+    x: Tensor,
+    lipschitz: float,
+    computed_in: torch.dtype,
+    zero_input_scale: float = 0.0,
 ) -> Tensor:
     """A-priori bound of the rounding error of each sample's logits (see module docstring).
 
     ``computed_in`` is the dtype the forward pass ran in (the logits may have been upcast since).
     """
     largest = logits.abs().amax(dim=1)
-    return _rounding_bound(largest, input_norm_bound(x), lipschitz, computed_in)
+    return _rounding_bound(largest, input_norm_bound(x), lipschitz, computed_in, zero_input_scale)
 
 
 def _rounding_bound(
-    largest_logit: Tensor, x_norms: Tensor, lipschitz: float, computed_in: torch.dtype
+    largest_logit: Tensor,
+    x_norms: Tensor,
+    lipschitz: float,
+    computed_in: torch.dtype,
+    zero_input_scale: float,
 ) -> Tensor:
     """:func:`logit_rounding_bound` given each sample's max_k |f_k| and bounds of its ||x||_2."""
     rel = ROUNDING_REL_FLOAT32 * torch.finfo(computed_in).eps / torch.finfo(torch.float32).eps
-    return rel * (1 + largest_logit + lipschitz * x_norms.to(largest_logit.dtype))
+    scale = 1 + zero_input_scale + largest_logit + lipschitz * x_norms.to(largest_logit.dtype)
+    return rel * scale
 
 
 def input_norm_bound(x: Tensor) -> Tensor:
@@ -313,7 +327,9 @@ def _radii(
         logits64 = torch.cat([torch.zeros_like(logits64), logits64], dim=1)
     y = y.long()
     largest = logits64.abs().amax(dim=1)  # NaN if any logit is NaN
-    delta_margin = 2 * _rounding_bound(largest, x_norms, summary.body_bound, computed_in)
+    delta_margin = 2 * _rounding_bound(
+        largest, x_norms, summary.body_bound, computed_in, summary.zero_input_scale
+    )
     # A margin <= 0 (misclassified or tied) gives (margin - 3 delta) * (1 / L) < 0: delta > 0.
     shifted_true = logits64.gather(1, y[:, None]) - 3 * delta_margin[:, None]  # (B, 1)
     reciprocal = _pair_bounds(summary, num_logits, logits64.device).clamp_min(1e-300).reciprocal()

@@ -119,6 +119,10 @@ class GraphBound:
     nodes: tuple[NodeBound, ...]
     head: nn.Linear | None  # the output is head(h) with h computed by the rest of the model
     body_bound: float | None  # the bound of h when ``head`` is set
+    #: max over the input-dependent operations n of ||h_n(0)|| L / L_n: how large the model's
+    #: constants (biases, shifts) make the intermediate values, carried to the output
+    #: (:func:`zero_input_scale`); part of the float-rounding allowance of ``lipcert.certify``.
+    zero_input_scale: float = 0.0
 
 
 class _LeafTracer(Tracer):
@@ -924,7 +928,8 @@ def graph_bound(model: nn.Module, input_shape: tuple[int, ...], norm: str = "l2"
             ctx.bounds[node] = step.bound
             if node in needed and node.op != "placeholder":
                 records.append(_record(ctx, node, step))
-    return _summary(ctx, result, tuple(records))
+    zero_scale = zero_input_scale(ctx, torch.zeros_like(x), result)
+    return _summary(ctx, result, tuple(records), zero_scale)
 
 
 def _record(ctx: _Context, node: Node, step: Step) -> NodeBound:
@@ -941,11 +946,58 @@ def _record(ctx: _Context, node: Node, step: Step) -> NodeBound:
     )
 
 
-def _summary(ctx: _Context, result: Any, records: tuple[NodeBound, ...]) -> GraphBound:
+def _summary(
+    ctx: _Context, result: Any, records: tuple[NodeBound, ...], zero_scale: float
+) -> GraphBound:
     bound = ctx.bound(result)
     if result.op == "call_module":
         module = ctx.gm.get_submodule(result.target)
         source = result.args[0]
         if isinstance(module, nn.Linear) and ctx.is_dependent(source):
-            return GraphBound(bound, records, module, ctx.bound(source))
-    return GraphBound(bound, records, None, None)
+            return GraphBound(bound, records, module, ctx.bound(source), zero_scale)
+    return GraphBound(bound, records, None, None, zero_scale)
+
+
+def _magnitude(value: Any, norm: str) -> float:
+    """||value|| in ``norm`` (l2 or l_inf over all entries of a tensor or of a tuple's tensors)."""
+    pieces = value if isinstance(value, tuple | list) else [value]
+    tensors = [t.detach().double().flatten() for t in pieces if isinstance(t, Tensor)]
+    if not tensors or not sum(t.numel() for t in tensors):
+        return 0.0
+    flat = torch.cat(tensors)
+    return float(flat.abs().max() if norm == "linf" else flat.norm())
+
+
+class _Magnitudes(Interpreter):
+    """Runs the graph once, keeping the norm of every node's output."""
+
+    def __init__(self, gm: GraphModule, norm: str) -> None:
+        super().__init__(gm)
+        self.norm, self.magnitudes = norm, {}
+
+    def run_node(self, n: Node) -> Any:
+        result = super().run_node(n)
+        self.magnitudes[n] = _magnitude(result, self.norm)
+        return result
+
+
+def zero_input_scale(ctx: _Context, zero: Tensor, output: Any) -> float:
+    """max_n ||h_n(0)|| L / L_n over the input-dependent operations n (L_n: the bound of n's
+    output, L: the model's): the size the model's constants (biases, shifts) give the
+    intermediate values, carried to the logits. ||h_n(x)|| <= ||h_n(0)|| + L_n ||x||, and L / L_n
+    bounds how much of n's output reaches the logits (every rule builds a node's bound from its
+    inputs' bounds by monotone maps at least linear in each: L >= L_(n->out) L_n); the L_n ||x||
+    parts are the rounding allowance's L ||x|| term, and like it this is a size, the allowance's
+    factor covering the operations' count. A bias of 2^24 that the head cancels keeps
+    intermediates ~2^24 whatever the logits. inf when an operation with L_n = 0 holds a nonzero
+    value (its share cannot be bounded)."""
+    magnitudes = _Magnitudes(ctx.gm, ctx.norm)
+    with torch.no_grad():
+        magnitudes.run(zero)
+    bound, largest = ctx.bound(output), 0.0
+    for node, size in magnitudes.magnitudes.items():
+        if node.op in ("placeholder", "output") or not ctx.is_dependent(node) or size == 0:
+            continue
+        prefix = ctx.bounds[node]
+        largest = max(largest, size * bound / prefix if prefix > 0 else math.inf)
+    return largest if math.isfinite(largest) else math.inf
