@@ -131,6 +131,21 @@ def test_rounding_allowance_covers_large_constants_that_cancel():
     assert certify(model, x, torch.tensor([1])).item() < 0.0021
 
 
+def test_rounding_allowance_covers_values_in_the_subnormal_range():
+    """Weights of 1e-43 put the first layer's outputs in float32's subnormal range (steps of
+    2^-149, no relative precision) and later layers scale them back by 1e43: the logit 0.012
+    computes as 0.014, and 0.0097 was certified, broken at 0.0055."""
+    layers = [nn.Linear(2, 2, bias=False) for _ in range(3)] + [nn.Linear(2, 1, bias=False)]
+    with torch.no_grad():
+        for layer, scale in zip(layers, (1e-43, 1e21, 1e22), strict=False):
+            layer.weight.copy_(torch.eye(2) * scale)
+        layers[-1].weight.copy_(torch.tensor([[1.0, -1.0]]))
+    model = nn.Sequential(*layers).eval()
+    x = torch.tensor([[0.012, 0.0]])
+    assert model(x + torch.tensor([[-0.0055, 0.0]])).item() <= 0  # class 0: the float32 model flips
+    assert certify(model, x, torch.tensor([1])).item() < 0.0055
+
+
 def test_linf_radius_is_l2_over_sqrt_d():
     model = _net()
     x, y = _data()

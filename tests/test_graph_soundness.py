@@ -312,6 +312,19 @@ def test_bit_reinterpreting_and_narrowing_casts_are_refused():
     assert lipcert.lipschitz_upper_bound(model, (4,)) >= module_bound(model.fc)
 
 
+def test_python_constants_are_bounded_as_the_tensor_type_rounds_them():
+    """float32 rounds the divisor 1.2 * 2^-149 to 2^-149: the slope of x / c is 1.2 / c, which the
+    float64 value alone underestimated."""
+    divisor = 1.2 * 2.0**-149
+    model = Lambda(lambda m, x: x / divisor).float()
+    as_float32 = float(torch.tensor(divisor, dtype=torch.float32))  # 2^-149
+    assert as_float32 == 2.0**-149
+    assert lipcert.lipschitz_upper_bound(model, (4,)) >= 1 / as_float32
+    factor = 1.6 * 2.0**-149  # float32 rounds it to 2^-148
+    scaled = Lambda(lambda m, x: x * factor).float()
+    assert lipcert.lipschitz_upper_bound(scaled, (4,)) >= 2.0**-148
+
+
 def _write_past_a_threshold(m, x):
     h = m.fc(x)
     out = h[:, :]  # a view of h: sees the in-place write, which fx traces out of place

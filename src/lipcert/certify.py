@@ -28,12 +28,14 @@ a float32 model rounds a float64 input), L_b the body bound: L_b ||x||_2 bounds 
 intermediate activations that grows with x, and Z (:func:`lipcert.bounds.graph.zero_input_scale`:
 max_n ||h_n(0)|| L / L_n, from one forward pass at x = 0) the part the model's constants add,
 carried to the logits. Without Z, a bias of 3e4 that a later bias cancels (intermediates ~3e4,
-logits ~1) was certified beyond its float32 resolution. A known ``lipschitz`` given to
-:func:`certify` skips the graph, and Z with it. With delta_m = 2 delta_logit (a margin is a
-difference of two logits), the radius is r = (m_computed - 3 delta_m) / L_pair: at any x' with
-||x' - x|| <= r the exact margin is >= 2 delta_m and the computed one >= delta_m > 0, so even a
-float tie is excluded. A sample with a non-finite logit (overflow) gets radius 0: the a-priori
-bound does not cover overflow.
+logits ~1) was certified beyond its float32 resolution. An absolute term U
+(:func:`lipcert.bounds.graph.underflow_error`) is added for values in the subnormal range, which
+carry no relative precision (negligible unless a net scales tiny values back up). A known
+``lipschitz`` given to :func:`certify` skips the graph, and Z and U with it. With
+delta_m = 2 delta_logit (a margin is a difference of two logits), the radius is
+r = (m_computed - 3 delta_m) / L_pair: at any x' with ||x' - x|| <= r the exact margin is
+>= 2 delta_m and the computed one >= delta_m > 0, so even a float tie is excluded. A sample with
+a non-finite logit (overflow) gets radius 0: the a-priori bound does not cover overflow.
 
 **Cache.** The bound is computed once per model state and input shape: the cache keeps copies of
 every parameter, buffer and tensor attribute and compares their values (version counters miss
@@ -77,6 +79,7 @@ class LipschitzSummary:
     body_bound: float  # the whole model's bound when there is no head
     head_pair_bound: Tensor | None  # (C, C): ||w_i - w_j||_* (dual norm), float64, or None
     zero_input_scale: float = 0.0  # Z of the rounding allowance (module docstring)
+    underflow_error: float = 0.0  # U of the rounding allowance (module docstring)
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,13 @@ def summarize(model: nn.Module, norm: str, input_shape: tuple[int, ...]) -> Lips
     bounds = graph_bound(model, input_shape, norm)
     if bounds.head is not None:
         head_pairs = _head_pair_bound(bounds.head.weight, norm)
-        return LipschitzSummary(norm, bounds.body_bound, head_pairs, bounds.zero_input_scale)
-    return LipschitzSummary(norm, bounds.bound, None, bounds.zero_input_scale)
+        body = bounds.body_bound
+        return LipschitzSummary(
+            norm, body, head_pairs, bounds.zero_input_scale, bounds.underflow_error
+        )
+    return LipschitzSummary(
+        norm, bounds.bound, None, bounds.zero_input_scale, bounds.underflow_error
+    )
 
 
 def _plain(value: object) -> object:
@@ -242,13 +250,17 @@ def logit_rounding_bound(
     lipschitz: float,
     computed_in: torch.dtype,
     zero_input_scale: float = 0.0,
+    underflow_error: float = 0.0,
 ) -> Tensor:
     """A-priori bound of the rounding error of each sample's logits (see module docstring).
 
     ``computed_in`` is the dtype the forward pass ran in (the logits may have been upcast since).
     """
     largest = logits.abs().amax(dim=1)
-    return _rounding_bound(largest, input_norm_bound(x), lipschitz, computed_in, zero_input_scale)
+    x_norms = input_norm_bound(x)
+    return _rounding_bound(
+        largest, x_norms, lipschitz, computed_in, zero_input_scale, underflow_error
+    )
 
 
 def _rounding_bound(
@@ -257,11 +269,12 @@ def _rounding_bound(
     lipschitz: float,
     computed_in: torch.dtype,
     zero_input_scale: float,
+    underflow_error: float,
 ) -> Tensor:
     """:func:`logit_rounding_bound` given each sample's max_k |f_k| and bounds of its ||x||_2."""
     rel = ROUNDING_REL_FLOAT32 * torch.finfo(computed_in).eps / torch.finfo(torch.float32).eps
     scale = 1 + zero_input_scale + largest_logit + lipschitz * x_norms.to(largest_logit.dtype)
-    return rel * scale
+    return rel * scale + underflow_error
 
 
 def input_norm_bound(x: Tensor) -> Tensor:
@@ -328,7 +341,12 @@ def _radii(
     y = y.long()
     largest = logits64.abs().amax(dim=1)  # NaN if any logit is NaN
     delta_margin = 2 * _rounding_bound(
-        largest, x_norms, summary.body_bound, computed_in, summary.zero_input_scale
+        largest,
+        x_norms,
+        summary.body_bound,
+        computed_in,
+        summary.zero_input_scale,
+        summary.underflow_error,
     )
     # A margin <= 0 (misclassified or tied) gives (margin - 3 delta) * (1 / L) < 0: delta > 0.
     shifted_true = logits64.gather(1, y[:, None]) - 3 * delta_margin[:, None]  # (B, 1)

@@ -123,6 +123,10 @@ class GraphBound:
     #: constants (biases, shifts) make the intermediate values, carried to the output
     #: (:func:`zero_input_scale`); part of the float-rounding allowance of ``lipcert.certify``.
     zero_input_scale: float = 0.0
+    #: sum over the operations n of N_n ulp_min L / L_n (N_n: entries of n's output times entries
+    #: of its inputs, ulp_min: the dtype's smallest subnormal): how far values in the subnormal
+    #: range, resolved only to ulp_min, can move the output (:func:`underflow_error`).
+    underflow_error: float = 0.0
 
 
 class _LeafTracer(Tracer):
@@ -628,8 +632,18 @@ def _add(ctx: _Context, node: Node) -> Step:
     return Step(None, add_up(ctx.term(a, node), mul_up(alpha, ctx.term(b, node))))
 
 
-def _largest_abs(value: Any) -> float:
-    return float(torch.as_tensor(value, dtype=torch.float64).abs().max())
+def _as_applied(value: Any, dtype: torch.dtype | None) -> Tensor:
+    """A constant's entries as float64, with (for a Python number applied to a ``dtype`` tensor)
+    the value that tensor's type rounds it to: float32 turns 1.2 * 2^-149 into 2^-149, so
+    x / 1.2e-45 has slope 1.2 times 1 / 1.2e-45."""
+    exact = torch.as_tensor(value, dtype=torch.float64)
+    if isinstance(value, Tensor) or dtype is None or not dtype.is_floating_point:
+        return exact
+    return torch.stack([exact, exact.to(dtype).double()])
+
+
+def _largest_abs(value: Any, dtype: torch.dtype | None) -> float:
+    return float(_as_applied(value, dtype).abs().max())
 
 
 @_rule(operator.mul, operator.imul, torch.mul, "mul", "mul_")
@@ -642,7 +656,8 @@ def _mul(ctx: _Context, node: Node) -> Step:
         )
     _check_same_rank(ctx, node, a, b)
     source, constant = (a, b) if ctx.is_dependent(a) else (b, a)
-    factor = mul_up(_largest_abs(ctx.value(constant)), ctx.spread(source, node))
+    largest = _largest_abs(ctx.value(constant), ctx.dtypes[source])
+    factor = mul_up(largest, ctx.spread(source, node))
     return Step(factor, mul_up(factor, ctx.bound(source)))
 
 
@@ -655,7 +670,7 @@ def _div(ctx: _Context, node: Node) -> Step:
             "Lipschitz"
         )
     _check_same_rank(ctx, node, node.args[0])
-    smallest = float(torch.as_tensor(ctx.value(divisor), dtype=torch.float64).abs().min())
+    smallest = float(_as_applied(ctx.value(divisor), ctx.dtypes[node.args[0]]).abs().min())
     if smallest == 0:
         raise TypeError(f"node '{node.name}' divides by zero")
     spread = ctx.spread(node.args[0], node)
@@ -929,7 +944,7 @@ def graph_bound(model: nn.Module, input_shape: tuple[int, ...], norm: str = "l2"
             if node in needed and node.op != "placeholder":
                 records.append(_record(ctx, node, step))
     zero_scale = zero_input_scale(ctx, torch.zeros_like(x), result)
-    return _summary(ctx, result, tuple(records), zero_scale)
+    return _summary(ctx, result, tuple(records), zero_scale, underflow_error(ctx, result))
 
 
 def _record(ctx: _Context, node: Node, step: Step) -> NodeBound:
@@ -947,15 +962,45 @@ def _record(ctx: _Context, node: Node, step: Step) -> NodeBound:
 
 
 def _summary(
-    ctx: _Context, result: Any, records: tuple[NodeBound, ...], zero_scale: float
+    ctx: _Context, result: Any, records: tuple[NodeBound, ...], zero_scale: float, underflow: float
 ) -> GraphBound:
     bound = ctx.bound(result)
     if result.op == "call_module":
         module = ctx.gm.get_submodule(result.target)
         source = result.args[0]
         if isinstance(module, nn.Linear) and ctx.is_dependent(source):
-            return GraphBound(bound, records, module, ctx.bound(source), zero_scale)
-    return GraphBound(bound, records, None, None, zero_scale)
+            return GraphBound(bound, records, module, ctx.bound(source), zero_scale, underflow)
+    return GraphBound(bound, records, None, None, zero_scale, underflow)
+
+
+def _entries(shape: Any) -> int:
+    """Entries of a tensor shape, or of a list of shapes."""
+    if isinstance(shape, list):
+        return sum(math.prod(piece) for piece in shape)
+    return math.prod(shape) if isinstance(shape, tuple) else 0
+
+
+def underflow_error(ctx: _Context, output: Any) -> float:
+    """sum_n N_n ulp_min L / L_n over the input-dependent operations n: below the smallest normal
+    float a result is resolved only to ulp_min absolutely (no relative precision), each of n's
+    output entries sums at most as many such roundings as n has input entries (N_n: output
+    entries times input entries), and L / L_n carries them to the output (see
+    :func:`zero_input_scale`). Negligible for ordinary nets (~1e-35); a layer of weights ~1e-43
+    whose outputs later layers scale back up by 1e43 was certified at 0.0097 and broken at
+    0.0055 without it. inf when an operation with L_n = 0 is followed by a nonzero bound."""
+    bound, total = ctx.bound(output), 0.0
+    for node in ctx.gm.graph.nodes:
+        dtype = ctx.dtypes.get(node)
+        if node.op in ("placeholder", "output") or not ctx.is_dependent(node) or dtype is None:
+            continue
+        if not dtype.is_floating_point or bound == 0:
+            continue
+        inputs = sum(_entries(ctx.shapes[a]) for a in node.all_input_nodes if ctx.is_dependent(a))
+        roundings = _entries(ctx.shapes[node]) * max(1, inputs)
+        ulp = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # the smallest subnormal
+        prefix = ctx.bounds[node]
+        total += roundings * ulp * bound / prefix if prefix > 0 else math.inf
+    return total
 
 
 def _magnitude(value: Any, norm: str) -> float:
