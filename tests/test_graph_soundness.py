@@ -325,6 +325,16 @@ def test_python_constants_are_bounded_as_the_tensor_type_rounds_them():
     assert lipcert.lipschitz_upper_bound(scaled, (4,)) >= 2.0**-148
 
 
+def test_bounding_leaves_the_model_unchanged():
+    """fx stores each tensor constant as a new attribute of the traced root; the user's model
+    must not keep them (they also hid the list below from the certify cache's view)."""
+    model = Lambda(lambda m, x: m.fc(x) * m.scales[0])
+    model.scales = [torch.tensor(2.0)]
+    before = dict(vars(model))
+    lipcert.lipschitz_upper_bound(model, (4,))
+    assert vars(model).keys() == before.keys()
+
+
 def _write_past_a_threshold(m, x):
     h = m.fc(x)
     out = h[:, :]  # a view of h: sees the in-place write, which fx traces out of place

@@ -41,7 +41,9 @@ a non-finite logit (overflow) gets radius 0: the a-priori bound does not cover o
 every parameter, buffer and tensor attribute and compares their values (version counters miss
 changes made through ``.data`` or a NumPy view), and every module's configuration (class, plain
 attributes such as a slope or a stride, hooks), so editing ``negative_slope``, adding a hook or
-``p.data.mul_(2)`` recomputes it.
+``p.data.mul_(2)`` recomputes it. State the forward reads from elsewhere (a global, a tensor in a
+list or dict attribute, an attribute of a plain object) is not seen: after changing it call
+:func:`clear_summary_cache`.
 """
 
 from __future__ import annotations

@@ -139,9 +139,11 @@ class _LeafTracer(Tracer):
 
 
 def trace(model: nn.Module) -> GraphModule:
-    """``model`` as a torch.fx graph with bounded modules as leaves; TypeError if untraceable."""
+    """``model`` as a torch.fx graph with bounded modules as leaves; TypeError if untraceable.
+    ``model`` is not changed (fx would add an attribute for each tensor constant)."""
     tracer = _LeafTracer()
     root = nn.Sequential(model) if tracer.is_leaf_module(model, "") else model
+    attributes = set(vars(root))
     try:
         graph = tracer.trace(root)
     except Exception as err:  # fx fails in many ways (TraceError, TypeError, NotImplementedError)
@@ -152,7 +154,10 @@ def trace(model: nn.Module) -> GraphModule:
             "lipcert.bounds.network.register_bound_rule (modules with a rule are not traced into), "
             "or build the model from supported modules"
         ) from err
-    return GraphModule(root, graph)
+    traced = GraphModule(root, graph)
+    for name in set(vars(root)) - attributes:  # fx stores tensor constants on the root: the
+        delattr(root, name)  # graph module has its copies; the user's model is left as it was
+    return traced
 
 
 def _shape_of(value: Any) -> Any:
