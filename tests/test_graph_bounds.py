@@ -280,6 +280,25 @@ def test_batch_norm_bound_is_exact():
         module_bound(instance, "l2")
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"stride": 1, "padding": 1},
+        {"stride": 2, "padding": 1, "output_padding": 1},
+        {"stride": 2, "padding": 0, "groups": 2},
+        {"stride": 1, "padding": 2, "dilation": 2},
+    ],
+)
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_transposed_convolution_bounds_are_sound(kwargs, norm):
+    """A transposed convolution is the adjoint of a convolution (same l2 norm, l_inf from its l1
+    norm); exported SLLConv2d layers end in one."""
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(4, 6, 3, **kwargs).double().eval()
+    x = torch.randn(4, 5, 4, dtype=torch.float64)
+    assert module_bound(conv, norm, (4, 5, 4)) >= float(exact_norm(conv, x, norm))
+
+
 def test_average_pool_bounds_are_sound_and_exact_for_global_pooling():
     for pool, shape in [(nn.AvgPool2d(3, stride=2, padding=1), (1, 7, 6)),
                         (nn.AvgPool2d(3, 1, 1, ceil_mode=True, count_include_pad=False), (1, 5, 5)),

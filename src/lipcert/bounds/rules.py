@@ -46,6 +46,7 @@ from lipcert.bounds.network import matrix_operator_bound, register_bound_rule, r
 from lipcert.bounds.operator import rounding_safety
 from lipcert.bounds.padded_conv import (
     ConvGeometry,
+    conv_geometry,
     conv_operator_norm,
     dilated_kernel,
     max_copies,
@@ -224,6 +225,36 @@ def _conv_any_size(module: nn.Conv1d | nn.Conv2d, norm: str) -> float:
         )
     with torch.no_grad():
         return float(conv2d_operator_bound(kernel, stride))
+
+
+@register_bound_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, shaped=True)
+def _conv_transpose(
+    module: nn.ConvTranspose1d | nn.ConvTranspose2d, norm: str, input_shape: tuple[int, ...]
+) -> float:
+    """The adjoint of the convolution with the same weight, stride, padding, dilation and groups
+    on the transposed convolution's output size (torch defines it as that gradient): the same l2
+    norm. In l_inf, ||A^T||_inf = ||A||_1: an output entry sums at most all the taps of its
+    channel's weights over the input channels of its group."""
+    axes = len(module.kernel_size)
+    if norm == "linf":
+        weight = module.weight.detach().double().abs()
+        groups = module.groups
+        per_group = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+        sums = per_group.sum(dim=(1, *range(3, per_group.dim())))  # (groups, out / groups)
+        return float(sums.max()) * rounding_safety(torch.float64, weight[0].numel() * groups)
+    sizes = input_shape[-axes:]
+    output_size = [
+        (n - 1) * s - 2 * p + d * (k - 1) + extra + 1
+        for n, s, p, d, k, extra in zip(
+            sizes, module.stride, module.padding, module.dilation, module.kernel_size,
+            module.output_padding, strict=True,
+        )
+    ]  # fmt: skip
+    geometry = conv_geometry(
+        module.kernel_size, tuple(output_size), module.stride, module.padding, module.dilation,
+        module.groups,
+    )  # fmt: skip
+    return conv_bound(module.weight, geometry, norm)
 
 
 def _block_diagonal(kernel: Tensor, groups: int) -> Tensor:
