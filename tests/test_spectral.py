@@ -283,3 +283,21 @@ def test_wrong_input_shape_names_the_layer_and_both_shapes(layer, shape, expecte
     with pytest.raises(ValueError, match=type(layer).__name__.removeprefix("Parametrized")) as e:
         layer(torch.zeros(shape))
     assert expected in str(e.value) and str(shape) in str(e.value)
+
+
+@pytest.mark.parametrize("scale", [1e-36, 1e20, 1e30])
+def test_weights_of_extreme_magnitude_stay_normalized(scale):
+    """The Gram bound's Frobenius norms under- or overflowed at these scales: SpectralLinear came
+    out at norm 1 + 1.2e-6 for 1e-36, SpectralConv2d at norm 0 (an infinite bound) for 1e20."""
+    torch.manual_seed(0)
+    linear, conv = SpectralLinear(16, 16).eval(), SpectralConv2d(4, 4, 3).eval()
+    with torch.no_grad():
+        original(linear).copy_(torch.randn(16, 16) * scale)
+        original(conv).copy_(torch.randn(4, 4, 3, 3) * scale)
+        weight = linear.weight.double()
+        kernel = conv.weight.double()
+    assert torch.linalg.matrix_norm(weight, ord=2) <= 1 + LIPSCHITZ_TOL
+    jacobian = torch.func.jacrev(lambda x: torch.nn.functional.conv2d(x, kernel, padding=1))(
+        torch.zeros(1, 4, 6, 6, dtype=torch.float64)
+    ).reshape(144, 144)
+    assert 0.5 < torch.linalg.matrix_norm(jacobian, ord=2) <= 1 + LIPSCHITZ_TOL

@@ -201,7 +201,12 @@ def conv2d_operator_bound(
     kernel = polyphase_kernel(kernel, to_pair("stride", stride))  # (c_out, c_in*s1*s2, bh, bw)
     kernel_size = tuple(kernel.shape[-2:])
     grid = grid_size(kernel_size, grid_slack)
+    # The bound is homogeneous: divide by a power of two bringing the largest entry into [1, 2)
+    # (exact), so that no norm over- or underflows (kernels ~1e20 got an infinite bound).
+    peak = kernel.detach().abs().amax()
+    power = torch.ldexp(torch.ones_like(peak), torch.frexp(peak).exponent - 1)
+    kernel = kernel / power
     with torch.autocast(kernel.device.type, enabled=False):  # rounding is analysed in its dtype
         twiddles = grid_twiddles(kernel_size, grid, kernel)
         grid_max = _grid_maximum(kernel, twiddles, n_iter) + symbol_rounding(kernel)
-    return grid_max * (grid_factor(kernel_size, grid) * rounding_safety(kernel.dtype, 1))
+    return grid_max * power * (grid_factor(kernel_size, grid) * rounding_safety(kernel.dtype, 1))
