@@ -6,11 +6,14 @@ print exactly one ``lipcert: error: ...`` line (no traceback).
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tiny_run import write_tiny_config
 from torch import nn
 
@@ -43,7 +46,19 @@ def files(tmp_path_factory):
     np.save(root / "nan.npy", nan)
     (root / "bad.toml").write_text("epochs = [\n")
     (root / "badvalue.toml").write_text(config.read_text() + "[optim]\nlr = -1.0\n")
+    _write_edited_spec(ckpt, root / "huge.safetensors", width=10**9)
+    lipcert.save(_mlp(), root / "noconfig.safetensors")
     return root
+
+
+def _write_edited_spec(source, target, **kwargs) -> None:
+    """A copy of a checkpoint whose model spec asks for other kwargs (a tampered file)."""
+    tensors = load_file(source)
+    with safe_open(source, "pt") as handle:
+        meta = handle.metadata()
+    spec = json.loads(meta["model_spec"])
+    spec["kwargs"].update(kwargs)
+    save_file(tensors, target, metadata=dict(meta, model_spec=json.dumps(spec)))
 
 
 def _mlp() -> nn.Module:
@@ -162,7 +177,25 @@ CLI_CASES = [
     ("w1: NaN", ["w1", "{root}/nan.npy", "{root}/a2.npy", "--steps", "1"], "NaN"),
     ("w1: missing file", ["w1", "{root}/none.npy", "{root}/a2.npy"], "none.npy"),
     ("export: missing checkpoint", ["export", "{root}/nope.safetensors"], "not found"),
-]
+    ("export: ONNX path a folder", ["export", "{root}/run/last.safetensors", "--onnx", "{root}"],
+     "directory"),
+    ("certify: edited model spec", ["certify", "{root}/huge.safetensors"], "edited"),
+    ("certify: no run config", ["certify", "{root}/noconfig.safetensors"], "no run config"),
+    ("demo: --out holds another run", ["demo", "--out", "{root}/run"], "another --out"),
+    ("lipschitz: negative size",
+     ["lipschitz", "{root}/run/last.safetensors", "--input-shape", "-1"], "input-shape"),
+    ("train: infinite lr",
+     ["train", "{root}/tiny.toml", "--run-dir", "{root}/r2", "--set", "optim.lr=inf"], "finite"),
+    ("train: model kwargs typo",
+     ["train", "{root}/tiny.toml", "--run-dir", "{root}/r3", "--set", "model.kwargs.widht=3"],
+     "model.kwargs"),
+    ("train: negative certify eps",
+     ["train", "{root}/tiny.toml", "--run-dir", "{root}/r4", "--set", "certify.eps=[-1]"],
+     "certify.eps"),
+    ("train: resume with another optimizer",
+     ["train", "{root}/tiny.toml", "--run-dir", "{root}/run", "--resume", "--set",
+      'optim.name="sgd"'], "another optimizer"),
+]  # fmt: skip
 if not torch.cuda.is_available():
     CLI_CASES.append(
         ("attack: no GPU", ["attack", "{root}/run/last.safetensors", "--device", "cuda"], "cuda")

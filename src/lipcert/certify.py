@@ -449,8 +449,17 @@ def _forward_dtype(model: nn.Module, x: Tensor, logits: Tensor) -> torch.dtype:
     return max(floating, key=lambda dtype: torch.finfo(dtype).eps)
 
 
+def check_eps(eps: list[float] | tuple[float, ...], name: str = "eps") -> list[float]:
+    """``eps`` as a list, each value finite and >= 0; ValueError naming ``name`` otherwise."""
+    bad = [e for e in eps if not (math.isfinite(e) and e >= 0)]
+    if bad:
+        raise ValueError(f"{name} values must be finite and >= 0, got {bad[0]}")
+    return list(eps)
+
+
 def certified_accuracy(radii: Tensor, eps: list[float] | tuple[float, ...]) -> dict[float, float]:
     """Fraction of samples whose radius is at least each eps (eps = 0: clean accuracy)."""
+    check_eps(eps)
     return {float(e): float((radii > 0).logical_and(radii >= e).float().mean()) for e in eps}
 
 

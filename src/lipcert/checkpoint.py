@@ -142,12 +142,39 @@ def save(model: nn.Module, path: str | Path, config: dict | None = None) -> None
     write_checkpoint(path, model, config=config)
 
 
+def _integers(value: object) -> list[int]:
+    """The ints in a JSON-like value (nested lists and dicts)."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return [n for item in value for n in _integers(item)]
+    return []
+
+
+def _check_sizes_fit(spec: dict, tensors: dict[str, Tensor], path: str | Path) -> None:
+    """Every size in the model spec (a width, a depth, an input size) is at most the largest
+    dimension of a stored tensor: a tampered spec (width 10^9) would otherwise be built, and fill
+    the memory, before the shapes are compared."""
+    largest = max((max(t.shape, default=1) for t in tensors.values()), default=1)
+    oversized = [n for n in _integers(spec.get("kwargs", {})) if n > largest]
+    if oversized:
+        raise CheckpointError(
+            f"{path}: the model spec asks for size {oversized[0]}, larger than every stored tensor "
+            f"dimension (at most {largest}): the checkpoint is corrupt or was edited"
+        )
+
+
 def load(path: str | Path) -> nn.Module:
     """Rebuild the model saved at ``path`` (eval mode). No pickled code is run."""
     from lipcert.models import build_model
 
     tensors, meta = read_checkpoint(path)
     spec = meta["model_spec"]
+    _check_sizes_fit(spec, tensors, path)
     try:
         model = build_model(spec["name"], **spec["kwargs"])
     except (KeyError, TypeError, ValueError) as err:

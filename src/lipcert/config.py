@@ -7,6 +7,7 @@ An unknown key, a missing required key or a bad value raises :class:`ConfigError
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,7 @@ class OptimConfig:
     name: str = field(default="adam", metadata=_choice("adam", "adamw", "sgd"))
     lr: float = field(default=1e-3, metadata=_positive())
     weight_decay: float = 0.0
-    momentum: float = 0.9
+    momentum: float = field(default=0.9, metadata=_below_one())
     beta1: float = field(default=0.9, metadata=_below_one())  # Adam's betas and eps
     beta2: float = field(default=0.999, metadata=_below_one())
     eps: float = field(default=1e-8, metadata=_positive())
@@ -117,8 +118,13 @@ def _check_value(section: str, f: dataclasses.Field, value: Any, hint: Any) -> A
         raise ConfigError(f"{key} must be > 0, got {value!r}")
     if f.metadata.get("below_one") and not value < 1:
         raise ConfigError(f"{key} must be < 1, got {value!r}")
-    if base in (int, float) and value < 0:
+    numbers = value if base is list else [value] if base in (int, float) else []
+    if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+        raise ConfigError(f"{key} must be finite, got {value!r}")
+    if any(v < 0 for v in numbers):
         raise ConfigError(f"{key} must be >= 0, got {value!r}")
+    if any(isinstance(v, int) and v >= 2**63 for v in numbers):
+        raise ConfigError(f"{key} must be < 2^63, got {value!r}")
     return value
 
 

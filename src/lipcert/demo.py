@@ -6,6 +6,7 @@ ships inside scikit-learn, so it runs anywhere in under a minute on two CPU core
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from lipcert.checkpoint import load
 from lipcert.config import parse_config
 from lipcert.data import load_dataset
 from lipcert.report import accuracy_table, plot_certified_curve
-from lipcert.train import CHECKPOINT_NAME, train
+from lipcert.train import CHECKPOINT_NAME, CONFIG_NAME, train
 
 #: The demo's run: digits are 8x8 images in [0, 1], so l2 radii are small compared with MNIST's.
 DEMO_CONFIG = {
@@ -29,13 +30,28 @@ DEMO_CONFIG = {
 }
 
 
+def _check_no_other_run(out_dir: Path) -> None:
+    """Refuse an ``out_dir`` whose checkpoint is not a previous demo's: the demo replaces it."""
+    if not (out_dir / CHECKPOINT_NAME).exists():
+        return
+    try:
+        name = json.loads((out_dir / CONFIG_NAME).read_text()).get("name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if name != DEMO_CONFIG["name"]:
+        held = f"run {name!r}" if name else "a checkpoint without a demo config"
+        raise ValueError(
+            f"{out_dir} holds {held}; the demo would replace its checkpoint: choose another --out"
+        )
+
+
 def run_demo(out_dir: Path, epochs: int | None = None) -> dict[float, float]:
     """Train, certify and report; returns {eps: accuracy} (eps 0 = clean)."""
     started = time.perf_counter()
-    raw = dict(DEMO_CONFIG, epochs=epochs or DEMO_CONFIG["epochs"])
+    raw = dict(DEMO_CONFIG, epochs=DEMO_CONFIG["epochs"] if epochs is None else epochs)
     config = parse_config(raw)
-    for stale in (out_dir / CHECKPOINT_NAME,):
-        stale.unlink(missing_ok=True)
+    _check_no_other_run(out_dir)
+    (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)  # a previous demo's: train afresh
     data = load_dataset("digits")
     train(config, out_dir, data=data)
     model = load(out_dir / CHECKPOINT_NAME)

@@ -66,14 +66,19 @@ def write_onnx(plain: nn.Module, path: Path, input_shape: tuple[int, ...]) -> No
     """Write ``plain`` as ONNX (batch dimension dynamic), atomically."""
     param = next(plain.parameters(), None)
     example = torch.zeros((2, *input_shape), dtype=param.dtype if param is not None else None)
+    if path.is_dir():
+        raise IsADirectoryError(f"the ONNX path {path} is a directory: give a file name")
     tmp = path.with_name(path.name + ".tmp")
-    torch.onnx.export(
-        plain,
-        (example,),
-        str(tmp),
-        input_names=["input"],
-        output_names=["output"],
-        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-        dynamo=False,
-    )
-    tmp.replace(path)
+    try:
+        torch.onnx.export(
+            plain,
+            (example,),
+            str(tmp),
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            dynamo=False,
+        )
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -278,7 +278,7 @@ def _train_potential(
             pick_x = torch.randint(len(x), (batch_size,), device=device)
             pick_y = torch.randint(len(y), (batch_size,), device=device)
             batch = torch.cat([x[pick_x], y[pick_y]])  # (2 batch_size, d)
-            batch_labels = torch.cat([labels[:batch_size], labels[-batch_size:]])
+            batch_labels = torch.cat([labels.new_ones(batch_size), labels.new_zeros(batch_size)])
         loss = kr_loss(potential(batch), batch_labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

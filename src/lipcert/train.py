@@ -23,14 +23,21 @@ from tqdm import tqdm
 
 from lipcert import losses
 from lipcert.certify import certified_accuracy, certify_batched, predict
-from lipcert.checkpoint import load_into, read_checkpoint, unflatten, write_checkpoint
-from lipcert.config import LossConfig, OptimConfig, TrainConfig, to_dict
+from lipcert.checkpoint import (
+    CheckpointError,
+    load_into,
+    read_checkpoint,
+    unflatten,
+    write_checkpoint,
+)
+from lipcert.config import LossConfig, ModelConfig, OptimConfig, TrainConfig, to_dict
 from lipcert.data import Dataset, Split, load_dataset, random_crop, random_flip
 from lipcert.lmt import LMTTrainingLoss
 from lipcert.models import build_model
 from lipcert.nn import retract_after_steps
 
 CHECKPOINT_NAME = "last.safetensors"
+CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
 #: Offset mixed into per-epoch seeds so the data order differs from the model-init stream.
 _EPOCH_SEED_STRIDE = 1_000_003
@@ -174,11 +181,30 @@ def _steps_per_epoch(data: Dataset, config: TrainConfig) -> int:
     return max(1, len(data.train.y) // config.data.batch_size)
 
 
+def _build_configured_model(cfg: ModelConfig, data: Dataset) -> nn.Module:
+    """The model of ``cfg`` for ``data``'s input shape and classes; ValueError naming the config
+    keys when the kwargs do not fit the model."""
+    given = {"input_shape", "num_classes"} & set(cfg.kwargs)
+    if given:
+        raise ValueError(f"model.kwargs.{sorted(given)[0]} is set from the dataset: remove it")
+    try:
+        return build_model(
+            cfg.name, input_shape=list(data.input_shape), num_classes=data.num_classes, **cfg.kwargs
+        )
+    except TypeError as err:
+        raise ValueError(f"model.kwargs do not fit model {cfg.name!r}: {err}") from err
+
+
 def _check_finite(value: Tensor, what: str, epoch: int, step: int, ckpt: Path) -> None:
     if not torch.isfinite(value).all():
+        kept = (
+            f"the last good checkpoint is kept at {ckpt}"
+            if ckpt.exists()
+            else "no checkpoint was written before it"
+        )
         raise TrainingDiverged(
-            f"{what} became non-finite at epoch {epoch + 1}, step {step}; stopping. The last good "
-            f"checkpoint is kept at {ckpt} (lower the learning rate or enable optim.grad_clip)"
+            f"{what} became non-finite at epoch {epoch + 1}, step {step}; stopping: {kept} "
+            "(lower the learning rate or enable optim.grad_clip)"
         )
 
 
@@ -230,14 +256,25 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, data, config, epoch, d
 
 
 def _restore(ckpt: Path, model, optimizer, scheduler, loss_fn) -> tuple[int, list[dict]]:
+    """Model, optimizer, schedule and loss state of ``ckpt``; CheckpointError when its training
+    state does not fit this config (another optimizer, a file saved without training state)."""
     tensors, meta = read_checkpoint(ckpt)
     load_into(model, tensors, ckpt)
-    state = unflatten(meta["state"], tensors)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if "loss" in state:  # checkpoints written before losses had state lack it
-        loss_fn.load_state_dict(state["loss"])
-    return state["epoch"], state["history"]
+    try:
+        state = unflatten(meta["state"], tensors)
+        settings = set(optimizer.param_groups[0])  # an Adam state loads into SGD, then fails
+        optimizer.load_state_dict(state["optimizer"])
+        if set(optimizer.param_groups[0]) != settings:
+            raise ValueError("the checkpoint was trained with another optimizer")
+        scheduler.load_state_dict(state["scheduler"])
+        if "loss" in state:  # checkpoints written before losses had state lack it
+            loss_fn.load_state_dict(state["loss"])
+        return state["epoch"], state["history"]
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{ckpt}: its training state does not fit this config, so it cannot be resumed (same "
+            f"optimizer, loss and schedule needed; missing or mismatched: {err})"
+        ) from err
 
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
@@ -272,8 +309,7 @@ def train(
     if config.data.train_subset:
         data = subset_train(data, config.data.train_subset, config.seed)
     torch.manual_seed(config.seed)
-    kwargs = {"input_shape": list(data.input_shape), "num_classes": data.num_classes}
-    model = build_model(config.model.name, **kwargs, **config.model.kwargs).to(device)
+    model = _build_configured_model(config.model, data).to(device)
     optimizer = make_optimizer(config.optim, model.parameters())
     retract_after_steps(optimizer, model)  # OrthoLinear(retraction=k) layers, if any
     steps = _steps_per_epoch(data, config)
@@ -292,7 +328,7 @@ def train(
         train_model = nn.parallel.DistributedDataParallel(model)
     if ddp.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+        (run_dir / CONFIG_NAME).write_text(json.dumps(to_dict(config), indent=2))
         _write_metrics(run_dir, history)
     last_epoch = config.epochs if stop_after_epochs is None else start_epoch + stop_after_epochs
     for epoch in range(start_epoch, min(config.epochs, last_epoch)):

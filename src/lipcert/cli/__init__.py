@@ -12,10 +12,15 @@ import sys
 from lipcert.checkpoint import CheckpointError
 from lipcert.cli import attack, bench, certify, demo, explain, export, lipschitz, train, w1
 from lipcert.config import ConfigError
+from lipcert.train import TrainingDiverged
 
 #: Subcommand modules, in the order ``lipcert --help`` lists them.
 COMMANDS = (demo, train, certify, lipschitz, attack, export, explain, w1, bench)
-USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, ConfigError)
+#: Errors that are the user's input or environment (a bad value, a missing or unwritable file, a
+#: diverged run): one line on stderr and exit code 2, no traceback.
+USER_ERRORS = (ValueError, OSError, CheckpointError, ConfigError, TrainingDiverged)
+#: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"lipcert: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("lipcert: interrupted (a training run resumes with --resume)", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

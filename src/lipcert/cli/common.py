@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 from torch import nn
 
+from lipcert.certify import check_eps
 from lipcert.checkpoint import load, read_checkpoint
 from lipcert.config import TrainConfig, parse_config
 from lipcert.data import Dataset, load_dataset
@@ -22,18 +22,15 @@ def load_run(
         raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
     model = load(checkpoint).to(device)
     _, meta = read_checkpoint(checkpoint)
+    if not meta.get("config"):
+        raise ValueError(
+            f"{checkpoint} has no run config (saved by lipcert.save without one), so its dataset "
+            "is unknown: certify it from Python with lipcert.certify(model, x, y)"
+        )
     config = parse_config(meta["config"])
     data = load_dataset(config.data.dataset, data_dir or config.data.data_dir or None)
     data = select_classes(data, config.data.classes)
     return model, config, data
-
-
-def check_eps(eps: list[float]) -> list[float]:
-    """The --eps values, each finite and >= 0."""
-    bad = [e for e in eps if not (math.isfinite(e) and e >= 0)]
-    if bad:
-        raise ValueError(f"--eps values must be finite and >= 0, got {bad[0]}")
-    return eps
 
 
 def eps_for(eps: list[float] | None, norm: str, config: TrainConfig) -> list[float]:
@@ -44,7 +41,7 @@ def eps_for(eps: list[float] | None, norm: str, config: TrainConfig) -> list[flo
                 f"--norm {norm} is not the run's norm ({config.certify.norm}): give --eps for it"
             )
         eps = config.certify.eps
-    return check_eps(eps)
+    return check_eps(eps, "--eps")
 
 
 def check_positive(option: str, value: int) -> int:

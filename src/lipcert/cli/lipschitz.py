@@ -31,6 +31,8 @@ def _input_shape(args: argparse.Namespace) -> tuple[int, ...]:
     from lipcert.checkpoint import read_checkpoint
 
     if args.input_shape:
+        if any(size <= 0 for size in args.input_shape):
+            raise ValueError(f"--input-shape sizes must be > 0, got {args.input_shape}")
         return tuple(args.input_shape)
     _, meta = read_checkpoint(args.checkpoint)
     shape = meta["model_spec"].get("kwargs", {}).get("input_shape")
@@ -91,7 +93,8 @@ def run(args: argparse.Namespace) -> None:
     if lower is None:
         print()
     else:
-        print(f", empirical lower bound {lower:.6g}, ratio {upper / lower:.4g}")
+        ratio = f"{upper / lower:.4g}" if lower > 0 else "n/a (the empirical lower bound is 0)"
+        print(f", empirical lower bound {lower:.6g}, ratio {ratio}")
     if bounds.head is not None:
         body = bounds.body_bound
         print(f"before the linear head: {body:.6g} (certify pairs it with the head's rows)")
