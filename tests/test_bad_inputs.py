@@ -124,6 +124,15 @@ API_CASES = [
         "NaN",
     ),
     ("bound: input shape", lambda: lipcert.lipschitz_upper_bound(_mlp(), (7,)), "7"),
+    ("certify: a string as model", lambda: lipcert.certify("model", X4, Y3), "nn.Module"),
+    ("certify: NumPy input", lambda: lipcert.certify(_mlp(), X4.numpy(), Y3), "numpy.ndarray"),
+    ("export: None as model", lambda: lipcert.export(None), "nn.Module"),
+    ("bound: a string as model", lambda: lipcert.lipschitz_upper_bound("m", (4,)), "nn.Module"),
+    (
+        "certified accuracy: negative eps",
+        lambda: lipcert.certified_accuracy(torch.ones(3), [-1.0]),
+        "eps",
+    ),
     ("dataset: unknown", lambda: load_dataset("imagenet"), "imagenet"),
     (
         "model: unknown",
@@ -147,6 +156,9 @@ def test_api_bad_files_have_clear_errors(files, tmp_path):
         lipcert.load(files / "pickle.safetensors")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(files / "bad.toml")
+    (tmp_path / "latin1.toml").write_bytes(b'name = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match=r"latin1\.toml"):
+        load_config(tmp_path / "latin1.toml")
     with pytest.raises(FileNotFoundError, match="mnist"):
         load_dataset("mnist", data_dir=tmp_path)
     (tmp_path / "data_batch_1.bin").write_bytes(b"\x01" * 100)

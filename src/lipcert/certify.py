@@ -218,8 +218,10 @@ def native_summary(model: nn.Module, norm: str, input_shape: tuple[int, ...]) ->
 def _check_inputs(x: Tensor, y: Tensor, norm: str) -> None:
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if not torch.is_tensor(x) or not x.is_floating_point():
-        raise ValueError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if not torch.is_tensor(x):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__module__}.{type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
     if not torch.is_tensor(y) or y.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"y must be an integer tensor of class ids, got {getattr(y, 'dtype', y)}")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:

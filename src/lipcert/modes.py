@@ -12,7 +12,9 @@ from torch import nn
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put every module of ``model`` in eval mode for the block; restore each module's own
     ``training`` flag after (``model.train(flag)`` would overwrite per-module choices, such as a
-    frozen batch norm inside a model in training mode)."""
+    frozen batch norm inside a model in training mode). TypeError when ``model`` is not a module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     flags = {module: module.training for module in model.modules()}
     model.eval()
     try:

@@ -52,6 +52,8 @@ def plot_certified_curve(radii: Tensor, path: str | Path, norm: str, title: str 
     ax.set_title(title or "certified accuracy vs eps")
     fig.tight_layout()
     path = Path(path)
+    if not path.suffix:  # matplotlib would write path.png
+        path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
