@@ -514,3 +514,14 @@ def test_rounding_allowance_uses_the_least_precise_dtype_of_the_forward():
     radii = _radii(model(x).detach(), input_norm_bound(x), y, summary, torch.float32)
     expected = _float32_rounded_down(radii)
     assert torch.equal(certify(model, x, y), expected)
+
+
+def test_nan_weights_are_refused_by_name():
+    """A NaN weight has no bound: a rule's SVD failed with a LinAlgError, and a NaN bound combined
+    by max() would read as 1."""
+    model = Lambda(lambda m, x: torch.cat([m.fc(x), x], dim=1))
+    with torch.no_grad():
+        model.fc.weight[0, 0] = math.nan
+    for norm in ("l2", "linf"):
+        with pytest.raises(ValueError, match=r"fc\.weight holds NaN"):
+            lipcert.lipschitz_upper_bound(model, (4,), norm)

@@ -915,6 +915,13 @@ def _check_trace(model: nn.Module, x: Tensor, traced: Any) -> None:
         )
 
 
+def _check_finite_parameters(model: nn.Module) -> None:
+    """NaN or inf weights have no bound (a rule's SVD would fail, a max() would read NaN as 1)."""
+    for name, parameter in model.named_parameters():
+        if parameter.is_floating_point() and not bool(torch.isfinite(parameter).all()):
+            raise ValueError(f"parameter {name} holds NaN or inf values: the model has no bound")
+
+
 def graph_bound(model: nn.Module, input_shape: tuple[int, ...], norm: str = "l2") -> GraphBound:
     """Sound bound of ``model``'s Lipschitz constant (eval mode) on inputs of ``input_shape``.
 
@@ -925,6 +932,7 @@ def graph_bound(model: nn.Module, input_shape: tuple[int, ...], norm: str = "l2"
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     name = type(model).__name__
     _check_no_hooks(model)
+    _check_finite_parameters(model)
     gm = trace(model)
     _check_single_input(gm, name)
     check_in_place(gm, _describe)  # before running anything: no write to the model's tensors
