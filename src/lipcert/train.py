@@ -277,10 +277,16 @@ def _restore(ckpt: Path, model, optimizer, scheduler, loss_fn) -> tuple[int, lis
         ) from err
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it: a crash leaves the old
+    file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
-    tmp = run_dir / f".{METRICS_NAME}.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    tmp.replace(run_dir / METRICS_NAME)
+    _write_atomically(run_dir / METRICS_NAME, "".join(json.dumps(row) + "\n" for row in history))
 
 
 def train(
@@ -328,7 +334,7 @@ def train(
         train_model = nn.parallel.DistributedDataParallel(model)
     if ddp.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_NAME).write_text(json.dumps(to_dict(config), indent=2))
+        _write_atomically(run_dir / CONFIG_NAME, json.dumps(to_dict(config), indent=2))
         _write_metrics(run_dir, history)
     last_epoch = config.epochs if stop_after_epochs is None else start_epoch + stop_after_epochs
     for epoch in range(start_epoch, min(config.epochs, last_epoch)):
