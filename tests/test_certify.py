@@ -187,6 +187,27 @@ def test_cached_bound_follows_changes_that_bump_no_version(change):
     assert torch.equal(cached, certify(model, x, y))
 
 
+class _ListScaled(nn.Module):
+    """f(x) = 1 + s x_1 with s held in a list: fx captures s as a constant of the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scales = [torch.tensor(1.0)]
+
+    def forward(self, x):
+        return 1.0 + x[:, 1:2] * self.scales[0]
+
+
+def test_cached_bound_follows_an_in_place_change_of_a_captured_constant():
+    """The trace's constants are compared by value like the parameters (the bound of s = 1 was
+    kept when s became 100: radius 0.999, broken at 0.02)."""
+    model = _ListScaled().eval()
+    x, y = torch.zeros(1, 2), torch.tensor([1])
+    assert certify(model, x, y).item() > 0.9
+    model.scales[0].fill_(100.0)
+    assert certify(model, x, y).item() < 0.011
+
+
 @pytest.mark.parametrize(
     ("x", "y", "match"),
     [

@@ -41,9 +41,10 @@ a non-finite logit (overflow) gets radius 0: the a-priori bound does not cover o
 every parameter, buffer and tensor attribute and compares their values (version counters miss
 changes made through ``.data`` or a NumPy view), and every module's configuration (class, plain
 attributes such as a slope or a stride, hooks), so editing ``negative_slope``, adding a hook or
-``p.data.mul_(2)`` recomputes it. State the forward reads from elsewhere (a global, a tensor in a
-list or dict attribute, an attribute of a plain object) is not seen: after changing it call
-:func:`clear_summary_cache`.
+``p.data.mul_(2)`` recomputes it; tensors the traced graph captured as constants (one held in a
+list) are compared by value too. State the forward reads from elsewhere (a global, an attribute
+of a plain object, a list element replaced by another tensor) is not seen: after changing it
+call :func:`clear_summary_cache`.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ class LipschitzSummary:
     head_pair_bound: Tensor | None  # (C, C): ||w_i - w_j||_* (dual norm), float64, or None
     zero_input_scale: float = 0.0  # Z of the rounding allowance (module docstring)
     underflow_error: float = 0.0  # U of the rounding allowance (module docstring)
+    #: tensors the bound read besides the model's own (constants of the traced graph, such as a
+    #: tensor held in a list): the cache compares their values too
+    constants: tuple[Tensor, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,15 +96,18 @@ class _CachedSummary:
     config: tuple
     tensors: tuple[Tensor, ...]
     summary: LipschitzSummary
+    constants: tuple[Tensor, ...]  # copies of ``summary.constants`` as they were
 
     def holds_for(self, config: tuple, tensors: list[Tensor]) -> bool:
-        """Same configuration and tensors of the same values. Values are compared, not version
-        counters: an in-place change through ``.data`` or a NumPy view bumps no version, and a
-        stale bound would certify radii the changed model does not have."""
+        """Same configuration and tensors of the same values (the graph's captured constants
+        included). Values are compared, not version counters: an in-place change through
+        ``.data`` or a NumPy view bumps no version, and a stale bound would certify radii the
+        changed model does not have."""
         return (
             self.config == config
             and len(self.tensors) == len(tensors)
             and all(map(_same_values, self.tensors, tensors))
+            and all(map(_same_values, self.constants, self.summary.constants))
         )
 
 
@@ -139,15 +146,11 @@ def summarize(model: nn.Module, norm: str, input_shape: tuple[int, ...]) -> Lips
     """Sound Lipschitz summary of ``model`` (eval mode) on inputs of ``input_shape`` (no batch
     dimension): body + linear head when the model ends in a linear layer."""
     bounds = graph_bound(model, input_shape, norm)
+    graph_terms = (bounds.zero_input_scale, bounds.underflow_error, bounds.constants)
     if bounds.head is not None:
         head_pairs = _head_pair_bound(bounds.head.weight, norm)
-        body = bounds.body_bound
-        return LipschitzSummary(
-            norm, body, head_pairs, bounds.zero_input_scale, bounds.underflow_error
-        )
-    return LipschitzSummary(
-        norm, bounds.bound, None, bounds.zero_input_scale, bounds.underflow_error
-    )
+        return LipschitzSummary(norm, bounds.body_bound, head_pairs, *graph_terms)
+    return LipschitzSummary(norm, bounds.bound, None, *graph_terms)
 
 
 def _plain(value: object) -> object:
@@ -194,7 +197,8 @@ def cached_summary(model: nn.Module, norm: str, input_shape: tuple[int, ...]) ->
         with torch.no_grad(), ieee_float32():
             summary = summarize(model, norm, input_shape)
         copies = tuple(t.detach().clone() for t in tensors)
-        caches[key] = cached = _CachedSummary(config, copies, summary)
+        constants = tuple(t.detach().clone() for t in summary.constants)
+        caches[key] = cached = _CachedSummary(config, copies, summary, constants)
     return cached.summary
 
 

@@ -44,10 +44,11 @@ real one, and exact results (a chain of 1-Lipschitz ops: 1) stay exact.
 from __future__ import annotations
 
 import builtins
+import functools
 import math
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any
 
@@ -127,6 +128,9 @@ class GraphBound:
     #: of its inputs, ulp_min: the dtype's smallest subnormal): how far values in the subnormal
     #: range, resolved only to ulp_min, can move the output (:func:`underflow_error`).
     underflow_error: float = 0.0
+    #: tensors the traced graph reads that are not the model's parameters or buffers (a tensor
+    #: held in a list, captured by fx as a constant): a cache of the bound must watch them too.
+    constants: tuple[Tensor, ...] = ()
 
 
 class _LeafTracer(Tracer):
@@ -915,6 +919,14 @@ def _check_trace(model: nn.Module, x: Tensor, traced: Any) -> None:
         )
 
 
+def _captured_constants(gm: GraphModule, model: nn.Module) -> tuple[Tensor, ...]:
+    """The tensors the graph reads (get_attr) that are not ``model``'s parameters or buffers."""
+    own = {id(t) for t in (*model.parameters(), *model.buffers())}
+    targets = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+    read = [functools.reduce(getattr, target.split("."), gm) for target in targets]
+    return tuple(t for t in read if isinstance(t, Tensor) and id(t) not in own)
+
+
 def _check_finite_parameters(model: nn.Module) -> None:
     """NaN or inf weights have no bound (a rule's SVD would fail, a max() would read NaN as 1)."""
     for name, parameter in model.named_parameters():
@@ -957,7 +969,8 @@ def graph_bound(model: nn.Module, input_shape: tuple[int, ...], norm: str = "l2"
             if node in needed and node.op != "placeholder":
                 records.append(_record(ctx, node, step))
     zero_scale = zero_input_scale(ctx, torch.zeros_like(x), result)
-    return _summary(ctx, result, tuple(records), zero_scale, underflow_error(ctx, result))
+    bounds = _summary(ctx, result, tuple(records), zero_scale, underflow_error(ctx, result))
+    return replace(bounds, constants=_captured_constants(gm, model))
 
 
 def _record(ctx: _Context, node: Node, step: Step) -> NodeBound:
