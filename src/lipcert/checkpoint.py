@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,18 +61,26 @@ def unflatten(skeleton: Any, tensors: dict[str, Tensor]) -> Any:
     return skeleton
 
 
-def atomic_save(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
-    """Write a safetensors file atomically: readers see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for the block to write; then synced and renamed over
+    ``path`` (readers see the old file or the new one, never half), or removed on an error."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_save(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
+    """Write a safetensors file atomically (:func:`atomic_path`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def write_checkpoint(

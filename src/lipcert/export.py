@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lipcert.checkpoint import atomic_path
 from lipcert.modes import eval_mode
 from lipcert.nn.constraint import LipschitzLayer
 
@@ -68,8 +69,7 @@ def write_onnx(plain: nn.Module, path: Path, input_shape: tuple[int, ...]) -> No
     example = torch.zeros((2, *input_shape), dtype=param.dtype if param is not None else None)
     if path.is_dir():
         raise IsADirectoryError(f"the ONNX path {path} is a directory: give a file name")
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.onnx.export(
             plain,
             (example,),
@@ -79,6 +79,3 @@ def write_onnx(plain: nn.Module, path: Path, input_shape: tuple[int, ...]) -> No
             dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
             dynamo=False,
         )
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)

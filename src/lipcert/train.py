@@ -25,6 +25,7 @@ from lipcert import losses
 from lipcert.certify import certified_accuracy, certify_batched, predict
 from lipcert.checkpoint import (
     CheckpointError,
+    atomic_path,
     load_into,
     read_checkpoint,
     unflatten,
@@ -278,11 +279,8 @@ def _restore(ckpt: Path, model, optimizer, scheduler, loss_fn) -> tuple[int, lis
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it: a crash leaves the old
-    file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:

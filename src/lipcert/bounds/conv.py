@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lipcert.bounds.operator import gram_spectral_bound, rounding_safety
+from lipcert.bounds.operator import gram_spectral_bound, power_of_two_scale, rounding_safety
 
 #: Default relative slack of the grid step: 1 / (1 - s^2 / 2) <= 1.02, a 32 x 17 half-spectrum for
 #: a 3 x 3 kernel (tightness and cost: "Measured" in the module docstring).
@@ -201,10 +201,7 @@ def conv2d_operator_bound(
     kernel = polyphase_kernel(kernel, to_pair("stride", stride))  # (c_out, c_in*s1*s2, bh, bw)
     kernel_size = tuple(kernel.shape[-2:])
     grid = grid_size(kernel_size, grid_slack)
-    # The bound is homogeneous: divide by a power of two bringing the largest entry into [1, 2)
-    # (exact), so that no norm over- or underflows (kernels ~1e20 got an infinite bound).
-    peak = kernel.detach().abs().amax()
-    power = torch.ldexp(torch.ones_like(peak), torch.frexp(peak).exponent - 1)
+    power = power_of_two_scale(kernel)  # the bound is homogeneous (kernels ~1e20 gave inf)
     kernel = kernel / power
     with torch.autocast(kernel.device.type, enabled=False):  # rounding is analysed in its dtype
         twiddles = grid_twiddles(kernel_size, grid, kernel)

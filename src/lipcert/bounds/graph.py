@@ -48,7 +48,7 @@ import functools
 import math
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
@@ -968,9 +968,12 @@ def graph_bound(model: nn.Module, input_shape: tuple[int, ...], norm: str = "l2"
             ctx.bounds[node] = step.bound
             if node in needed and node.op != "placeholder":
                 records.append(_record(ctx, node, step))
-    zero_scale = zero_input_scale(ctx, torch.zeros_like(x), result)
-    bounds = _summary(ctx, result, tuple(records), zero_scale, underflow_error(ctx, result))
-    return replace(bounds, constants=_captured_constants(gm, model))
+    rounding_terms = (
+        zero_input_scale(ctx, torch.zeros_like(x), result),
+        underflow_error(ctx, result),
+        _captured_constants(gm, model),
+    )
+    return _summary(ctx, result, tuple(records), rounding_terms)
 
 
 def _record(ctx: _Context, node: Node, step: Step) -> NodeBound:
@@ -988,15 +991,16 @@ def _record(ctx: _Context, node: Node, step: Step) -> NodeBound:
 
 
 def _summary(
-    ctx: _Context, result: Any, records: tuple[NodeBound, ...], zero_scale: float, underflow: float
+    ctx: _Context, result: Any, records: tuple[NodeBound, ...], rounding_terms: tuple
 ) -> GraphBound:
+    """The GraphBound; ``rounding_terms``: its zero_input_scale, underflow_error, constants."""
     bound = ctx.bound(result)
     if result.op == "call_module":
         module = ctx.gm.get_submodule(result.target)
         source = result.args[0]
         if isinstance(module, nn.Linear) and ctx.is_dependent(source):
-            return GraphBound(bound, records, module, ctx.bound(source), zero_scale, underflow)
-    return GraphBound(bound, records, None, None, zero_scale, underflow)
+            return GraphBound(bound, records, module, ctx.bound(source), *rounding_terms)
+    return GraphBound(bound, records, None, None, *rounding_terms)
 
 
 def _entries(shape: Any) -> int:
@@ -1004,6 +1008,13 @@ def _entries(shape: Any) -> int:
     if isinstance(shape, list):
         return sum(math.prod(piece) for piece in shape)
     return math.prod(shape) if isinstance(shape, tuple) else 0
+
+
+def _carried(ctx: _Context, node: Node, bound: float) -> float:
+    """L / L_n: how much of ``node``'s output reaches the output (see :func:`zero_input_scale`);
+    inf when L_n = 0 (the share cannot be bounded)."""
+    prefix = ctx.bounds[node]
+    return bound / prefix if prefix > 0 else math.inf
 
 
 def underflow_error(ctx: _Context, output: Any) -> float:
@@ -1015,17 +1026,20 @@ def underflow_error(ctx: _Context, output: Any) -> float:
     whose outputs later layers scale back up by 1e43 was certified at 0.0097 and broken at
     0.0055 without it. inf when an operation with L_n = 0 is followed by a nonzero bound."""
     bound, total = ctx.bound(output), 0.0
+    if bound == 0:
+        return total
     for node in ctx.gm.graph.nodes:
         dtype = ctx.dtypes.get(node)
         if node.op in ("placeholder", "output") or not ctx.is_dependent(node) or dtype is None:
             continue
-        if not dtype.is_floating_point or bound == 0:
+        if not dtype.is_floating_point:
             continue
         inputs = sum(_entries(ctx.shapes[a]) for a in node.all_input_nodes if ctx.is_dependent(a))
         roundings = _entries(ctx.shapes[node]) * max(1, inputs)
+        if roundings == 0:  # an empty tensor rounds nothing
+            continue
         ulp = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # the smallest subnormal
-        prefix = ctx.bounds[node]
-        total += roundings * ulp * bound / prefix if prefix > 0 else math.inf
+        total += roundings * ulp * _carried(ctx, node, bound)
     return total
 
 
@@ -1069,6 +1083,5 @@ def zero_input_scale(ctx: _Context, zero: Tensor, output: Any) -> float:
     for node, size in magnitudes.magnitudes.items():
         if node.op in ("placeholder", "output") or not ctx.is_dependent(node) or size == 0:
             continue
-        prefix = ctx.bounds[node]
-        largest = max(largest, size * bound / prefix if prefix > 0 else math.inf)
+        largest = max(largest, size * _carried(ctx, node, bound))
     return largest if math.isfinite(largest) else math.inf

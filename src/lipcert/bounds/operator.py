@@ -26,6 +26,15 @@ def rounding_safety(dtype: torch.dtype, inner_dim: int) -> float:
     return 1.0 + max(4 * inner_dim, 64) * unit_roundoff
 
 
+def power_of_two_scale(tensor: Tensor, dim: tuple[int, ...] | None = None) -> Tensor:
+    """The power of two 2^e <= max |entry| < 2^(e+1) (over ``dim``, or all entries), no gradient:
+    dividing by it is exact and brings the largest entry into [1, 2), so that norms computed
+    afterwards neither under- nor overflow (a bound homogeneous in the tensor is then multiplied
+    back by it)."""
+    peak = tensor.detach().abs().amax(dim=dim) if dim else tensor.detach().abs().amax()
+    return torch.ldexp(torch.ones_like(peak), torch.frexp(peak).exponent - 1)
+
+
 def _frobenius(matrix: Tensor) -> Tensor:
     """Frobenius norm over the last two dims; complex through the real view (CPU: ~40x faster)."""
     if matrix.is_complex():
@@ -46,17 +55,16 @@ def gram_spectral_bound(matrix: Tensor, n_iter: int = DEFAULT_GRAM_ITERATIONS) -
 
     Gram iteration (Delattre et al., ICML 2023, Alg. 1): G_0 = W, G_{t+1} = G_t^H G_t, and
     sigma_1(W) = sigma_1(G_t)^(1/2^t) <= ||G_t||_F^(1/2^t). Each G_t is rescaled to unit Frobenius
-    norm and the scale kept in log space, so nothing overflows. The matrix is first divided by a
-    power of two that brings its largest entry into [1, 2) (exact), so that its Frobenius norm
-    neither underflows nor overflows (weights ~1e-36 gave a bound 1.2e-6 below the norm).
+    norm and the scale kept in log space, so nothing overflows. The matrix is first divided by
+    :func:`power_of_two_scale` (exact), so that its Frobenius norm neither underflows nor
+    overflows (weights ~1e-36 gave a bound 1.2e-6 below the norm).
     Computed in the dtype of ``matrix`` and multiplied by :func:`rounding_safety` for it.
     """
     if matrix.dim() < 2:
         raise ValueError(f"gram_spectral_bound expects a matrix, got shape {tuple(matrix.shape)}")
     if matrix.shape[-2] < matrix.shape[-1]:  # iterate on the smaller Gram matrix
         matrix = matrix.mH
-    peak = matrix.detach().abs().amax(dim=(-2, -1))
-    power = torch.ldexp(torch.ones_like(peak), torch.frexp(peak).exponent - 1)  # 2^e <= peak
+    power = power_of_two_scale(matrix, dim=(-2, -1))
     log_scale = torch.zeros(matrix.shape[:-2], dtype=matrix.real.dtype, device=matrix.device)
     gram = _divide(matrix, power)
     for _ in range(n_iter):
