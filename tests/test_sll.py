@@ -14,10 +14,11 @@ from test_aol import EXPORT_TOL, SVD_SLACK, assert_one_lipschitz_and_bounded
 from torch import nn
 
 from lipcert.bounds.network import lipschitz_upper_bound
+from lipcert.certify import certify
 from lipcert.export import export
 from lipcert.nn.aol import ROW_SUM_MARGIN, correlation_row_sums
-from lipcert.nn.residual import Residual
-from lipcert.nn.sll import SLLConv2d, SLLLinear, q_weights, residual_bound
+from lipcert.nn.residual import Residual, residual_bound, sll_form
+from lipcert.nn.sll import SLLConv2d, SLLLinear, q_weights
 
 
 def randomize(layer: nn.Module, scale: float, seed: int) -> nn.Module:
@@ -160,6 +161,111 @@ def test_export_state_dict_and_eval_cache(layer, input_shape):
 
 
 @pytest.mark.parametrize(
+    ("layer", "input_shape"),
+    [
+        (SLLLinear(6, 9), (6,)),
+        (SLLConv2d(3, 5, 3), (3, 6, 5)),
+        (SLLConv2d(2, 4, 5, bias=False), (2, 5, 7)),
+    ],
+)
+def test_the_exported_layer_is_still_bounded_by_one(layer, input_shape):
+    """The exported Residual(inner, ReLU, -B^T) is recognized as an SLL layer: its bound is SLL's
+    (1), not the triangle inequality's 1 + ||B|| ||A|| (about 2), with q spread out (the Schur
+    weights are recovered from the weights alone)."""
+    randomize(layer, 3.0, seed=7).eval()
+    plain = export(layer)
+    assert sll_form(plain)
+    assert lipschitz_upper_bound(plain, input_shape) <= 1 + LIPSCHITZ_TOL  # traced graph
+    assert lipschitz_upper_bound(plain) <= 1 + LIPSCHITZ_TOL  # module rule
+    assert max_jacobian_norm(copy.deepcopy(plain), input_shape) <= 1 + LIPSCHITZ_TOL
+
+
+def _residual_of(inner: nn.Module, outer: nn.Module, seed: int, scale: float) -> nn.Module:
+    """Residual(inner, ReLU, outer) with random weights and biases that keep most units on."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in (inner.weight, outer.weight):
+            param.copy_(scale * torch.randn(param.shape, generator=gen))
+        inner.bias.copy_(3 + torch.randn(inner.bias.shape, generator=gen))
+    return Residual(nn.Sequential(inner, nn.ReLU(), outer)).double()
+
+
+SLL_SHAPED = [
+    (lambda: nn.Linear(4, 5), lambda: nn.Linear(5, 4, bias=False), (4,)),
+    (
+        lambda: nn.Conv2d(2, 3, 3, padding=1),
+        lambda: nn.ConvTranspose2d(3, 2, 3, padding=1, bias=False),
+        (2, 5, 4),
+    ),
+]
+
+
+@pytest.mark.parametrize(("inner", "outer", "input_shape"), SLL_SHAPED)
+@pytest.mark.parametrize("scale", [0.3, 3.0])
+@pytest.mark.parametrize("seed", range(3))
+def test_any_weights_in_the_exported_form_are_bounded_soundly(
+    inner, outer, input_shape, scale, seed
+):
+    """Weights that are no SLL layer (outer not C K, scales of either sign): the recovered
+    scales and weights only make the bound tight or loose, never below the Jacobian."""
+    plain = _residual_of(inner(), outer(), seed, scale)
+    assert sll_form(plain)
+    bound = lipschitz_upper_bound(plain, input_shape)
+    assert max_jacobian_norm(plain, input_shape, n_points=5) <= bound + SVD_SLACK
+
+
+@pytest.mark.parametrize(
+    ("branch", "input_shape"),
+    [
+        (lambda: [nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 4)], (4,)),  # outer bias
+        (lambda: [nn.Linear(4, 5), nn.LeakyReLU(0.5), nn.Linear(5, 4, bias=False)], (4,)),
+        (
+            lambda: [
+                nn.Conv2d(2, 3, 3, padding=1, stride=2),
+                nn.ReLU(),
+                nn.ConvTranspose2d(3, 2, 3, padding=1, stride=2, output_padding=1, bias=False),
+            ],
+            (2, 6, 6),
+        ),
+        (
+            lambda: [
+                nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"),
+                nn.ReLU(),
+                nn.ConvTranspose2d(3, 2, 3, padding=1, bias=False),
+            ],
+            (2, 5, 5),
+        ),
+    ],
+)
+def test_other_residuals_are_traced_through(branch, input_shape):
+    plain = Residual(nn.Sequential(*branch())).double()
+    assert not sll_form(plain)
+    bound = lipschitz_upper_bound(plain, input_shape)
+    assert max_jacobian_norm(plain, input_shape) <= bound + SVD_SLACK
+
+
+def test_a_hook_on_the_exported_layer_falls_back_to_tracing():
+    plain = export(randomize(SLLLinear(4, 6), 1.0, seed=8).eval())
+    plain.branch[2].register_forward_hook(lambda module, args, out: 10 * out)
+    assert not sll_form(plain)
+
+
+def test_certify_gives_the_exported_model_the_radii_of_the_original():
+    torch.manual_seed(9)
+    model = nn.Sequential(
+        SLLConv2d(2, 4, 3), SLLConv2d(2, 6, 3), nn.Flatten(), nn.Linear(2 * 5 * 5, 3)
+    )
+    for layer in model[:2]:
+        randomize(layer, 1.0, seed=10)
+    model.eval()
+    x = torch.randn(64, 2, 5, 5)
+    y = model(x).argmax(dim=1)
+    original = certify(model, x, y)
+    exported = certify(export(model), x, y)
+    torch.testing.assert_close(exported, original, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize(
     ("layer", "input_shape"), [(SLLLinear(6, 12), (6,)), (SLLConv2d(3, 5, 3), (3, 6, 6))]
 )
 def test_a_data_write_keeps_forward_and_bound_consistent(layer, input_shape):
@@ -203,7 +309,7 @@ def test_network_bounds_compose():
     torch.manual_seed(0)
     model = nn.Sequential(SLLConv2d(3, 6, 3), SLLConv2d(3, 4, 3), nn.Flatten(), SLLLinear(48, 16))
     assert lipschitz_upper_bound(model, input_shape=(3, 4, 4)) <= 1 + LIPSCHITZ_TOL
-    plain = export(SLLLinear(5, 7))
+    plain = Residual(nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 5)))  # outer bias
     branch = lipschitz_upper_bound(plain.branch)
     bound = lipschitz_upper_bound(plain, input_shape=(5,))  # generic: sound, loose
     assert 1 + branch <= bound <= math.nextafter(1 + branch, math.inf)  # the sum rounded up

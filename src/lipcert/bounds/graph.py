@@ -2,10 +2,12 @@
 
 The model is traced with ``torch.fx``, keeping lipcert layers and every module with a bound rule
 (:mod:`lipcert.bounds.network`, :mod:`lipcert.bounds.rules`) whole; ``nn.Sequential`` and lipcert's
-``Residual`` are traced through, so their children are bounded at their own input shapes. One
-forward of a random input of ``input_shape`` records every node's shape. Then every node the output
-depends on gets L(node), a sound bound of the Lipschitz constant (per sample, in the chosen norm)
-of the map from the model's input to that node's value, in graph order:
+``Residual`` are traced through, so their children are bounded at their own input shapes (a
+``Residual`` in the form an exported SLL layer takes stays whole in l2, bounded by SLL's own
+rule: :func:`lipcert.nn.residual.sll_form`). One forward of a random input of ``input_shape``
+records every node's shape. Then every node the output depends on gets L(node), a sound bound of
+the Lipschitz constant (per sample, in the chosen norm) of the map from the model's input to that
+node's value, in graph order:
 
 * the input: 1; values that do not depend on the input (parameters, constants, shapes): 0;
 * a module or function of one input-dependent tensor: its own bound times L(input), since
@@ -74,7 +76,7 @@ from lipcert.bounds.network import (
 from lipcert.bounds.padded_conv import conv_geometry
 from lipcert.bounds.rules import conv_bound, pad_factor
 from lipcert.nn.constraint import LipschitzLayer
-from lipcert.nn.residual import Residual
+from lipcert.nn.residual import Residual, sll_form
 
 #: Containers traced through rather than bounded by their own rule: the trace then bounds their
 #: children at their own input shapes (a convolution inside gets its size-aware bound).
@@ -134,18 +136,24 @@ class GraphBound:
 
 
 class _LeafTracer(Tracer):
-    """Keeps lipcert layers and modules with a bound rule whole (not the traced containers)."""
+    """Keeps lipcert layers and modules with a bound rule whole (not the traced containers,
+    except a residual in the form an SLL layer exports, whose own l2 bound is the tighter)."""
+
+    def __init__(self, norm: str) -> None:
+        super().__init__()
+        self.norm = norm
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, TRACED_CONTAINERS) and not isinstance(m, LipschitzLayer):
-            return False
+            return self.norm == "l2" and sll_form(m)
         return has_bound_rule(m) or super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(model: nn.Module) -> GraphModule:
-    """``model`` as a torch.fx graph with bounded modules as leaves; TypeError if untraceable.
-    ``model`` is not changed (fx would add an attribute for each tensor constant)."""
-    tracer = _LeafTracer()
+def trace(model: nn.Module, norm: str = "l2") -> GraphModule:
+    """``model`` as a torch.fx graph with bounded modules as leaves (for bounds in ``norm``);
+    TypeError if untraceable. ``model`` is not changed (fx would add an attribute for each tensor
+    constant)."""
+    tracer = _LeafTracer(norm)
     root = nn.Sequential(model) if tracer.is_leaf_module(model, "") else model
     attributes = set(vars(root))
     try:
@@ -945,7 +953,7 @@ def graph_bound(model: nn.Module, input_shape: tuple[int, ...], norm: str = "l2"
     name = type(model).__name__
     _check_no_hooks(model)
     _check_finite_parameters(model)
-    gm = trace(model)
+    gm = trace(model, norm)
     _check_single_input(gm, name)
     check_in_place(gm, _describe)  # before running anything: no write to the model's tensors
     probe = _Probe(gm, tuple(input_shape), name)

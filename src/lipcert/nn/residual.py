@@ -1,10 +1,30 @@
-"""A stateless residual container, x -> x + branch(x), and its Lipschitz bound rule."""
+"""A stateless residual container, x -> x + branch(x), and its Lipschitz bound rule.
+
+The rule is the triangle inequality, 1 + L(branch), except for the form SLL layers export
+(:meth:`lipcert.nn.SLLLinear.export`): x + W_o relu(A x + b) with A a Linear or a stride-1 'same'
+Conv2d and W_o = -B^T its adjoint geometry (a bias-free Linear or ConvTranspose2d), i.e.
+x - B^T relu(A x + b). Its bound is :func:`residual_bound` (Araujo et al. 2023, Thm. 3, checked
+a posteriori in float64), with the scales and Schur weights recovered from the weights
+(:func:`sll_form_bound`): any positive ones give a sound bound, the recovered ones a tight one
+(1 for an exported SLL layer, where 1 + L(branch) gives about 2).
+"""
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor, nn
 
-from lipcert.bounds.network import module_bound, register_bound_rule
+from lipcert.bounds.network import distrust_reason, module_bound, register_bound_rule
+from lipcert.bounds.operator import rounding_safety
+from lipcert.nn.aol import abs_correlation_sums, as_kernel, sound_row_sums
+
+#: Unit roundoff of float64, used to enclose the few elementwise operations of the bound.
+_U64 = torch.finfo(torch.float64).eps / 2
+_TINY = torch.finfo(torch.float64).tiny
+#: Power steps refining the Schur weights of an exported SLL layer (:func:`_perron_weights`).
+PERRON_STEPS = 50
 
 
 class Residual(nn.Module):
@@ -20,5 +40,121 @@ class Residual(nn.Module):
 
 @register_bound_rule(Residual)
 def _residual(module: nn.Module, norm: str) -> float:
-    """L(x + g(x)) <= 1 + L(g) in any norm (triangle inequality)."""
+    """L(x + g(x)) <= 1 + L(g) in any norm (triangle inequality); in l2, an SLL form's own bound."""
+    if norm == "l2" and sll_form(module):
+        return sll_form_bound(module)
     return 1.0 + module_bound(module.branch, norm)
+
+
+def _fold_error(kernel: Tensor, outer: Tensor, scales: Tensor) -> Tensor:
+    """Elementwise upper bound of |B - C K| (float64): the rounding of the fold B = fl(C K)."""
+    product = kernel * scales.view(-1, 1, 1, 1)  # exact for float32 inputs, else within u64
+    return ((outer - product).abs() + 2 * _U64 * product.abs()) * (1 + 4 * _U64)
+
+
+def residual_bound(kernel: Tensor, outer: Tensor, scales: Tensor, weights: Tensor) -> float:
+    """Sound bound (float64) of Lip(x -> x - B^T relu(A x + b)), A = conv(K), B = conv(outer).
+
+    With C = diag(scales), E = B - C A (float rounding of the fold) and z = L A (x - y),
+    L the ReLU slopes in [0, 1], one has <C A(x-y), z> >= z^T C z, hence
+    ||h(x) - h(y)||^2 <= ||x-y||^2 - z^T (2C - B B^T) z + 2 <E (x-y), z>.
+    Gershgorin on Q^-1 (2C - B B^T) Q with Q = diag(weights / scales) gives 2C - B B^T >= S,
+    S = diag(slack). For any S' > 0, N = (S' - S)_+, maximizing over z:
+    Lip^2 <= 1 + max(N) ||A||^2 + ||S'^-1/2 E||^2 (norms by the Schur test). Per unit,
+    S'_i = max(S_i, ||E_i|| / ||A||) (the minimizer of (s - S_i) ||A||^2 + ||E_i||^2 / s): N = 0
+    when the forward's slack survived rounding, and the excess is then second order in E.
+    """
+    k, b, c, q = (t.detach().to("cpu", torch.float64) for t in (kernel, outer, scales, weights))
+    if not all(torch.isfinite(t).all() for t in (k, b, c, q)) or (c <= 0).any():
+        return math.inf
+    fold_error = _fold_error(k, b, c)
+    rows = sound_row_sums(b.transpose(0, 1), q / c)  # rows of |B B^T|, weighted
+    slack = 2 * c - rows - 2 * _U64 * (2 * c + rows)  # a lower bound of 2 c - rows
+    norm_a2 = float(sound_row_sums(k).max())  # >= ||A||^2
+    tiny = torch.finfo(torch.float64).tiny
+    balance = fold_error.flatten(1).norm(dim=1) / math.sqrt(max(norm_a2, tiny))
+    chosen = torch.maximum(slack, balance + tiny)  # S', positive
+    deficit = (chosen - slack).clamp_min(0) * (1 + 2 * _U64)  # N
+    scaled_error = fold_error / chosen.sqrt().view(-1, 1, 1, 1) * (1 + 8 * _U64)  # S'^-1/2 E
+    excess = float(deficit.max()) * norm_a2 + float(sound_row_sums(scaled_error).max())
+    safety = rounding_safety(torch.float64, 2)
+    return 1.0 if excess == 0 else math.sqrt(1 + excess * safety) * safety
+
+
+#: (inner, outer) module types of the SLL form: the outer one computes the inner one's adjoint.
+_SLL_PAIRS = ((nn.Linear, nn.Linear), (nn.Conv2d, nn.ConvTranspose2d))
+
+
+def sll_form(module: nn.Module) -> bool:
+    """Whether ``module`` is a :class:`Residual` computing x - B^T relu(A x + b), A a Linear or a
+    Conv2d and B^T its adjoint geometry, written as SLL layers export it: the branch is exactly
+    [inner, ReLU, bias-free outer] with the outer's weight -B, and no hook or override changes
+    what these modules compute. Reads no tensor (it runs while torch.fx traces)."""
+    if type(module) is not Residual or type(module.branch) is not nn.Sequential:
+        return False
+    parts = list(module.branch)
+    if len(parts) != 3 or type(parts[1]) is not nn.ReLU:
+        return False
+    inner, outer = parts[0], parts[2]
+    if (type(inner), type(outer)) not in _SLL_PAIRS or outer.bias is not None:
+        return False
+    if any(distrust_reason(m) is not None for m in (module, module.branch, *parts)):
+        return False
+    if isinstance(inner, nn.Linear):
+        return (inner.in_features, inner.out_features) == (outer.out_features, outer.in_features)
+    return _adjoint_convolutions(inner, outer)
+
+
+def _adjoint_convolutions(conv: nn.Conv2d, transposed: nn.ConvTranspose2d) -> bool:
+    """Whether ``transposed`` is the adjoint geometry of ``conv``, both stride 1 with zero 'same'
+    padding of an odd kernel (the output keeps the input's size)."""
+    same = tuple(k // 2 for k in conv.kernel_size)
+    plain = (
+        m.stride == (1, 1) and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"
+        for m in (conv, transposed)
+    )
+    return (
+        all(plain)
+        and all(k % 2 == 1 for k in conv.kernel_size)
+        and conv.kernel_size == transposed.kernel_size
+        and tuple(conv.padding) == same == tuple(transposed.padding)
+        and transposed.output_padding == (0, 0)
+        and (conv.in_channels, conv.out_channels)
+        == (transposed.out_channels, transposed.in_channels)
+    )
+
+
+def sll_form_bound(module: Residual) -> float:
+    """:func:`residual_bound` of a residual of :func:`sll_form`, from its weights: K the inner
+    weight, B minus the outer one (float64, as kernels), c_i = <B_i, K_i> / <K_i, K_i> (the fold
+    B = C K fitted per unit, where positive; the bound charges what the fit misses), q = c w with
+    w the Perron vector of diag(2c)^-1 |B B^T|, the Schur weights that make the Gershgorin test
+    tightest (Collatz-Wielandt). Any positive c and q give a sound bound."""
+    inner, _, outer = module.branch
+    outer_weight = -outer.weight.T if isinstance(outer, nn.Linear) else -outer.weight
+    kernel, folded = (
+        as_kernel(w.detach()).to("cpu", torch.float64) for w in (inner.weight, outer_weight)
+    )
+    squares = kernel.flatten(1).pow(2).sum(dim=1)
+    fitted = (folded * kernel).flatten(1).sum(dim=1) / squares.clamp_min(_TINY)
+    usable = (squares > 0) & (fitted > 0)
+    fallback = float(fitted[usable].max()) if bool(usable.any()) else 1.0
+    scales = torch.where(usable, fitted, fallback)
+    return residual_bound(kernel, folded, scales, scales * _perron_weights(folded, scales))
+
+
+def _perron_weights(outer: Tensor, scales: Tensor) -> Tensor:
+    """Positive w with diag(2c)^-1 |B B^T| w ~ rho w: the weights minimizing the largest weighted
+    Gershgorin row sum. diag(2c)^-1 P (P = |B B^T| summed over offsets, symmetric) is similar to
+    the symmetric S = diag(2c)^-1/2 P diag(2c)^-1/2, so w = diag(2c)^-1/2 v with v the top
+    eigenvector of S; a few power steps from there (on positive entries) settle the units the
+    eigenvector leaves near zero. Any positive w keeps :func:`residual_bound` sound."""
+    gram = abs_correlation_sums(outer.transpose(0, 1))
+    root = (2 * scales).rsqrt()
+    top = torch.linalg.eigh(gram * root[:, None] * root)[1][:, -1].abs()
+    w = root * (top + 1e-3 * top.max() + _TINY)
+    step = gram / (2 * scales[:, None])
+    for _ in range(PERRON_STEPS):
+        w = step @ w + w * 1e-6  # the shift keeps w positive where a row of the Gram is zero
+        w = w / w.max()
+    return w

@@ -15,7 +15,7 @@ The forward folds 2 T^-1 into the outer weight: B = C K with C = diag(c), c_i = 
 t'_i = (1 + margin) t_i + eps (:func:`lipcert.nn.aol.margin_row_sums`): eps gives an all-zero unit
 a finite c_i, the margin absorbs float rounding of t. Both only enlarge T, and
 T' >= T >= W^T W keeps the argument above intact. :func:`residual_bound` then checks the float
-weights actually used, in float64.
+weights actually used, in float64 (:func:`lipcert.nn.residual.residual_bound`).
 """
 
 from __future__ import annotations
@@ -27,20 +27,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from lipcert.bounds.operator import rounding_safety
-from lipcert.nn.aol import as_kernel, margin_row_sums, sound_row_sums
+from lipcert.nn.aol import as_kernel, margin_row_sums
 from lipcert.nn.constrained import _check_positive, check_input_shape
 from lipcert.nn.constraint import EvalCache, LipschitzLayer
-from lipcert.nn.residual import Residual
+from lipcert.nn.residual import Residual, residual_bound
 from lipcert.precision import ieee_float32
 
 #: Range of log q kept below its maximum: q_j / q_i stays within e^(+-20), so T and its gradients
 #: stay finite in float32 (with kernels up to ~1e3). A unit clamped at the bottom has a t_i about
 #: e^20 times its Gershgorin sum, i.e. it is silenced; any positive q keeps Thm. 3 valid.
 LOG_Q_RANGE = 20.0
-
-#: Unit roundoff of float64, used to enclose the few elementwise operations of the bound.
-_U64 = torch.finfo(torch.float64).eps / 2
 
 
 def q_weights(log_q: Tensor) -> Tensor:
@@ -51,41 +47,6 @@ def q_weights(log_q: Tensor) -> Tensor:
 def sll_scales(kernel: Tensor, log_q: Tensor) -> Tensor:
     """c_i = 2 / t'_i for ``kernel`` K = W^T of shape (inner, features, kh, kw) (Thm. 3)."""
     return 2 / margin_row_sums(kernel.transpose(0, 1), q_weights(log_q))  # rows of W^T W
-
-
-def _fold_error(kernel: Tensor, outer: Tensor, scales: Tensor) -> Tensor:
-    """Elementwise upper bound of |B - C K| (float64): the rounding of the fold B = fl(C K)."""
-    product = kernel * scales.view(-1, 1, 1, 1)  # exact for float32 inputs, else within u64
-    return ((outer - product).abs() + 2 * _U64 * product.abs()) * (1 + 4 * _U64)
-
-
-def residual_bound(kernel: Tensor, outer: Tensor, scales: Tensor, weights: Tensor) -> float:
-    """Sound bound (float64) of Lip(x -> x - B^T relu(A x + b)), A = conv(K), B = conv(outer).
-
-    With C = diag(scales), E = B - C A (float rounding of the fold) and z = L A (x - y),
-    L the ReLU slopes in [0, 1], one has <C A(x-y), z> >= z^T C z, hence
-    ||h(x) - h(y)||^2 <= ||x-y||^2 - z^T (2C - B B^T) z + 2 <E (x-y), z>.
-    Gershgorin on Q^-1 (2C - B B^T) Q with Q = diag(weights / scales) gives 2C - B B^T >= S,
-    S = diag(slack). For any S' > 0, N = (S' - S)_+, maximizing over z:
-    Lip^2 <= 1 + max(N) ||A||^2 + ||S'^-1/2 E||^2 (norms by the Schur test). Per unit,
-    S'_i = max(S_i, ||E_i|| / ||A||) (the minimizer of (s - S_i) ||A||^2 + ||E_i||^2 / s): N = 0
-    when the forward's slack survived rounding, and the excess is then second order in E.
-    """
-    k, b, c, q = (t.detach().to("cpu", torch.float64) for t in (kernel, outer, scales, weights))
-    if not all(torch.isfinite(t).all() for t in (k, b, c, q)) or (c <= 0).any():
-        return math.inf
-    fold_error = _fold_error(k, b, c)
-    rows = sound_row_sums(b.transpose(0, 1), q / c)  # rows of |B B^T|, weighted
-    slack = 2 * c - rows - 2 * _U64 * (2 * c + rows)  # a lower bound of 2 c - rows
-    norm_a2 = float(sound_row_sums(k).max())  # >= ||A||^2
-    tiny = torch.finfo(torch.float64).tiny
-    balance = fold_error.flatten(1).norm(dim=1) / math.sqrt(max(norm_a2, tiny))
-    chosen = torch.maximum(slack, balance + tiny)  # S', positive
-    deficit = (chosen - slack).clamp_min(0) * (1 + 2 * _U64)  # N
-    scaled_error = fold_error / chosen.sqrt().view(-1, 1, 1, 1) * (1 + 8 * _U64)  # S'^-1/2 E
-    excess = float(deficit.max()) * norm_a2 + float(sound_row_sums(scaled_error).max())
-    safety = rounding_safety(torch.float64, 2)
-    return 1.0 if excess == 0 else math.sqrt(1 + excess * safety) * safety
 
 
 class _SLL(LipschitzLayer, nn.Module):
