@@ -56,6 +56,16 @@ def test_attack_breaks_no_certified_point(checkpoint, capsys, device):
     assert certified and int(certified[1]) >= 10
 
 
+def test_attack_tightness_prints_the_distribution_and_breaks_nothing(checkpoint, capsys):
+    argv = ["attack", checkpoint, "--eps", "0.1", "--steps", "10", "--restarts", "1"]
+    assert main([*argv, "--limit", "40", "--tightness"]) == 0
+    line = re.search(
+        r"tightness \(l2.*?over (\d+) of (\d+).*?: 0% ([\d.]+).*?broken: 0 of",
+        capsys.readouterr().out,
+    )
+    assert line and int(line[2]) >= 10 and int(line[1]) >= 1 and float(line[3]) >= 1
+
+
 def test_eps_default_to_the_runs_config(checkpoint, capsys):
     assert main(["certify", checkpoint, "--json"]) == 0  # the tiny config certifies at 0.1
     assert list(json.loads(capsys.readouterr().out.splitlines()[-1])["accuracy"]) == ["0.0", "0.1"]
