@@ -291,7 +291,7 @@ def input_norm_bound(x: Tensor) -> Tensor:
     it. Cheaper than converting x to float64."""
     flat = x.detach().flatten(1)
     slack = 1 + (flat.shape[1] + 2) * torch.finfo(flat.dtype).eps
-    return flat.norm(dim=1).double() * slack
+    return torch.linalg.vector_norm(flat, dim=1).double() * slack
 
 
 def _pair_bounds(summary: LipschitzSummary, num_logits: int, device) -> Tensor:

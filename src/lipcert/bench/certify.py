@@ -3,8 +3,11 @@
 Times, on the checkpoint's test split in batches of ``eval_batch_size``: one eval pass (model
 forward, no grad), ``certify_batched`` on a cold cache (the sound bound computed once, then one
 forward per batch) and on a warm cache (bound reused). The target: certification of the test set
-<= 1.1x one eval pass, the bound computed once. Median of ``repeats`` rounds, each round timing
-the three back to back (the cold cache is cleared before its run).
+<= 1.1x one eval pass, the bound computed once. The cold pass: median of ``repeats`` runs, each
+after clearing the cache. The warm pass and the eval pass: ``pairs`` rounds of both, their order
+alternating from round to round (whichever runs second finds the caches the first one left), after
+one untimed run of each; the ratio is that of the medians, with the quartiles of the per-round
+ratios as the spread the machine's noise gives it.
 """
 
 from __future__ import annotations
@@ -33,27 +36,43 @@ def _seconds(fn) -> float:
     return time.perf_counter() - started
 
 
-def measure(checkpoint: str, repeats: int = 3, data_dir: str | None = None) -> dict:
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return q1, q3
+
+
+def measure(checkpoint: str, repeats: int = 3, pairs: int = 9, data_dir: str | None = None) -> dict:
     model, config, data = load_run(checkpoint, data_dir)
     x, y, norm, batch = data.test.x, data.test.y, config.certify.norm, config.data.eval_batch_size
-    rounds = []
+    cold = []
     for _ in range(repeats):
         clear_summary_cache(model)
-        cold = _seconds(lambda: certify_batched(model, x, y, norm, batch))
-        warm = _seconds(lambda: certify_batched(model, x, y, norm, batch))
-        plain = _seconds(lambda: _eval_pass(model, x, batch))
-        rounds.append((plain, cold, warm))
-    plain, cold, warm = (statistics.median(r[i] for r in rounds) for i in range(3))
+        cold.append(_seconds(lambda: certify_batched(model, x, y, norm, batch)))
+    passes = {
+        "plain": lambda: _eval_pass(model, x, batch),
+        "warm": lambda: certify_batched(model, x, y, norm, batch),
+    }
+    times = {name: [] for name in passes}
+    for fn in passes.values():
+        fn()
+    for round_index in range(pairs):
+        order = list(passes) if round_index % 2 == 0 else list(reversed(passes))
+        for name in order:
+            times[name].append(_seconds(passes[name]))
+    plain, warm = statistics.median(times["plain"]), statistics.median(times["warm"])
+    ratios = [w / p for w, p in zip(times["warm"], times["plain"], strict=True)]
     radii = certify_batched(model, x, y, norm, batch)
     return {
         "checkpoint": checkpoint,
         "points": len(y),
         "norm": norm,
+        "rounds": pairs,
         "eval_s": plain,
-        "certify_cold_s": cold,
+        "certify_cold_s": statistics.median(cold),
         "certify_warm_s": warm,
-        "cold_ratio": cold / plain,
+        "cold_ratio": statistics.median(cold) / plain,
         "warm_ratio": warm / plain,
+        "warm_ratio_quartiles": _quartiles(ratios),
         "accuracy": certified_accuracy(radii, [0.0, *config.certify.eps]),
     }
 
@@ -70,4 +89,8 @@ def main(checkpoint: str, as_json: bool = False) -> None:
         ("certify, bound cached", f"{row['certify_warm_s']:.3f}", f"{row['warm_ratio']:.2f}"),
     ]
     print(format_table(header, table))
-    print(f"{row['points']} test points ({row['norm']}), median of 3 rounds, {checkpoint}")
+    q1, q3 = row["warm_ratio_quartiles"]
+    print(
+        f"{row['points']} test points ({row['norm']}), {checkpoint}; bound cached: median of "
+        f"{row['rounds']} alternating rounds, per-round ratio quartiles {q1:.2f}-{q3:.2f}"
+    )
