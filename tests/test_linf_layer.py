@@ -331,6 +331,31 @@ def test_export_gives_plain_modules_and_equal_outputs(tmp_path, p):
     assert (torch.from_numpy(onnx_out) - model(x)).abs().max() <= EXPORT_TOL
 
 
+@pytest.mark.parametrize("p", [math.inf, 8.0, 2.0])
+@pytest.mark.parametrize("mean_shift", [False, True])
+def test_the_exported_layer_keeps_the_layers_bound(p, mean_shift):
+    """PlainLinfDist has the eval-mode bound of the layer it came from (l_inf only), checked on
+    random and adversarially searched pairs like the layer itself."""
+    layer = _layer(12, 5, p, mean_shift).eval()
+    plain = layer.export()
+    assert module_bound(plain, "linf") == layer.lipschitz_bound()
+    with pytest.raises(UnsupportedNorm):
+        module_bound(plain, "l2")
+    assert _max_ratio(plain, 12) <= module_bound(plain, "linf") * (1 + LIPSCHITZ_TOL)
+
+
+def test_certify_gives_the_exported_net_the_radii_of_the_original():
+    """Before PlainLinfDist had a rule, certify traced into it and failed (its ONNX branch is
+    control flow): an exported l_inf-distance net could not be certified at all."""
+    model = _net(math.inf)
+    x = torch.randn(40, 3, 4)
+    y = model(x).argmax(dim=1)
+    original = lipcert.certify(model, x, y, norm="linf")
+    exported = lipcert.certify(lipcert.export(model), x, y, norm="linf")
+    assert bool((original > 0).any())
+    torch.testing.assert_close(exported, original, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("p", [2.0, 128.0, 1000.0])
 def test_export_at_a_finite_p_keeps_far_and_large_distances(tmp_path, p):
     """torch.cdist (the export's old kernel) overflowed at p = 128 and 1000 (inf outputs) and lost

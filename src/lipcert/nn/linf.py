@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lipcert.bounds.network import UnsupportedNorm, register_bound_rule
 from lipcert.bounds.operator import rounding_safety
 from lipcert.nn.constrained import check_input_shape
 from lipcert.nn.constraint import LipschitzLayer
@@ -163,13 +164,9 @@ class LinfDist(LipschitzLayer, nn.Module):
         return mean
 
     def lipschitz_bound(self) -> float:
-        """l_inf -> l_inf bound: 1 at p = inf, in_features^(1/p) at finite p; x2 for the batch
-        map of training-mode mean shift (module docstring)."""
-        p = float(self.p)
-        if math.isinf(p):
-            bound = 1.0
-        else:
-            bound = self.in_features ** (1.0 / p) * rounding_safety(torch.float64, 1)
+        """l_inf -> l_inf bound: :func:`distance_bound`; x2 for the batch map of training-mode
+        mean shift (module docstring)."""
+        bound = distance_bound(self.in_features, float(self.p))
         if self.mean_shift and self.training:
             bound *= MEAN_SHIFT_TRAIN_FACTOR
         return bound
@@ -184,6 +181,14 @@ class LinfDist(LipschitzLayer, nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, p={float(self.p)}, mean_shift={self.mean_shift}"
         )
+
+
+def distance_bound(in_features: int, p: float) -> float:
+    """l_inf -> l_inf bound of x -> (||x - w_m||_p + b_m)_m: 1 at p = inf (each output moves by at
+    most ||dx||_inf), in_features^(1/p) at finite p (||dx||_p <= n^(1/p) ||dx||_inf)."""
+    if math.isinf(p):
+        return 1.0
+    return in_features ** (1.0 / p) * rounding_safety(torch.float64, 1)
 
 
 class PlainLinfDist(nn.Module):
@@ -224,6 +229,14 @@ class PlainLinfDist(nn.Module):
         return (
             f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, p={self.p}"
         )
+
+
+@register_bound_rule(PlainLinfDist)
+def _plain_linf_dist(module: nn.Module, norm: str) -> float:
+    """The exported layer's bound, as :meth:`LinfDist.lipschitz_bound` in eval mode (l_inf only)."""
+    if norm != "linf":
+        raise UnsupportedNorm(f"PlainLinfDist is Lipschitz in linf, not {norm}")
+    return distance_bound(module.weight.shape[1], module.p)
 
 
 class Negate(LipschitzLayer, nn.Module):
