@@ -244,6 +244,15 @@ def test_other_residuals_are_traced_through(branch, input_shape):
     assert max_jacobian_norm(plain, input_shape) <= bound + SVD_SLACK
 
 
+@pytest.mark.parametrize("dead", [[1], [0, 2]])
+def test_an_exported_layer_with_all_zero_units_keeps_its_bound(dead):
+    layer = randomize(SLLConv2d(2, 3, 3), 1.0, seed=11)
+    with torch.no_grad():
+        layer.weight[dead] = 0.0
+    plain = export(layer.eval())
+    assert sll_form(plain) and lipschitz_upper_bound(plain, (2, 5, 5)) <= 1 + LIPSCHITZ_TOL
+
+
 def test_a_hook_on_the_exported_layer_falls_back_to_tracing():
     plain = export(randomize(SLLLinear(4, 6), 1.0, seed=8).eval())
     plain.branch[2].register_forward_hook(lambda module, args, out: 10 * out)

@@ -155,6 +155,6 @@ def _perron_weights(outer: Tensor, scales: Tensor) -> Tensor:
     w = root * (top + 1e-3 * top.max() + _TINY)
     step = gram / (2 * scales[:, None])
     for _ in range(PERRON_STEPS):
-        w = step @ w + w * 1e-6  # the shift keeps w positive where a row of the Gram is zero
-        w = w / w.max()
+        w = step @ w + w * 1e-6  # the shift keeps the fixed point and mixes periodic parts
+        w = (w / w.max()).clamp_min(1e-30)  # a unit with a zero row (B_i = 0) stays positive
     return w
