@@ -18,6 +18,7 @@ from lipschitz import jacobian_matrix
 from torch import nn
 
 import lipcert
+from lipcert.attacks import pgd
 from lipcert.bounds.graph import graph_bound
 from lipcert.bounds.network import module_bound
 from lipcert.certify import (
@@ -237,10 +238,96 @@ def _hooked(kind: str) -> nn.Module:
 @pytest.mark.parametrize("kind", ["hook", "pre-hook", "pre-hook with kwargs", "patched forward"])
 def test_modules_with_hooks_or_a_patched_forward_are_refused(kind):
     """Bug 3: the rule of Linear was used although the hook multiplied its output by 10."""
-    with pytest.raises(TypeError, match=r"module '0' \(Linear\) has (forward hooks|a forward)"):
+    with pytest.raises(TypeError, match=r"module '0' \(Linear\) has (forward hooks|a method)"):
         lipcert.lipschitz_upper_bound(_hooked(kind), (4,))
     with pytest.raises(TypeError, match="which the rule of Linear does not cover"):
         module_bound(_hooked(kind)[0])
+
+
+def test_a_method_patched_on_an_instance_is_refused():
+    """A ``_conv_forward`` set on a Conv2d instance (weights x10) kept the rule of Conv2d: bound
+    1.04 against a Jacobian norm of 42.8 (review of the eighth session)."""
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    conv._conv_forward = lambda x, w, b: nn.Conv2d._conv_forward(conv, x, 10 * w, b)
+    with pytest.raises(TypeError, match=r"a method patched on the instance \(_conv_forward\)"):
+        lipcert.lipschitz_upper_bound(nn.Sequential(conv), (2, 4, 4))
+
+
+def _sll_layer_cancelling(bias: float) -> nn.Module:
+    """x - K^T relu(K x + b) with K = [[1, 0], [-1, 0]] (q = 1: c = 1, an exact SLL layer, the
+    reflection x1 -> -x1 for b large): the two units' biases cancel in the output."""
+    layer = lipcert.nn.SLLLinear(2, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+        layer.bias.fill_(bias)
+        layer.log_q.zero_()
+    return layer
+
+
+def _linf_dist_cancelling() -> nn.Module:
+    """Distances ~1e8 that the running mean removes: logits (x1, -x1) in exact arithmetic."""
+    layer = lipcert.nn.LinfDist(2, 2, bias=False, mean_shift=True, momentum=1.0)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1e8, 0.0], [-1e8, 0.0]]))
+    model = nn.Sequential(layer, lipcert.nn.linf.Negate()).train()
+    model(torch.zeros(4, 2))  # running mean = (1e8, 1e8)
+    return model.eval()
+
+
+def _batch_norm_cancelling() -> nn.Module:
+    """(x - 1e8) / 1e8 * 1e8 + 1e8 = x, then logits (x1, -x1)."""
+    norm = nn.BatchNorm1d(2)
+    with torch.no_grad():
+        norm.running_mean.fill_(1e8)
+        norm.running_var.fill_(1e16)
+        norm.weight.fill_(1e8)
+        norm.bias.fill_(1e8)
+    return nn.Sequential(norm, _reading_first_coordinate()).eval()
+
+
+def _reading_first_coordinate() -> nn.Linear:
+    head = nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+        head.bias.zero_()
+    return head
+
+
+CANCELLING_INSIDE = {
+    "SLLLinear": (
+        lambda: nn.Sequential(_sll_layer_cancelling(1e7), _reading_first_coordinate()),
+        "l2",
+    ),
+    "exported SLLLinear": (
+        lambda: lipcert.export(
+            nn.Sequential(_sll_layer_cancelling(1e7), _reading_first_coordinate()).eval()
+        ),
+        "l2",
+    ),
+    "LinfDist with mean shift": (_linf_dist_cancelling, "linf"),
+    "exported LinfDist": (lambda: lipcert.export(_linf_dist_cancelling()), "linf"),
+    "BatchNorm1d": (_batch_norm_cancelling, "l2"),
+}
+
+
+@pytest.mark.parametrize("name", list(CANCELLING_INSIDE))
+def test_large_values_cancelling_inside_a_module_kept_whole_are_allowed_for(name):
+    """Review of the eighth session: the rounding allowance saw only the outputs of the modules a
+    bound keeps whole, so values ~1e7-1e8 that cancel inside one (an SLL layer's biases, a mean
+    shift, batch norm's mean and bias) rounded the float32 logits by 1-8 while their radii
+    claimed more (SLLLinear: radius 3.23 at an exact distance 2.60, broken by PGD)."""
+    build, norm = CANCELLING_INSIDE[name]
+    model = build().eval()
+    x = torch.tensor([[-2.6, 0.0], [-4.6, 0.3], [-10.6, 0.0], [-20.2, 1.0]])
+    if norm == "linf":
+        x = -x  # the l_inf net's class 0 is x1 > 0
+    y = torch.zeros(4, dtype=torch.long)
+    assert graph_bound(model, (2,), norm).zero_input_scale >= 1e6
+    radii = certify(model, x, y, norm)
+    certified = radii > 0
+    if bool(certified.any()):
+        _, broken = pgd(model, x[certified], y[certified], radii[certified] * (1 - 1e-6), norm)
+        assert not bool(broken.any())
 
 
 def test_global_forward_hooks_are_refused():

@@ -67,6 +67,8 @@ from lipcert.bounds.network import (
     distrust_reason,
     has_bound_rule,
     hook_reason,
+    internal_size,
+    magnitude,
     matrix_operator_bound,
     module_bound,
     mul_up,
@@ -898,15 +900,17 @@ def _check_single_input(gm: GraphModule, name: str) -> None:
 
 
 def _check_no_hooks(model: nn.Module) -> None:
-    """Hooks and instance-level ``forward`` change what a module computes, unseen by the trace
-    (the root's) or by the rule of a module kept whole: refused everywhere."""
+    """Hooks and methods set on an instance (``forward``, ``_conv_forward``...) change what a
+    module computes, unseen by the trace (the root's) or by the rule of a module kept whole:
+    refused everywhere."""
     for name, module in model.named_modules():
         reason = hook_reason(module)
         if reason is not None:
             where = f"module '{name}'" if name else "the model"
             raise TypeError(
                 f"{where} ({type(module).__name__}) has {reason}, which can change what it "
-                "computes unseen by the bound: remove them (handle.remove()) before bounding"
+                "computes unseen by the bound: remove it before bounding (a hook: "
+                "handle.remove(); a patched method: del module.<name>)"
             )
 
 
@@ -1051,18 +1055,9 @@ def underflow_error(ctx: _Context, output: Any) -> float:
     return total
 
 
-def _magnitude(value: Any, norm: str) -> float:
-    """||value|| in ``norm`` (l2 or l_inf over all entries of a tensor or of a tuple's tensors)."""
-    pieces = value if isinstance(value, tuple | list) else [value]
-    tensors = [t.detach().double().flatten() for t in pieces if isinstance(t, Tensor)]
-    if not tensors or not sum(t.numel() for t in tensors):
-        return 0.0
-    flat = torch.cat(tensors)
-    return float(flat.abs().max() if norm == "linf" else flat.norm())
-
-
 class _Magnitudes(Interpreter):
-    """Runs the graph once, keeping the norm of every node's output."""
+    """Runs the graph once, keeping the norm of every node's output, or for a module kept whole
+    the larger of that and the size of what it computes inside (:func:`internal_size`)."""
 
     def __init__(self, gm: GraphModule, norm: str) -> None:
         super().__init__(gm)
@@ -1070,7 +1065,12 @@ class _Magnitudes(Interpreter):
 
     def run_node(self, n: Node) -> Any:
         result = super().run_node(n)
-        self.magnitudes[n] = _magnitude(result, self.norm)
+        size = magnitude(result, self.norm)
+        source = n.args[0] if n.op == "call_module" and n.args else None
+        if isinstance(source, Node) and isinstance(self.env.get(source), Tensor):
+            module = self.fetch_attr(n.target)
+            size = max(size, internal_size(module, self.env[source], self.norm))
+        self.magnitudes[n] = size
         return result
 
 
@@ -1082,8 +1082,9 @@ def zero_input_scale(ctx: _Context, zero: Tensor, output: Any) -> float:
     inputs' bounds by monotone maps at least linear in each: L >= L_(n->out) L_n); the L_n ||x||
     parts are the rounding allowance's L ||x|| term, and like it this is a size, the allowance's
     factor covering the operations' count. A bias of 2^24 that the head cancels keeps
-    intermediates ~2^24 whatever the logits. inf when an operation with L_n = 0 holds a nonzero
-    value (its share cannot be bounded)."""
+    intermediates ~2^24 whatever the logits. A module kept whole counts with what it computes
+    inside (:func:`lipcert.bounds.network.internal_size`). inf when an operation with L_n = 0
+    holds a nonzero value (its share cannot be bounded)."""
     magnitudes = _Magnitudes(ctx.gm, ctx.norm)
     with torch.no_grad():
         magnitudes.run(zero)

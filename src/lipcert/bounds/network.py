@@ -54,6 +54,11 @@ ONE_LIPSCHITZ_MODULES: tuple[type[nn.Module], ...] = (
 )
 
 
+#: Size of the values a module computes inside, carried to its output (see :func:`internal_size`).
+InternalSize = Callable[[nn.Module, Tensor, str], float]
+INTERNAL_SIZES: dict[type[nn.Module], InternalSize] = {}
+
+
 class UnsupportedNorm(TypeError):
     """A module has no sound bound in the requested norm."""
 
@@ -72,6 +77,40 @@ def register_bound_rule(*module_types: type[nn.Module], shaped: bool = False) ->
         return rule
 
     return decorate
+
+
+def register_internal_size(*module_types: type[nn.Module]) -> Callable:
+    """Register ``size(module, input, norm) -> float`` for ``module_types`` (see
+    :func:`internal_size`)."""
+
+    def decorate(size: InternalSize) -> InternalSize:
+        for module_type in module_types:
+            INTERNAL_SIZES[module_type] = size
+        return size
+
+    return decorate
+
+
+def internal_size(module: nn.Module, input: Tensor, norm: str) -> float:
+    """A bound of ||t|| L(t -> output) over the values t that ``module`` computes on ``input``
+    before its output (per sample, in ``norm``): what the float rounding of those values can move
+    the output by, relative to the precision, beyond the output's own size. Modules whose inner
+    values are the output's terms (a linear map plus its bias) need none (0); an SLL layer's inner
+    bias that its outer map cancels, or a mean shift that cancels large distances, does: the
+    rounding allowance of ``lipcert.certify`` sees only the outputs of the modules it keeps
+    whole, and an inner 1e7 that cancels left float32 logits ~1 off a certified radius."""
+    size = next((INTERNAL_SIZES[t] for t in type(module).__mro__ if t in INTERNAL_SIZES), None)
+    return 0.0 if size is None else size(module, input, norm)
+
+
+def magnitude(value: object, norm: str) -> float:
+    """||value|| in ``norm`` (l2 or l_inf over all entries of a tensor or of a tuple's tensors)."""
+    pieces = value if isinstance(value, tuple | list) else [value]
+    tensors = [t.detach().double().flatten() for t in pieces if isinstance(t, Tensor)]
+    if not tensors or not sum(t.numel() for t in tensors):
+        return 0.0
+    flat = torch.cat(tensors)
+    return float(flat.abs().max() if norm == "linf" else flat.norm())
 
 
 #: Methods a subclass may redefine without changing what its parent's ``forward`` computes
@@ -128,14 +167,30 @@ def _ruled_class(module: nn.Module) -> type | None:
 
 def hook_reason(module: nn.Module) -> str | None:
     """Why ``module`` may compute something other than its class's ``forward``: forward hooks or
-    pre-hooks (its own or global ones) or a ``forward`` set on the instance; None if neither."""
+    pre-hooks (its own or global ones) or a method (``forward``, ``_conv_forward``...) set on the
+    instance; None if none of these."""
     if getattr(module, "_forward_hooks", None) or getattr(module, "_forward_pre_hooks", None):
         return "forward hooks or pre-hooks"
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return "global forward hooks (torch.nn.modules.module.register_module_forward_hook)"
-    if "forward" in vars(module):
-        return "a forward method patched on the instance"
+    patched = [
+        name for name, value in vars(module).items() if _shadows_a_method(module, name, value)
+    ]
+    if patched:
+        return f"a method patched on the instance ({patched[0]})"
     return None
+
+
+#: Instance attributes torch itself sets over a class attribute without changing the function.
+_TORCH_INSTANCE_OVERRIDES = frozenset({"_compiled_call_impl"})
+
+
+def _shadows_a_method(module: nn.Module, name: str, value: object) -> bool:
+    """Whether the instance attribute ``name`` replaces a method of ``module``'s class (a
+    ``forward``, a ``_conv_forward``...): the class's rule would not bound what it computes."""
+    if name in _TORCH_INSTANCE_OVERRIDES or isinstance(value, nn.Module | Tensor):
+        return False
+    return callable(value) and callable(getattr(type(module), name, None))
 
 
 def _redefined_method(module: nn.Module, owner: type) -> str | None:

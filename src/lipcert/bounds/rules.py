@@ -42,7 +42,14 @@ from torch import Tensor, nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from lipcert.bounds.conv import conv2d_operator_bound
-from lipcert.bounds.network import matrix_operator_bound, register_bound_rule, round_up, sqrt_up
+from lipcert.bounds.network import (
+    magnitude,
+    matrix_operator_bound,
+    register_bound_rule,
+    register_internal_size,
+    round_up,
+    sqrt_up,
+)
 from lipcert.bounds.operator import rounding_safety
 from lipcert.bounds.padded_conv import (
     ConvGeometry,
@@ -180,6 +187,23 @@ def _batch_norm(module: nn.Module, norm: str) -> float:
     if module.weight is not None:
         scale = scale * module.weight.detach().double().abs()
     return float(scale.max()) * rounding_safety(torch.float64, 4)  # add, sqrt, divide, multiply
+
+
+@register_internal_size(
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+)  # fmt: skip
+def _batch_norm_internal_size(module: nn.Module, x: Tensor, norm: str) -> float:
+    """||(x - mean) |w| / sqrt(var + eps)||: the centred input as the output's scale carries it,
+    before the bias is added (a large mean and bias can cancel)."""
+    if module.running_mean is None:
+        return 0.0  # refused by the bound rule
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    scale = (module.running_var.detach().double() + module.eps).rsqrt()
+    if module.weight is not None:
+        scale = scale * module.weight.detach().double().abs()
+    centred = x.detach().double() - module.running_mean.detach().double().view(shape)
+    return magnitude(centred * scale.view(shape), norm)
 
 
 def conv_bound(weight: Tensor, geometry: ConvGeometry, norm: str) -> float:

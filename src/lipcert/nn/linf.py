@@ -31,7 +31,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lipcert.bounds.network import UnsupportedNorm, register_bound_rule
+from lipcert.bounds.network import (
+    UnsupportedNorm,
+    magnitude,
+    register_bound_rule,
+    register_internal_size,
+)
 from lipcert.bounds.operator import rounding_safety
 from lipcert.nn.constrained import check_input_shape
 from lipcert.nn.constraint import LipschitzLayer
@@ -146,10 +151,7 @@ class LinfDist(LipschitzLayer, nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         ok = input.dim() >= 1 and input.shape[-1] == self.in_features
         check_input_shape(self, input, f"(*, {self.in_features})", ok)
-        flat = input.reshape(-1, self.in_features).to(self.weight.dtype)  # (B, N)
-        out = lp_distance(flat, self.weight, float(self.p))  # (B, M)
-        if self.bias is not None:
-            out = out + self.bias
+        out = biased_distances(input, self.weight, self.bias, float(self.p))  # (B, M)
         if self.mean_shift:
             out = out - self._shift(out)
         return out.reshape(*input.shape[:-1], self.out_features)
@@ -183,6 +185,13 @@ class LinfDist(LipschitzLayer, nn.Module):
         )
 
 
+def biased_distances(input: Tensor, weight: Tensor, bias: Tensor | None, p: float) -> Tensor:
+    """(B, M) ||x_b - w_m||_p + b_m of ``input`` (*, N) flattened to (B, N)."""
+    flat = input.reshape(-1, weight.shape[1]).to(weight.dtype)  # (B, N)
+    out = lp_distance(flat, weight, p)
+    return out if bias is None else out + bias
+
+
 def distance_bound(in_features: int, p: float) -> float:
     """l_inf -> l_inf bound of x -> (||x - w_m||_p + b_m)_m: 1 at p = inf (each output moves by at
     most ||dx||_inf), in_features^(1/p) at finite p (||dx||_p <= n^(1/p) ||dx||_inf)."""
@@ -210,20 +219,23 @@ class PlainLinfDist(nn.Module):
         self.register_buffer("shift", None if shift is None else shift.detach().clone())
 
     def forward(self, input: Tensor) -> Tensor:
-        flat = input.reshape(-1, self.weight.shape[1]).to(self.weight.dtype)  # (B, N)
         if torch.onnx.is_in_onnx_export():
-            diff = (flat[:, None, :] - self.weight[None]).abs()  # (B, M, N)
-            out = diff.amax(dim=-1)
-            if not math.isinf(self.p):
-                scale = out.clamp_min(torch.finfo(out.dtype).tiny)[..., None]
-                out = (diff / scale).pow(self.p).sum(dim=-1).pow(1.0 / self.p) * scale[..., 0]
+            out = self._onnx_distances(input)
         else:
-            out = lp_distance(flat, self.weight, self.p)  # (B, M)
-        if self.bias is not None:
-            out = out + self.bias
+            out = biased_distances(input, self.weight, self.bias, self.p)  # (B, M)
         if self.shift is not None:
             out = out - self.shift
         return out.reshape(*input.shape[:-1], self.weight.shape[0])
+
+    def _onnx_distances(self, input: Tensor) -> Tensor:
+        """:func:`biased_distances` with the plain ops ONNX has (the same scaling)."""
+        flat = input.reshape(-1, self.weight.shape[1]).to(self.weight.dtype)  # (B, N)
+        diff = (flat[:, None, :] - self.weight[None]).abs()  # (B, M, N)
+        out = diff.amax(dim=-1)
+        if not math.isinf(self.p):
+            scale = out.clamp_min(torch.finfo(out.dtype).tiny)[..., None]
+            out = (diff / scale).pow(self.p).sum(dim=-1).pow(1.0 / self.p) * scale[..., 0]
+        return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
         return (
@@ -237,6 +249,15 @@ def _plain_linf_dist(module: nn.Module, norm: str) -> float:
     if norm != "linf":
         raise UnsupportedNorm(f"PlainLinfDist is Lipschitz in linf, not {norm}")
     return distance_bound(module.weight.shape[1], module.p)
+
+
+@register_internal_size(LinfDist, PlainLinfDist)
+def _distances_internal_size(module: nn.Module, x: Tensor, norm: str) -> float:
+    """The distances plus bias, before a mean shift subtracts (an isometry): large distances that
+    the shift cancels round at their own size."""
+    with torch.no_grad():
+        distances = biased_distances(x, module.weight, module.bias, float(module.p))
+    return magnitude(distances, norm)
 
 
 class Negate(LipschitzLayer, nn.Module):

@@ -16,7 +16,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lipcert.bounds.network import distrust_reason, module_bound, register_bound_rule
+from lipcert.bounds.network import (
+    distrust_reason,
+    magnitude,
+    module_bound,
+    register_bound_rule,
+    register_internal_size,
+)
 from lipcert.bounds.operator import rounding_safety
 from lipcert.nn.aol import abs_correlation_sums, as_kernel, sound_row_sums
 
@@ -44,6 +50,19 @@ def _residual(module: nn.Module, norm: str) -> float:
     if norm == "l2" and sll_form(module):
         return sll_form_bound(module)
     return 1.0 + module_bound(module.branch, norm)
+
+
+@register_internal_size(Residual)
+def _residual_internal_size(module: nn.Module, x: Tensor, norm: str) -> float:
+    """Kept whole (the SLL form), a residual hides its pre-activation A x + b, which reaches the
+    output through the outer map: ||A x + b|| L(outer). A residual traced through needs none
+    (its inner values are nodes of the graph)."""
+    if not sll_form(module):
+        return 0.0
+    inner, _, outer = module.branch
+    with torch.no_grad():
+        pre = inner(x)
+    return magnitude(pre, norm) * module_bound(outer, norm, tuple(pre.shape[1:]))
 
 
 def _fold_error(kernel: Tensor, outer: Tensor, scales: Tensor) -> Tensor:

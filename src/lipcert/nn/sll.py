@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from lipcert.bounds.network import internal_size, register_internal_size
 from lipcert.nn.aol import as_kernel, margin_row_sums
 from lipcert.nn.constrained import _check_positive, check_input_shape
 from lipcert.nn.constraint import EvalCache, LipschitzLayer
@@ -141,6 +142,13 @@ class _SLL(LipschitzLayer, nn.Module):
 
     def _plain_outer(self, weight: Tensor) -> nn.Module:
         raise NotImplementedError
+
+
+@register_internal_size(_SLL)
+def _sll_internal_size(layer: nn.Module, x: Tensor, norm: str) -> float:
+    """The pre-activation W^T x + b carried by the outer map, as for the exported layer (the
+    same weights: :meth:`_SLL.folded`)."""
+    return internal_size(layer.export(), x, norm)
 
 
 class SLLLinear(_SLL):
