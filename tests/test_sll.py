@@ -132,14 +132,16 @@ def test_an_all_zero_unit_stays_finite_and_silent():
     assert torch.equal(layer(x), x) and layer.lipschitz_bound() == 1.0
 
 
-@pytest.mark.parametrize(
-    ("layer", "input_shape"),
-    [
+def _export_cases() -> list[tuple[nn.Module, tuple[int, ...]]]:
+    """Fresh (layer, input shape) pairs for the export tests (each test gets its own layers)."""
+    return [
         (SLLLinear(6, 9), (6,)),
         (SLLConv2d(3, 5, 3), (3, 6, 5)),
         (SLLConv2d(2, 4, 5, bias=False), (2, 5, 7)),
-    ],
-)
+    ]
+
+
+@pytest.mark.parametrize(("layer", "input_shape"), _export_cases())
 def test_export_state_dict_and_eval_cache(layer, input_shape):
     randomize(layer, 3.0, seed=5)
     x = torch.randn((4, *input_shape))
@@ -160,14 +162,7 @@ def test_export_state_dict_and_eval_cache(layer, input_shape):
         torch.testing.assert_close(layer.folded()[2], layer.fold()[1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    ("layer", "input_shape"),
-    [
-        (SLLLinear(6, 9), (6,)),
-        (SLLConv2d(3, 5, 3), (3, 6, 5)),
-        (SLLConv2d(2, 4, 5, bias=False), (2, 5, 7)),
-    ],
-)
+@pytest.mark.parametrize(("layer", "input_shape"), _export_cases())
 def test_the_exported_layer_is_still_bounded_by_one(layer, input_shape):
     """The exported Residual(inner, ReLU, -B^T) is recognized as an SLL layer: its bound is SLL's
     (1), not the triangle inequality's 1 + ||B|| ||A|| (about 2), with q spread out (the Schur

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lipcert.attacks import wrong_class_margin
+from lipcert.attacks import perturbation_norms, wrong_class_margin
 from lipcert.certify import certify, predict
 from lipcert.modes import eval_mode
 
@@ -183,7 +183,7 @@ def counterfactuals(
         points = _bisect(model, inside, outside, classes, flipped)
         with torch.no_grad():
             new_classes = predict(model(points))
-        distances = (points - x).flatten(1).norm(dim=1)
+        distances = perturbation_norms(points, x, "l2")
         distances = torch.where(new_classes != classes, distances, torch.inf)
         radii = _certified_radii(model, x, classes)
     return Counterfactuals(x, points, start[2], classes, new_classes, distances, radii)

@@ -173,12 +173,9 @@ def hook_reason(module: nn.Module) -> str | None:
         return "forward hooks or pre-hooks"
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return "global forward hooks (torch.nn.modules.module.register_module_forward_hook)"
-    patched = [
-        name for name, value in vars(module).items() if _shadows_a_method(module, name, value)
-    ]
-    if patched:
-        return f"a method patched on the instance ({patched[0]})"
-    return None
+    attributes = vars(module).items()
+    patched = next((name for name, v in attributes if _shadows_a_method(module, name, v)), None)
+    return None if patched is None else f"a method patched on the instance ({patched})"
 
 
 #: Instance attributes torch itself sets over a class attribute without changing the function.
