@@ -342,12 +342,12 @@ def _radii(
     cast to float32 rounds down (:func:`_float32_rounded_down`): round-to-nearest could add
     2^-24 relative, more than that slack for float64 logits.
     """
-    logits64 = logits.detach().double()
-    num_logits = logits64.shape[1]
+    logits = logits.detach()
+    num_logits = logits.shape[1]
     if num_logits == 1:  # binary: class 1 iff f > 0, as logits (0, f)
-        logits64 = torch.cat([torch.zeros_like(logits64), logits64], dim=1)
+        logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
     y = y.long()
-    largest = logits64.abs().amax(dim=1)  # NaN if any logit is NaN
+    largest = logits.abs().amax(dim=1).double()  # exact in any dtype; NaN if a logit is NaN
     delta_margin = 2 * _rounding_bound(
         largest,
         x_norms,
@@ -357,10 +357,10 @@ def _radii(
         summary.underflow_error,
     )
     # A margin <= 0 (misclassified or tied) gives (margin - 3 delta) * (1 / L) < 0: delta > 0.
-    shifted_true = logits64.gather(1, y[:, None]) - 3 * delta_margin[:, None]  # (B, 1)
-    reciprocal = _pair_bounds(summary, num_logits, logits64.device).clamp_min(1e-300).reciprocal()
+    shifted_true = logits.gather(1, y[:, None]).double() - 3 * delta_margin[:, None]  # (B, 1)
+    reciprocal = _pair_bounds(summary, num_logits, logits.device).clamp_min(1e-300).reciprocal()
     reciprocal.fill_diagonal_(-math.inf)
-    per_class = (shifted_true - logits64).mul_(reciprocal.index_select(0, y))
+    per_class = (shifted_true - logits).mul_(reciprocal.index_select(0, y))  # float64
     radius = per_class.amin(dim=1)
     # A logit that overflowed (inf / NaN) has no rounding bound: not certified.
     overflow = ~torch.isfinite(largest)
