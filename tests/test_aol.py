@@ -340,3 +340,32 @@ def test_models_pass_aol_rescale_to_their_aol_layers():
     assert bound <= 1.1  # 1-Lipschitz body (up to float slack) times the head's row norms
     with pytest.raises(ValueError, match="rescale"):
         build_model("sll_mlp", input_shape=[4], num_classes=3, aol_rescale="both")
+
+
+def test_a_convolution_setting_changed_after_construction_is_refused_by_the_bound():
+    """nn.Conv2d reads padding_mode, dilation and groups at every forward: a replicate padding set
+    on a built AOL layer ran a convolution of norm 2.0 that the bound still called 1.0."""
+    layer = AOLConv2d(1, 1, 3, bias=False).double()
+    with torch.no_grad():
+        original(layer).zero_()
+        original(layer)[0, 0, 0, 0] = 1.0  # one corner tap
+    layer.padding_mode = "replicate"
+    jacobian = jacobian_matrix(layer, torch.randn(1, 5, 5, dtype=torch.float64))
+    exact = float(torch.linalg.matrix_norm(jacobian, 2))
+    assert exact > 1.9
+    with pytest.raises(ValueError, match="padding_mode='replicate' is not supported"):
+        lipschitz_upper_bound(layer)
+    for name, value, message in [("dilation", (2, 2), "dilation 1"), ("groups", 2, "one group")]:
+        changed = AOLConv2d(2, 2, 3)
+        setattr(changed, name, value)
+        with pytest.raises(ValueError, match=message):
+            lipschitz_upper_bound(changed)
+
+
+def test_circular_padding_counts_what_the_forward_pads():
+    """Circular padding pads by _reversed_padding_repeated_twice, set when the layer is built; a
+    'same' even kernel pads k - 1 in all, one side more: a restriction of the circular map."""
+    layer = AOLConv2d(2, 3, (3, 2), padding="same", padding_mode="circular", bias=False).double()
+    bound = lipschitz_upper_bound(layer)
+    assert bound <= 1 + LIPSCHITZ_TOL
+    assert max_jacobian_norm(layer, (2, 5, 6)) <= bound

@@ -612,3 +612,107 @@ def test_nan_weights_are_refused_by_name():
     for norm in ("l2", "linf"):
         with pytest.raises(ValueError, match=r"fc\.weight holds NaN"):
             lipcert.lipschitz_upper_bound(model, (4,), norm)
+
+
+class _BufferNet(nn.Module):
+    """``fn(self, x)`` with a buffer ``c`` (any dtype and shape)."""
+
+    def __init__(self, fn, c: torch.Tensor) -> None:
+        super().__init__()
+        self.fn = fn
+        self.register_buffer("c", c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self, x)
+
+
+def test_a_nan_constant_the_forward_slices_away_is_refused():
+    """x * [5, nan] sliced to its first column: the NaN factor made the l_inf bound of a cat 0
+    (Python's max(0.0, nan) is 0.0) and certify gave an infinite radius, broken at 1.2."""
+    model = _BufferNet(
+        lambda m, x: torch.cat([0.0 * x[:, 1:], (x * m.c)[:, :1]], dim=1),
+        torch.tensor([5.0, math.nan]),
+    ).eval()
+    for norm in ("l2", "linf"):
+        with pytest.raises(ValueError, match="tensor c holds NaN or inf"):
+            lipcert.lipschitz_upper_bound(model, (2,), norm)
+
+
+def test_a_nan_bound_is_refused_by_name():
+    """A batch norm with a negative running variance: its factor is NaN, which was returned."""
+    model = nn.Sequential(nn.BatchNorm1d(3)).eval()
+    with torch.no_grad():
+        model[0].running_var[1] = -1.0
+    with pytest.raises(ValueError, match="has no bound"):
+        lipcert.lipschitz_upper_bound(model, (3,))
+
+
+def test_a_0dim_float64_constant_is_rounded_as_the_float32_forward_rounds_it():
+    """A 0-dim tensor does not set the result's type: x / tensor(1 + 2^-30, float64) runs in
+    float32, dividing by 1.0, and the bound (which read the divisor exactly) was 1 - 2^-30 against
+    a Jacobian of exactly 1; at 1.4 * 2^-149 (rounded to 2^-149) certify was broken at 0.8 r."""
+    model = _BufferNet(lambda m, x: x / m.c, torch.tensor(1 + 2.0**-30, dtype=torch.float64))
+    x = torch.randn(1, 3)
+    jacobian = torch.autograd.functional.jacobian(model, x).reshape(3, 3).double()
+    exact = float(torch.linalg.matrix_norm(jacobian, ord=2))
+    assert exact == 1.0
+    for norm in ("l2", "linf"):
+        assert lipcert.lipschitz_upper_bound(model, (3,), norm) >= exact
+
+
+def test_certify_runs_the_model_without_autocast():
+    """Under torch.autocast(bfloat16) a float32 Linear ran in bfloat16 while a float32 buffer
+    brought the logits back to float32: the float32 allowance certified 0.29, broken at 0.05."""
+    model = _BufferNet(lambda m, x: m.fc(x) + m.c, torch.zeros(2)).eval()
+    model.fc = nn.Linear(1, 2)
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.tensor([[1.0], [0.0]]))
+        model.fc.bias.copy_(torch.tensor([100.0, 100.3]))
+    x, y = torch.tensor([[0.2]]), torch.tensor([0])
+    plain = certify(model, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(certify(model, x, y), plain)
+    assert float(plain[0]) < 0  # float32 logits 100.2 and 100.3: class 1, not 0
+
+
+def test_the_underflow_allowance_covers_flush_to_zero():
+    """With torch.set_flush_denormal(True) a value below 2^-126 becomes 0, an error up to 2^-126
+    that the subnormal resolution 2^-149 did not cover: x * 2^-120 * 2^120 was certified at 0.0186
+    and broken at 0.005 (0.015 * 2^-120 flushed)."""
+    model = nn.Sequential(nn.Linear(1, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0], [0.0]]))
+        model[0].bias.copy_(torch.tensor([0.0, 0.001]))
+    scaled = _BufferNet(lambda m, x: m.head(x * 2.0**-120 * 2.0**120), torch.zeros(())).eval()
+    scaled.head = model
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        x, y = torch.tensor([[0.02]]), torch.tensor([0])
+        radius = float(certify(scaled, x, y)[0])
+        flipped = int(scaled(x - 0.005).argmax(1)) != 0
+    finally:
+        torch.set_flush_denormal(False)
+    assert flipped and radius < 0.005
+
+
+def test_a_replicate_padded_conv_is_bounded_by_the_padding_its_forward_applies():
+    """nn.Conv2d pads a non-zeros mode by _reversed_padding_repeated_twice, fixed when it is built:
+    with .padding set to 0 afterwards the rule read no padding, bound 1 against a norm of 3."""
+    conv = nn.Conv2d(1, 1, 3, padding=2, padding_mode="replicate", bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 0, 0] = 1.0
+    conv.padding = (0, 0)
+    model = nn.Sequential(conv).double().eval()
+    exact = exact_norm(model, (1, 5, 5), "l2", points=1)
+    assert exact > 2.9
+    assert lipcert.lipschitz_upper_bound(model, (1, 5, 5)) >= exact
+
+
+def test_a_one_dimensional_linear_weight_is_a_row():
+    """F.linear(x, w) with a 1-D w is the dot product x . w (it crashed with an IndexError)."""
+    weight = torch.tensor([3.0, 4.0, 0.0])
+    model = _BufferNet(lambda m, x: F.linear(x, m.c)[:, None], weight)
+    assert lipcert.lipschitz_upper_bound(model, (3,)) == pytest.approx(5.0)
+    assert lipcert.lipschitz_upper_bound(model, (3,), "linf") == pytest.approx(7.0)

@@ -301,3 +301,15 @@ def test_weights_of_extreme_magnitude_stay_normalized(scale):
         torch.zeros(1, 4, 6, 6, dtype=torch.float64)
     ).reshape(144, 144)
     assert 0.5 < torch.linalg.matrix_norm(jacobian, ord=2) <= 1 + LIPSCHITZ_TOL
+
+
+def test_a_stride_changed_after_construction_is_refused_by_the_bound():
+    """A strided bound covers only that stride (a strided convolution can have a smaller norm):
+    stride 2 set back to 1 on a built layer, or circular padding, is refused by name."""
+    layer = SpectralConv2d(3, 4, 3, stride=2, padding=1)
+    assert lipschitz_upper_bound(layer) <= 1 + LIPSCHITZ_TOL
+    for name, value in [("stride", (1, 1)), ("padding_mode", "circular")]:
+        changed = SpectralConv2d(3, 4, 3, stride=2, padding=1)
+        setattr(changed, name, value)
+        with pytest.raises(ValueError, match="assumes stride"):
+            lipschitz_upper_bound(changed)

@@ -29,8 +29,11 @@ intermediate activations that grows with x, and Z (:func:`lipcert.bounds.graph.z
 max_n ||h_n(0)|| L / L_n, from one forward pass at x = 0) the part the model's constants add,
 carried to the logits. Without Z, a bias of 3e4 that a later bias cancels (intermediates ~3e4,
 logits ~1) was certified beyond its float32 resolution. An absolute term U
-(:func:`lipcert.bounds.graph.underflow_error`) is added for values in the subnormal range, which
-carry no relative precision (negligible unless a net scales tiny values back up). A known
+(:func:`lipcert.bounds.graph.underflow_error`) is added for values below the smallest normal
+float, which carry no relative precision (subnormal, or flushed to zero where the processor
+flushes them; negligible unless a net scales tiny values back up). Certification runs the model
+as it is, with autocast and TF32 off (:func:`lipcert.precision.ieee_float32`): the allowance is
+for the dtypes of the model's own tensors. A known
 ``lipschitz`` given to :func:`certify` skips the graph, and Z and U with it. With
 delta_m = 2 delta_logit (a margin is a difference of two logits), the radius is
 r = (m_computed - 3 delta_m) / L_pair: at any x' with ||x' - x|| <= r the exact margin is
@@ -142,10 +145,16 @@ def _head_pair_bound(weight: Tensor, norm: str) -> Tensor:
     return pairwise_row_distance_bound(weight, _DUAL_P[norm])
 
 
-def summarize(model: nn.Module, norm: str, input_shape: tuple[int, ...]) -> LipschitzSummary:
+def summarize(
+    model: nn.Module,
+    norm: str,
+    input_shape: tuple[int, ...],
+    input_dtype: torch.dtype | None = None,
+) -> LipschitzSummary:
     """Sound Lipschitz summary of ``model`` (eval mode) on inputs of ``input_shape`` (no batch
-    dimension): body + linear head when the model ends in a linear layer."""
-    bounds = graph_bound(model, input_shape, norm)
+    dimension) and ``input_dtype`` (default: the model's): body + linear head when the model ends
+    in a linear layer."""
+    bounds = graph_bound(model, input_shape, norm, input_dtype)
     graph_terms = (bounds.zero_input_scale, bounds.underflow_error, bounds.constants)
     if bounds.head is not None:
         head_pairs = _head_pair_bound(bounds.head.weight, norm)
@@ -186,16 +195,22 @@ def _model_state(model: nn.Module) -> tuple[tuple, list[Tensor]]:
     return tuple(config), [*model.parameters(), *model.buffers(), *tensors]
 
 
-def cached_summary(model: nn.Module, norm: str, input_shape: tuple[int, ...]) -> LipschitzSummary:
-    """:func:`summarize`, computed once per model state: the values of every parameter and
-    buffer and every module's configuration (a slope, a stride, a hook: :func:`_model_state`)."""
-    key = (norm, tuple(input_shape))
+def cached_summary(
+    model: nn.Module,
+    norm: str,
+    input_shape: tuple[int, ...],
+    input_dtype: torch.dtype | None = None,
+) -> LipschitzSummary:
+    """:func:`summarize`, computed once per model state (the values of every parameter and
+    buffer and every module's configuration: a slope, a stride, a hook; :func:`_model_state`) and
+    input shape and dtype."""
+    key = (norm, tuple(input_shape), input_dtype)
     config, tensors = _model_state(model)
     caches = _SUMMARIES.setdefault(model, {})
     cached = caches.get(key)
     if cached is None or not cached.holds_for(config, tensors):
         with torch.no_grad(), ieee_float32():
-            summary = summarize(model, norm, input_shape)
+            summary = summarize(model, norm, input_shape, input_dtype)
         copies = tuple(t.detach().clone() for t in tensors)
         constants = tuple(t.detach().clone() for t in summary.constants)
         caches[key] = cached = _CachedSummary(config, copies, summary, constants)
@@ -207,14 +222,19 @@ def clear_summary_cache(model: nn.Module) -> None:
     _SUMMARIES.pop(model, None)
 
 
-def native_summary(model: nn.Module, norm: str, input_shape: tuple[int, ...]) -> LipschitzSummary:
+def native_summary(
+    model: nn.Module,
+    norm: str,
+    input_shape: tuple[int, ...],
+    input_dtype: torch.dtype | None = None,
+) -> LipschitzSummary:
     """The summary in ``norm`` or, when the model is bounded only in the other norm, in that one."""
     try:
-        return cached_summary(model, norm, input_shape)
+        return cached_summary(model, norm, input_shape, input_dtype)
     except UnsupportedNorm as first:
         other = "linf" if norm == "l2" else "l2"
         try:
-            return cached_summary(model, other, input_shape)
+            return cached_summary(model, other, input_shape, input_dtype)
         except UnsupportedNorm as second:
             raise ValueError(f"cannot bound the model in l2 ({first}) or linf ({second})") from None
 
@@ -407,20 +427,21 @@ def certify(
     _check_inputs(x, y, norm)
     if lipschitz is not None and not (math.isfinite(lipschitz) and lipschitz > 0):
         raise ValueError(f"lipschitz must be a positive finite number, got {lipschitz!r}")
-    summary = _summary_once(model, norm, tuple(x.shape[1:]), lipschitz)
+    summary = _summary_once(model, norm, x, lipschitz)
     with eval_mode(model):
         return _certify_with(model, x, y, norm, summary, len(y), x.device)
 
 
 def _summary_once(
-    model: nn.Module, norm: str, input_shape: tuple[int, ...], lipschitz: float | None = None
+    model: nn.Module, norm: str, x: Tensor, lipschitz: float | None = None
 ) -> Callable[[], LipschitzSummary]:
-    """The model's :func:`native_summary` (or the given ``lipschitz``), computed at the first
-    call: after a forward pass has checked that the inputs fit the model, so that shape errors
-    name the model's layer."""
+    """The model's :func:`native_summary` for inputs of ``x``'s shape and dtype (or the given
+    ``lipschitz``), computed at the first call: after a forward pass has checked that the inputs
+    fit the model, so that shape errors name the model's layer."""
     if lipschitz is not None:
         return lambda: LipschitzSummary(norm, float(lipschitz), None)
-    return functools.cache(lambda: native_summary(model, norm, input_shape))
+    input_shape, dtype = tuple(x.shape[1:]), x.dtype
+    return functools.cache(lambda: native_summary(model, norm, input_shape, dtype))
 
 
 def _certify_with(
@@ -475,6 +496,6 @@ def certify_batched(
     """:func:`certify` over a whole dataset in batches (the bound is computed once)."""
     _check_inputs(x, y, norm)
     device = next(model.parameters()).device
-    summary = _summary_once(model, norm, tuple(x.shape[1:]))
+    summary = _summary_once(model, norm, x)
     with eval_mode(model):
         return _certify_with(model, x, y, norm, summary, batch_size, device).cpu()

@@ -1,4 +1,4 @@
-"""IEEE float32 arithmetic on CUDA while constraints and certificates are computed.
+"""IEEE float32 arithmetic (no TF32, no autocast) while constraints and certificates are computed.
 
 On Ampere and later GPUs PyTorch may run float32 convolutions (cuDNN's default) and matrix
 products (when enabled) in TF32, which keeps 10 mantissa bits: relative errors near 1e-3
@@ -13,14 +13,16 @@ instead of float32's 6e-8. Two things here must not see that:
   (``certify.ROUNDING_REL_FLOAT32``).
 
 :func:`ieee_float32` switches TF32 off (both the current ``fp32_precision`` settings and, on an
-older PyTorch, the ``allow_tf32`` flags) and restores the user's settings on exit. On a CPU it
-changes nothing that matters.
+older PyTorch, the ``allow_tf32`` flags) and autocast off on the CPU and CUDA (under
+``torch.autocast(bfloat16)`` a float32 model's products would run in bfloat16 while its logits
+came back float32: ``certify`` gave a float32 allowance to a bfloat16 computation, and a radius
+of 0.29 was broken at 0.05), and restores the user's settings on exit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -33,15 +35,23 @@ def _backends() -> list[tuple[object, str, object]]:
     return [(matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", False)]
 
 
+#: Device types whose autocast :func:`ieee_float32` switches off: those lipcert runs on.
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
 @contextmanager
 def ieee_float32() -> Iterator[None]:
-    """Run the block with TF32 off for float32 matrix products and convolutions (CUDA)."""
+    """Run the block with TF32 off for float32 matrix products and convolutions (CUDA) and
+    autocast off (every tensor computes in its own dtype)."""
     switches = _backends()
     saved = [getattr(obj, name) for obj, name, _ in switches]
     try:
         for obj, name, value in switches:
             setattr(obj, name, value)
-        yield
+        with ExitStack() as autocast_off:
+            for device in AUTOCAST_DEVICES:
+                autocast_off.enter_context(torch.autocast(device, enabled=False))
+            yield
     finally:
         for (obj, name, _), value in zip(switches, saved, strict=True):
             setattr(obj, name, value)

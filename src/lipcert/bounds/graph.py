@@ -49,7 +49,7 @@ import builtins
 import functools
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -652,13 +652,15 @@ def _add(ctx: _Context, node: Node) -> Step:
 
 
 def _as_applied(value: Any, dtype: torch.dtype | None) -> Tensor:
-    """A constant's entries as float64, with (for a Python number applied to a ``dtype`` tensor)
-    the value that tensor's type rounds it to: float32 turns 1.2 * 2^-149 into 2^-149, so
-    x / 1.2e-45 has slope 1.2 times 1 / 1.2e-45."""
+    """A constant's entries as float64, beside the values an operation whose result has type
+    ``dtype`` may apply instead: the constant rounded to ``dtype`` and to float32 (the arithmetic
+    of half types). float32 turns 1.2 * 2^-149 into 2^-149, so x / 1.2e-45 has slope 1.2 times
+    1 / 1.2e-45; a Python number and a 0-dim tensor of any type are both rounded so."""
     exact = torch.as_tensor(value, dtype=torch.float64)
-    if isinstance(value, Tensor) or dtype is None or not dtype.is_floating_point:
+    if dtype is None or not dtype.is_floating_point:
         return exact
-    return torch.stack([exact, exact.to(dtype).double()])
+    rounded = [exact.to(t).double() for t in (dtype, torch.promote_types(dtype, torch.float32))]
+    return torch.stack([exact, *rounded])
 
 
 def _largest_abs(value: Any, dtype: torch.dtype | None) -> float:
@@ -675,7 +677,7 @@ def _mul(ctx: _Context, node: Node) -> Step:
         )
     _check_same_rank(ctx, node, a, b)
     source, constant = (a, b) if ctx.is_dependent(a) else (b, a)
-    largest = _largest_abs(ctx.value(constant), ctx.dtypes[source])
+    largest = _largest_abs(ctx.value(constant), ctx.dtypes.get(node))
     factor = mul_up(largest, ctx.spread(source, node))
     return Step(factor, mul_up(factor, ctx.bound(source)))
 
@@ -689,7 +691,7 @@ def _div(ctx: _Context, node: Node) -> Step:
             "Lipschitz"
         )
     _check_same_rank(ctx, node, node.args[0])
-    smallest = float(_as_applied(ctx.value(divisor), ctx.dtypes[node.args[0]]).abs().min())
+    smallest = float(_as_applied(ctx.value(divisor), ctx.dtypes.get(node)).abs().min())
     if smallest == 0:
         raise TypeError(f"node '{node.name}' divides by zero")
     spread = ctx.spread(node.args[0], node)
@@ -750,8 +752,12 @@ def _extreme(ctx: _Context, node: Node) -> Step:
 
 @_rule(F.linear)
 def _linear(ctx: _Context, node: Node) -> Step:
-    weight = ctx.value(_arg(node, 1, "weight"))
-    return _unary(ctx, node, matrix_operator_bound(weight, ctx.norm))
+    """x W^T + b: ||W||; a 1-D weight w is the row (1, n) (``F.linear`` then drops the dim)."""
+    weight = torch.as_tensor(ctx.value(_arg(node, 1, "weight")))
+    if weight.dim() not in (1, 2):
+        raise TypeError(f"{_describe(node)} (node '{node.name}') has a {weight.dim()}-D weight")
+    matrix = weight.reshape(1, -1) if weight.dim() == 1 else weight
+    return _unary(ctx, node, matrix_operator_bound(matrix, ctx.norm))
 
 
 @_rule(operator.matmul, torch.matmul, "matmul")
@@ -883,11 +889,25 @@ def _ancestors(node: Node) -> set[Node]:
     return seen
 
 
-def _probe_input(model: nn.Module, input_shape: tuple[int, ...]) -> Tensor:
+def _natural_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype ``model`` computes in when no input dtype is given: its first floating
+    parameter's, else its first floating buffer's with a dimension (a 0-dim tensor does not set
+    a result's type: a float64 scalar buffer divides a float32 input in float32), else torch's
+    default."""
+    tensors = [*model.parameters(), *(b for b in model.buffers() if b.dim() > 0)]
+    return next((t.dtype for t in tensors if t.is_floating_point()), torch.get_default_dtype())
+
+
+def _probe_input(
+    model: nn.Module, input_shape: tuple[int, ...], input_dtype: torch.dtype | None
+) -> Tensor:
+    """A random input in the least precise of ``input_dtype`` and the model's natural dtype: a
+    float32 model that casts a float64 input runs in float32 (its cast rounds within the
+    float32 allowance of ``lipcert.certify``, which takes the least precise dtype too)."""
     reference = next(iter([*model.parameters(), *model.buffers()]), None)
-    floating = reference is not None and reference.is_floating_point()
-    dtype = reference.dtype if floating else torch.get_default_dtype()
     device = reference.device if reference is not None else None
+    dtypes = [_natural_dtype(model), *([input_dtype] if input_dtype is not None else [])]
+    dtype = max(dtypes, key=lambda t: torch.finfo(t).eps)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((1, *input_shape), generator=gen, dtype=dtype)
     return x if device is None else x.to(device)
@@ -939,15 +959,36 @@ def _captured_constants(gm: GraphModule, model: nn.Module) -> tuple[Tensor, ...]
     return tuple(t for t in read if isinstance(t, Tensor) and id(t) not in own)
 
 
-def _check_finite_parameters(model: nn.Module) -> None:
-    """NaN or inf weights have no bound (a rule's SVD would fail, a max() would read NaN as 1)."""
-    for name, parameter in model.named_parameters():
-        if parameter.is_floating_point() and not bool(torch.isfinite(parameter).all()):
-            raise ValueError(f"parameter {name} holds NaN or inf values: the model has no bound")
+def _read_tensors(gm: GraphModule) -> Iterator[tuple[str, Tensor]]:
+    """(description, tensor) of every tensor the traced graph reads itself (get_attr: buffers,
+    attributes and captured constants; a module kept whole reads its own, bounded by its rule,
+    like an l_inf-distance layer's p = inf)."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = functools.reduce(getattr, node.target.split("."), gm)
+            if isinstance(value, Tensor):
+                yield f"tensor {node.target}", value
 
 
-def graph_bound(model: nn.Module, input_shape: tuple[int, ...], norm: str = "l2") -> GraphBound:
-    """Sound bound of ``model``'s Lipschitz constant (eval mode) on inputs of ``input_shape``.
+def _check_finite(tensors: Iterable[tuple[str, Tensor]]) -> None:
+    """NaN or inf parameters and graph constants have no bound (a rule's SVD would fail, a max()
+    would read NaN as 1), even where the forward slices them away."""
+    for description, tensor in tensors:
+        floating = tensor.is_floating_point() or tensor.is_complex()
+        if floating and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{description} holds NaN or inf values: the model has no bound")
+
+
+def graph_bound(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    norm: str = "l2",
+    input_dtype: torch.dtype | None = None,
+) -> GraphBound:
+    """Sound bound of ``model``'s Lipschitz constant (eval mode) on inputs of ``input_shape``
+    and ``input_dtype`` (default: the model's own, :func:`_natural_dtype`; see
+    :func:`_probe_input`), which decides how the forward rounds its constants and where its
+    values underflow.
 
     ``input_shape`` excludes the batch dimension. TypeError when an operation has no rule or the
     model cannot be traced; ValueError when ``input_shape`` does not fit the model.
@@ -956,12 +997,13 @@ def graph_bound(model: nn.Module, input_shape: tuple[int, ...], norm: str = "l2"
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     name = type(model).__name__
     _check_no_hooks(model)
-    _check_finite_parameters(model)
+    _check_finite((f"parameter {name}", p) for name, p in model.named_parameters())
     gm = trace(model, norm)
+    _check_finite(_read_tensors(gm))
     _check_single_input(gm, name)
     check_in_place(gm, _describe)  # before running anything: no write to the model's tensors
     probe = _Probe(gm, tuple(input_shape), name)
-    x = _probe_input(model, tuple(input_shape))
+    x = _probe_input(model, tuple(input_shape), input_dtype)
     with torch.no_grad():
         traced = probe.run(x.clone())  # in-place layers may overwrite their input
         others = [(scale * x, gm(scale * x)) for scale in TRACE_CHECK_SCALES[1:]]
@@ -977,6 +1019,8 @@ def graph_bound(model: nn.Module, input_shape: tuple[int, ...], norm: str = "l2"
     for node in gm.graph.nodes:  # every input-dependent node, read by the output or not
         if ctx.is_dependent(node) and node.op != "output":
             step = _node_step(ctx, node)
+            if math.isnan(step.bound):
+                raise ValueError(f"{_describe(node)} (node '{node.name}') has no bound (NaN)")
             ctx.bounds[node] = step.bound
             if node in needed and node.op != "placeholder":
                 records.append(_record(ctx, node, step))
@@ -1030,19 +1074,23 @@ def _carried(ctx: _Context, node: Node, bound: float) -> float:
 
 
 def underflow_error(ctx: _Context, output: Any) -> float:
-    """sum_n N_n ulp_min L / L_n over the input-dependent operations n: below the smallest normal
-    float a result is resolved only to ulp_min absolutely (no relative precision), each of n's
-    output entries sums at most as many such roundings as n has input entries (N_n: output
-    entries times input entries), and L / L_n carries them to the output (see
-    :func:`zero_input_scale`). Negligible for ordinary nets (~1e-35); a layer of weights ~1e-43
+    """sum_n N_n tiny L / L_n over the input and the input-dependent operations n: below the
+    smallest normal float (tiny) a value is resolved only absolutely, to the smallest subnormal,
+    or to tiny itself where the processor flushes subnormal results to zero or reads subnormal
+    inputs as zero (``torch.set_flush_denormal(True)``, some GPU kernels): an error below tiny
+    per rounding, whichever mode runs. Each of n's output entries sums at most as many such
+    roundings as n has input entries (N_n: output entries times input entries; the input's own
+    entries for the input), and L / L_n carries them to the output (see
+    :func:`zero_input_scale`). Negligible for ordinary nets (~1e-30); a layer of weights ~1e-43
     whose outputs later layers scale back up by 1e43 was certified at 0.0097 and broken at
-    0.0055 without it. inf when an operation with L_n = 0 is followed by a nonzero bound."""
+    0.0055 without it, and x * 2^-120 * 2^120 under flush-to-zero at 0.0186 and 0.005 with the
+    subnormal resolution. inf when an operation with L_n = 0 is followed by a nonzero bound."""
     bound, total = ctx.bound(output), 0.0
     if bound == 0:
         return total
     for node in ctx.gm.graph.nodes:
         dtype = ctx.dtypes.get(node)
-        if node.op in ("placeholder", "output") or not ctx.is_dependent(node) or dtype is None:
+        if node.op == "output" or not ctx.is_dependent(node) or dtype is None:
             continue
         if not dtype.is_floating_point:
             continue
@@ -1050,8 +1098,7 @@ def underflow_error(ctx: _Context, output: Any) -> float:
         roundings = _entries(ctx.shapes[node]) * max(1, inputs)
         if roundings == 0:  # an empty tensor rounds nothing
             continue
-        ulp = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # the smallest subnormal
-        total += roundings * ulp * _carried(ctx, node, bound)
+        total += roundings * torch.finfo(dtype).tiny * _carried(ctx, node, bound)
     return total
 
 
@@ -1084,7 +1131,8 @@ def zero_input_scale(ctx: _Context, zero: Tensor, output: Any) -> float:
     factor covering the operations' count. A bias of 2^24 that the head cancels keeps
     intermediates ~2^24 whatever the logits. A module kept whole counts with what it computes
     inside (:func:`lipcert.bounds.network.internal_size`). inf when an operation with L_n = 0
-    holds a nonzero value (its share cannot be bounded)."""
+    holds a nonzero value (its share cannot be bounded) or a value overflowed (a NaN, which
+    max() would skip)."""
     magnitudes = _Magnitudes(ctx.gm, ctx.norm)
     with torch.no_grad():
         magnitudes.run(zero)
@@ -1092,5 +1140,8 @@ def zero_input_scale(ctx: _Context, zero: Tensor, output: Any) -> float:
     for node, size in magnitudes.magnitudes.items():
         if node.op in ("placeholder", "output") or not ctx.is_dependent(node) or size == 0:
             continue
-        largest = max(largest, size * _carried(ctx, node, bound))
+        term = size * _carried(ctx, node, bound)
+        if math.isnan(term):  # an intermediate that overflowed at x = 0 (inf - inf)
+            return math.inf
+        largest = max(largest, term)
     return largest if math.isfinite(largest) else math.inf

@@ -53,7 +53,7 @@ axis; for the constant 3 x 3 kernel the ratio is 1.023 at 16 x 16 and 1.006 at 3
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -117,11 +117,24 @@ def conv_geometry(
 
 
 def module_geometry(conv: nn.Conv1d | nn.Conv2d, input_size: tuple[int, ...]) -> ConvGeometry:
-    """The geometry of ``conv`` on inputs of spatial size ``input_size``."""
-    return conv_geometry(
+    """The geometry of ``conv`` on inputs of spatial size ``input_size``: the padding its forward
+    applies. With a padding mode other than zeros that is ``_reversed_padding_repeated_twice``,
+    fixed when the module was built (``padding`` changed afterwards is not read)."""
+    geometry = conv_geometry(
         conv.kernel_size, input_size, conv.stride, conv.padding, conv.dilation, conv.groups,
         conv.padding_mode,
     )  # fmt: skip
+    if conv.padding_mode == "zeros":
+        return geometry
+    return replace(geometry, pads=forward_pads(conv))
+
+
+def forward_pads(conv: nn.Conv1d | nn.Conv2d) -> tuple[tuple[int, int], ...]:
+    """(before, after) per spatial axis that ``conv``'s forward pads with a non-zeros mode: torch's
+    ``_reversed_padding_repeated_twice`` lists them last axis first."""
+    reversed_pads = conv._reversed_padding_repeated_twice
+    pairs = [tuple(reversed_pads[i : i + 2]) for i in range(0, len(reversed_pads), 2)]
+    return tuple(reversed(pairs))
 
 
 def conv_operator_norm(weight: Tensor, geometry: ConvGeometry) -> float:

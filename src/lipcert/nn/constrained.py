@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lipcert.bounds.padded_conv import forward_pads
 from lipcert.nn.constraint import LipschitzLayer, WeightConstraint, original
 
 #: Padding modes under which a convolution is a restriction of a circular one (so circular-norm
@@ -120,11 +121,7 @@ class ConstrainedConv2d(_ConstrainedMixin, nn.Conv2d):
         constraint: BoundedWeightConstraint,
     ) -> None:
         _check_positive(in_channels=in_channels, out_channels=out_channels)
-        if padding_mode not in SUPPORTED_PADDING_MODES:
-            raise ValueError(
-                f"padding_mode={padding_mode!r} is not supported: reflect/replicate padding reuses "
-                f"input pixels; use one of {SUPPORTED_PADDING_MODES}"
-            )
+        _check_padding_mode(padding_mode)
         if padding == "same" and stride not in (1, (1, 1)):
             raise ValueError(
                 "padding='same' needs stride=1; give an integer padding for stride > 1"
@@ -140,13 +137,17 @@ class ConstrainedConv2d(_ConstrainedMixin, nn.Conv2d):
             device=device,
             dtype=dtype,
         )
-        _check_circular_padding(self.padding, self.kernel_size, padding_mode)
+        check_conv_geometry(self)
         self._register(constraint)
 
     def forward(self, input: Tensor) -> Tensor:
         ok = input.dim() in (3, 4) and input.shape[-3] == self.in_channels
         check_input_shape(self, input, f"(B, {self.in_channels}, H, W)", ok)
         return super().forward(input)
+
+    def lipschitz_bound(self) -> float:
+        check_conv_geometry(self)  # nn.Conv2d reads its settings at every forward
+        return super().lipschitz_bound()
 
     def export(self) -> nn.Conv2d:
         plain = nn.Conv2d(
@@ -167,25 +168,46 @@ class ConstrainedConv2d(_ConstrainedMixin, nn.Conv2d):
         return plain
 
 
+def layer_name(layer: nn.Module) -> str:
+    """The class name a user gave ``layer`` (parametrize renames it ``Parametrized...``)."""
+    return type(layer).__name__.removeprefix("Parametrized")
+
+
 def check_input_shape(layer: nn.Module, x: Tensor, expected: str, ok: bool) -> None:
     """Raise a ValueError naming ``layer``, the ``expected`` shape and the shape of ``x``."""
     if not ok:
-        name = type(layer).__name__.removeprefix("Parametrized")  # parametrize's subclass
-        raise ValueError(f"{name} expects input {expected}, got {tuple(x.shape)}")
+        raise ValueError(f"{layer_name(layer)} expects input {expected}, got {tuple(x.shape)}")
 
 
-def _check_circular_padding(
-    padding: str | tuple[int, int], kernel_size: tuple[int, int], padding_mode: str
-) -> None:
-    """Circular padding beyond (k - 1) / 2 a side wraps the input more than once and repeats
-    outputs, so the layer is no longer a restriction of a circular convolution (nor bounded by it).
-    """
-    if padding_mode != "circular" or isinstance(padding, str):  # "same": k - 1 in all
-        return
-    if any(2 * p > k - 1 for p, k in zip(padding, kernel_size, strict=True)):
+def _check_padding_mode(padding_mode: str) -> None:
+    if padding_mode not in SUPPORTED_PADDING_MODES:
         raise ValueError(
-            f"padding={padding} with padding_mode='circular' must be at most (kernel_size - 1) / 2 "
-            f"a side (kernel_size={kernel_size}): more repeats outputs and can raise the norm"
+            f"padding_mode={padding_mode!r} is not supported: reflect/replicate padding reuses "
+            f"input pixels; use one of {SUPPORTED_PADDING_MODES}"
+        )
+
+
+def check_conv_geometry(conv: nn.Conv2d) -> None:
+    """ValueError unless ``conv`` is a convolution the constrained layers' bounds cover: zero or
+    circular padding, dilation 1, one group, and circular padding of at most k - 1 in all per
+    axis (more wraps the input more than once and repeats outputs, so the layer is no longer a
+    restriction of a circular convolution, nor bounded by it). Checked when the layer is built
+    and at every bound: ``nn.Conv2d`` reads these attributes at every forward, and one changed
+    afterwards (a replicate ``padding_mode`` set on an AOL layer: norm 2.0 against a bound of 1.0)
+    would run a convolution the bound does not cover."""
+    _check_padding_mode(conv.padding_mode)
+    if tuple(conv.dilation) != (1, 1) or conv.groups != 1:
+        raise ValueError(
+            f"{layer_name(conv)} needs dilation 1 and one group, got dilation={conv.dilation}, "
+            f"groups={conv.groups}"
+        )
+    if conv.padding_mode != "circular":
+        return
+    totals = [before + after for before, after in forward_pads(conv)]
+    if any(total > k - 1 for total, k in zip(totals, conv.kernel_size, strict=True)):
+        raise ValueError(
+            f"circular padding of {totals} in all per axis must be at most kernel_size - 1 "
+            f"(kernel_size={conv.kernel_size}): more repeats outputs and can raise the norm"
         )
 
 

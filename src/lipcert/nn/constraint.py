@@ -91,7 +91,7 @@ class WeightConstraint(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         def compute() -> Tensor:
             # TF32 or autocast's bfloat16 would eat the slack of the constraint's proof
-            with ieee_float32(), torch.autocast(weight.device.type, enabled=False):
+            with ieee_float32():
                 return self.constrain(weight)
 
         return self.cache.get([weight], compute, enabled=not self.training)

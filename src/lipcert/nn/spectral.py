@@ -21,7 +21,12 @@ from lipcert.bounds.conv import (
     to_pair,
 )
 from lipcert.bounds.operator import DEFAULT_GRAM_ITERATIONS, gram_spectral_bound
-from lipcert.nn.constrained import BoundedWeightConstraint, ConstrainedConv2d, ConstrainedLinear
+from lipcert.nn.constrained import (
+    BoundedWeightConstraint,
+    ConstrainedConv2d,
+    ConstrainedLinear,
+    layer_name,
+)
 
 
 class SpectralNormalization(BoundedWeightConstraint):
@@ -61,6 +66,16 @@ class ConvSpectralNormalization(BoundedWeightConstraint):
         return weight / self._bound(weight)
 
     def operator_bound(self, layer: nn.Module, weight: Tensor) -> float:
+        """The divisor's bound, refused for a layer whose stride or padding mode changed after
+        construction to one the bound does not cover: the stride-1 bound covers every stride,
+        a strided one only zero padding at that stride."""
+        strided = self.stride != (1, 1)
+        if strided and (layer.padding_mode != "zeros" or tuple(layer.stride) != self.stride):
+            raise ValueError(
+                f"the bound of {layer_name(layer)} assumes stride {self.stride} with zero "
+                f"padding; the layer now has stride {layer.stride}, padding_mode "
+                f"{layer.padding_mode!r}: build a new layer"
+            )
         return float(self._bound(weight))
 
 
