@@ -906,7 +906,8 @@ def _probe_input(
     float32 allowance of ``lipcert.certify``, which takes the least precise dtype too)."""
     reference = next(iter([*model.parameters(), *model.buffers()]), None)
     device = reference.device if reference is not None else None
-    dtypes = [_natural_dtype(model), *([input_dtype] if input_dtype is not None else [])]
+    given = input_dtype is not None and input_dtype.is_floating_point
+    dtypes = [_natural_dtype(model), *([input_dtype] if given else [])]
     dtype = max(dtypes, key=lambda t: torch.finfo(t).eps)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((1, *input_shape), generator=gen, dtype=dtype)
@@ -997,7 +998,7 @@ def graph_bound(
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     name = type(model).__name__
     _check_no_hooks(model)
-    _check_finite((f"parameter {name}", p) for name, p in model.named_parameters())
+    _check_finite((f"parameter {key}", p) for key, p in model.named_parameters())
     gm = trace(model, norm)
     _check_finite(_read_tensors(gm))
     _check_single_input(gm, name)
