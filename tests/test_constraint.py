@@ -3,7 +3,7 @@ import torch
 from torch.func import functional_call
 
 from lipcert import nn as lnn
-from lipcert.nn.constraint import EvalCache
+from lipcert.nn.constraint import EvalCache, original
 
 
 @pytest.mark.parametrize("layer_class", [lnn.SpectralLinear, lnn.AOLLinear, lnn.OrthoLinear])
@@ -36,3 +36,39 @@ def test_eval_cache_recomputes_after_in_place_changes_and_replacements():
     assert cache.get([source], compute, enabled=True) == 6 and len(calls) == 2
     source = torch.ones(3)  # a new tensor
     assert cache.get([source], compute, enabled=True) == 3 and len(calls) == 3
+
+
+def test_the_eval_cache_follows_the_constraint_settings():
+    """AOL's rescale side changed in eval mode: the cache, keyed on the raw weight only, kept the
+    old weight under no_grad while a forward with gradients used the new one."""
+    torch.manual_seed(1)
+    layer = lnn.AOLLinear(3, 2, bias=False).eval()
+    x = torch.tensor([[1.0, 1.0, 0.0]])
+    with torch.no_grad():
+        layer(x)  # fills the cache
+    layer.constraint.rescale = "output"
+    with torch.no_grad():
+        cached = layer(x)
+    assert torch.equal(cached, layer(x).detach())
+
+
+def test_certify_recomputes_the_eval_caches_when_the_model_changed():
+    """A write through .data, certify, then clear_caches: certify reused the bound of the stale
+    cached head (radius 99.9) for the new one (true radius 0.4995, broken at 0.6)."""
+    import lipcert
+
+    head = lnn.RowNormLinear(2, 2, bias=False)
+    with torch.no_grad():
+        original(head).copy_(torch.tensor([[1.0, 0.0], [1.0, 0.01]]))
+    model = torch.nn.Sequential(head).eval()
+    x, y = torch.tensor([[1.0, 0.5]]), torch.tensor([0])
+    lipcert.certify(model, x, y)
+    original(head).data.copy_(torch.tensor([[0.0, 1.0], [0.0, -1.0]]))
+    with torch.no_grad():
+        fresh = head.weight.detach().clone()
+    first = lipcert.certify(model, x, y)
+    lnn.clear_caches(model)
+    second = lipcert.certify(model, x, y)
+    true_radius = (model(x)[0, 0] - model(x)[0, 1]) / (fresh[0] - fresh[1]).norm()
+    assert torch.equal(first, second)
+    assert float(second[0]) <= float(true_radius)

@@ -142,3 +142,25 @@ def test_bounds_and_exports() -> None:
     assert down.lipschitz_bound() == 1.0 and type(down.export()) is nn.PixelUnshuffle
     model = nn.Sequential(InvertibleDownsample(2), ScaledAvgPool2d(2), L2NormPool2d(None))
     assert lipschitz_upper_bound(model, input_shape=(3, 8, 12)) == 1.0
+
+
+@pytest.mark.parametrize("pool", [ScaledAvgPool2d, L2NormPool2d])
+def test_windows_set_to_overlap_after_construction_are_refused_by_the_bound(pool):
+    """The forward reads kernel_size and stride at every call: a stride of 1 set on a built 2x2
+    pool gave a map of norm 1.87 under a bound of 1 (certified 0.186, broken at 0.186)."""
+    layer = pool(2)
+    layer.stride = (1, 1)
+    exact = jacobian_spectral_norm(layer.double(), torch.randn(1, 8, 8, dtype=torch.float64))
+    assert exact > 1.5
+    with pytest.raises(ValueError, match="overlapping windows"):
+        lipschitz_upper_bound(layer)
+    with pytest.raises(ValueError, match="overlapping windows"):
+        lipschitz_upper_bound(nn.Sequential(layer), input_shape=(1, 8, 8))
+
+
+def test_a_negative_eps_set_after_construction_is_refused_by_the_bound():
+    """sqrt(s + eps) with eps < 0 has an unbounded slope near s = -eps (7.1 under a bound of 1)."""
+    layer = L2NormPool2d(None)
+    layer.eps = -1.0
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        lipschitz_upper_bound(layer)

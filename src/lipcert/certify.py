@@ -67,6 +67,7 @@ from lipcert.bounds.graph import graph_bound
 from lipcert.bounds.network import UnsupportedNorm
 from lipcert.bounds.operator import pairwise_row_distance_bound
 from lipcert.modes import eval_mode
+from lipcert.nn.constraint import clear_caches
 from lipcert.precision import ieee_float32
 
 #: Relative float32 logit error allowed for: 2^-14 ~ 6.1e-5 = 1024 * float32 unit roundoff
@@ -427,8 +428,8 @@ def certify(
     _check_inputs(x, y, norm)
     if lipschitz is not None and not (math.isfinite(lipschitz) and lipschitz > 0):
         raise ValueError(f"lipschitz must be a positive finite number, got {lipschitz!r}")
-    summary = _summary_once(model, norm, x, lipschitz)
     with eval_mode(model):
+        summary = _summary_once(model, norm, x, lipschitz)
         return _certify_with(model, x, y, norm, summary, len(y), x.device)
 
 
@@ -436,11 +437,20 @@ def _summary_once(
     model: nn.Module, norm: str, x: Tensor, lipschitz: float | None = None
 ) -> Callable[[], LipschitzSummary]:
     """The model's :func:`native_summary` for inputs of ``x``'s shape and dtype (or the given
-    ``lipschitz``), computed at the first call: after a forward pass has checked that the inputs
-    fit the model, so that shape errors name the model's layer."""
+    ``lipschitz``): looked up now, before the forward, and computed when missing at the first
+    call, after a forward pass has checked that the inputs fit the model (shape errors then name
+    the model's layer)."""
     if lipschitz is not None:
         return lambda: LipschitzSummary(norm, float(lipschitz), None)
     input_shape, dtype = tuple(x.shape[1:]), x.dtype
+    cached = _SUMMARIES.get(model, {}).get((norm, input_shape, dtype))
+    if cached is not None and cached.holds_for(*_model_state(model)):
+        return lambda: cached.summary
+    # The model changed since its last bound (or has none): its eval caches may hold constrained
+    # weights of older raw ones (a write through .data bumps no version), which the forward and
+    # the bound would both read while a forward with gradients does not. Recomputed from the raw
+    # weights for both; else a bound of the stale weights outlived a later clear_caches.
+    clear_caches(model)
     return functools.cache(lambda: native_summary(model, norm, input_shape, dtype))
 
 
@@ -495,7 +505,7 @@ def certify_batched(
 ) -> Tensor:
     """:func:`certify` over a whole dataset in batches (the bound is computed once)."""
     _check_inputs(x, y, norm)
-    device = next(model.parameters()).device
-    summary = _summary_once(model, norm, x)
     with eval_mode(model):
+        device = next(model.parameters()).device
+        summary = _summary_once(model, norm, x)
         return _certify_with(model, x, y, norm, summary, batch_size, device).cpu()

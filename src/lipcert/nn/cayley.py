@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from lipcert.bounds.operator import semi_unitary_spectral_bound
 from lipcert.nn.constrained import _check_positive, _init_torch_default, check_input_shape
-from lipcert.nn.constraint import EvalCache, LipschitzLayer
+from lipcert.nn.constraint import EvalCache, LipschitzLayer, plain_settings
 
 #: Precision of the per-frequency Cayley solve, whose error grows like ||S|| u. Measured after the
 #: test suite's adversarial optimizer steps (kernel entries ~1e5), a float32 layer's bound reaches
@@ -152,7 +152,8 @@ class CayleyConv2d(LipschitzLayer, nn.Module):
         return self._unitary(cached=not self.training)
 
     def _unitary(self, cached: bool) -> Tensor:
-        return self._unitary_cache.get([self.weight], self._fresh_unitary, enabled=cached)
+        settings = plain_settings(self)  # the grid (input_size) and the kernel size
+        return self._unitary_cache.get([self.weight], self._fresh_unitary, cached, settings)
 
     def _fresh_unitary(self) -> Tensor:
         spectrum = self.kernel_spectrum()

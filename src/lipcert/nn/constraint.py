@@ -1,11 +1,15 @@
 """The machinery every constrained layer shares.
 
-* :class:`EvalCache` keeps a value computed from some source tensors (the raw weights) and hands it
-  back until one of them changes. Changes are detected through each tensor's identity (a weak
-  reference), storage and autograd version counter, which every in-place update bumps: optimizer
-  steps, ``load_state_dict`` (``copy_``), ``module.to(...)``. In-place writes through the legacy
-  ``tensor.data`` alias bypass the version counter: the layer then keeps computing with its cached
-  values (its bound and ``export`` describe those); call :func:`clear_caches` to use the new ones.
+* :class:`EvalCache` keeps a value computed from some source tensors (the raw weights) and the
+  owner's settings, and hands it back until one of them changes. Changes are detected through each
+  tensor's identity (a weak reference), storage and autograd version counter, which every in-place
+  update bumps: optimizer steps, ``load_state_dict`` (``copy_``), ``module.to(...)``, and through
+  the owner's plain attributes (:func:`plain_settings`: AOL's ``rescale``, a Cayley layer's grid).
+  In-place writes through the legacy ``tensor.data`` alias bypass the version counter: the
+  layer then keeps computing with its cached values under ``torch.no_grad`` (its bound and
+  ``export`` describe those) while a forward with gradients computes afresh; call
+  :func:`clear_caches` to use the new ones everywhere (``lipcert.certify`` does so whenever the
+  model's values or settings changed since its last bound).
 * :class:`WeightConstraint` is the base of the ``torch.nn.utils.parametrize`` modules: its forward
   is the constraint, computed afresh in training mode and cached in eval mode.
 * :class:`LipschitzLayer` is the protocol of a lipcert layer: a sound bound of its own Lipschitz
@@ -34,8 +38,25 @@ def _version_key(tensors: Sequence[Tensor]) -> tuple | None:
         return None
 
 
+#: Attribute values :func:`plain_settings` keeps (compared by value).
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def plain_settings(module: nn.Module) -> tuple:
+    """(name, value) of ``module``'s plain attributes (numbers, strings, tuples of them): the
+    settings a constraint's value depends on besides its tensors, part of an :class:`EvalCache`
+    key."""
+    return tuple(
+        (name, value)
+        for name, value in vars(module).items()
+        if isinstance(value, _PLAIN)
+        or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value))
+    )
+
+
 class EvalCache:
-    """Caches ``compute()`` while the ``sources`` it was computed from stay unchanged.
+    """Caches ``compute()`` while the ``sources`` it was computed from and the ``settings`` stay
+    unchanged.
 
     The sources are held by weak reference and compared by identity: a freed tensor's id and
     address can be reused by a new one at the same version (``torch.func.functional_call`` with
@@ -47,7 +68,13 @@ class EvalCache:
         self._key: tuple | None = None
         self._value: Any = None
 
-    def get(self, sources: Sequence[Tensor], compute: Callable[[], Any], enabled: bool) -> Any:
+    def get(
+        self,
+        sources: Sequence[Tensor],
+        compute: Callable[[], Any],
+        enabled: bool,
+        settings: tuple = (),
+    ) -> Any:
         """Return the cached value when ``enabled`` and still valid, else compute it.
 
         A cached value holds no autograd graph, so the cache is bypassed when gradients must flow
@@ -57,9 +84,10 @@ class EvalCache:
             enabled = False
         if not enabled:
             return compute()
-        key = _version_key(sources)
-        if key is None:
+        versions = _version_key(sources)
+        if versions is None:
             return compute()
+        key = (versions, settings)
         if key != self._key or not self._same_sources(sources):
             with torch.inference_mode(False), torch.no_grad():
                 self._value = compute()
@@ -94,7 +122,7 @@ class WeightConstraint(nn.Module):
             with ieee_float32():
                 return self.constrain(weight)
 
-        return self.cache.get([weight], compute, enabled=not self.training)
+        return self.cache.get([weight], compute, not self.training, plain_settings(self))
 
 
 def original(module: nn.Module, name: str = "weight") -> Tensor:

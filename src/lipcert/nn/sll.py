@@ -30,7 +30,7 @@ from torch.nn.modules.utils import _pair
 from lipcert.bounds.network import internal_size, register_internal_size
 from lipcert.nn.aol import as_kernel, margin_row_sums
 from lipcert.nn.constrained import _check_positive, check_input_shape
-from lipcert.nn.constraint import EvalCache, LipschitzLayer
+from lipcert.nn.constraint import EvalCache, LipschitzLayer, plain_settings
 from lipcert.nn.residual import Residual, residual_bound
 from lipcert.precision import ieee_float32
 
@@ -98,7 +98,7 @@ class _SLL(LipschitzLayer, nn.Module):
         one consistent set even after a write that bumps no version counter (``weight.data``),
         where a live K beside a cached B would be no SLL layer at all."""
         sources = [self.weight, self.log_q]
-        return self.cache.get(sources, self._fold_all, enabled=not self.training)
+        return self.cache.get(sources, self._fold_all, not self.training, plain_settings(self))
 
     def _fold_all(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         scales, outer = self.fold()
