@@ -131,9 +131,9 @@ class _WindowPool2d(LipschitzLayer, nn.Module):
         windows are checked again (the forward reads them at every call: a stride set below the
         kernel after construction gave a norm of 1.87 under this bound)."""
         if self.kernel_size is not None:
-            _check_disjoint_windows(
-                _as_pair(self.kernel_size, "kernel_size"), _as_pair(self.stride, "stride")
-            )
+            kernel = _as_pair(self.kernel_size, "kernel_size")
+            stride = kernel if self.stride is None else _as_pair(self.stride, "stride")
+            _check_disjoint_windows(kernel, stride)
         return 1.0
 
     def export(self) -> nn.Module:
