@@ -716,3 +716,75 @@ def test_a_one_dimensional_linear_weight_is_a_row():
     model = _BufferNet(lambda m, x: F.linear(x, m.c)[:, None], weight)
     assert lipcert.lipschitz_upper_bound(model, (3,)) == pytest.approx(5.0)
     assert lipcert.lipschitz_upper_bound(model, (3,), "linf") == pytest.approx(7.0)
+
+
+class _TenfoldLinear(lipcert.nn.LipschitzLayer, nn.Linear):
+    """10 (x W^T + b), with the bound that says so: not a head whose rows are ``weight``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 10.0 * F.linear(x, self.weight, self.bias)
+
+    def lipschitz_bound(self) -> float:
+        return 10.0 * float(torch.linalg.matrix_norm(self.weight.double(), 2)) * (1 + 1e-12)
+
+
+def test_a_linear_subclass_with_another_forward_is_not_a_head():
+    """The head form read the rows of any nn.Linear subclass: a layer computing 10 x W^T + b was
+    certified at 30.0 where the exact distance to its decision boundary is 3.0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), _TenfoldLinear(8, 3)).double().eval()
+    x = torch.randn(200, 8, dtype=torch.float64)
+    logits = model(x).detach()
+    y = logits.argmax(1)
+    rows = 10 * model[1].weight.detach()
+    gaps = logits.gather(1, y[:, None]) - logits  # (B, C)
+    pair_norms = torch.linalg.vector_norm(rows[y][:, None, :] - rows[None], dim=2)
+    exact = (gaps / pair_norms).masked_fill(gaps == 0, math.inf).amin(1)
+    radii = certify(model, x, y).double()
+    assert (radii > 0).any() and bool((radii <= exact).all())
+
+
+def test_the_rounding_allowance_covers_a_head_of_large_rows():
+    """Rows ~1e5 read inputs almost orthogonal to them: the logits cancel to ~1 while their float32
+    rounding is ~0.7, and the allowance (the body's bound, 1) certified 4.8e-7 where an x' at
+    4.7e-7 flips. Every certified radius must stay below the exact (float64) distance."""
+    gen = torch.Generator().manual_seed(0)
+    head = nn.Linear(256, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(2, 256, generator=gen) * 1e5)
+    model = nn.Sequential(nn.Flatten(), head).eval()
+    rows = head.weight.detach().double()
+    difference = rows[0] - rows[1]
+    basis, _ = torch.linalg.qr(rows.T)
+    points = []
+    for i in range(100):
+        x = torch.randn(256, generator=gen, dtype=torch.float64)
+        x = x - basis @ (basis.T @ x)  # logits ~ 0
+        points.append(x + (0.5 + i % 5) / difference.dot(difference) * difference)
+    points.append(3.0 * difference / difference.norm())  # far from the boundary: certifiable
+    x = torch.stack(points).float()
+    y = torch.zeros(len(x), dtype=torch.long)
+    exact = (x.double() @ difference) / difference.norm()
+    radii = certify(model, x, y).double()
+    assert radii[-1] > 0
+    assert bool((radii <= exact).all())
+
+
+def test_certified_accuracy_compares_in_float64():
+    """eps 0.7 in float32 is 0.699999988: a radius of 0.699999988 (rounded down from 0.69999999)
+    counted as certified at 0.7."""
+    radii = torch.tensor([0.69999999], dtype=torch.float64).float()
+    assert lipcert.certified_accuracy(radii, [0.7]) == {0.7: 0.0}
+
+
+def test_a_negative_std_loaded_into_normalize_is_bounded_by_its_size():
+    """The constructor refuses std <= 0 but load_state_dict does not: 1 / min(std) read -0.1 for
+    std (-10, 0.01), and two such layers gave a bound of +0.01 for a map of constant 1e4."""
+    from lipcert.data import Normalize
+
+    layer = Normalize([0.0, 0.0], [1.0, 1.0])
+    layer.load_state_dict({"mean": torch.zeros(2), "std": torch.tensor([-10.0, 0.01])})
+    assert layer.lipschitz_bound() >= 100.0
+    layer.load_state_dict({"mean": torch.zeros(2), "std": torch.tensor([0.0, 1.0])})
+    with pytest.raises(ValueError, match="std of 0"):
+        layer.lipschitz_bound()

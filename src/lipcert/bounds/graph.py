@@ -77,6 +77,7 @@ from lipcert.bounds.network import (
 )
 from lipcert.bounds.padded_conv import conv_geometry
 from lipcert.bounds.rules import conv_bound, pad_factor
+from lipcert.nn.constrained import ConstrainedLinear
 from lipcert.nn.constraint import LipschitzLayer
 from lipcert.nn.residual import Residual, sll_form
 
@@ -1020,8 +1021,9 @@ def graph_bound(
     for node in gm.graph.nodes:  # every input-dependent node, read by the output or not
         if ctx.is_dependent(node) and node.op != "output":
             step = _node_step(ctx, node)
-            if math.isnan(step.bound):
-                raise ValueError(f"{_describe(node)} (node '{node.name}') has no bound (NaN)")
+            if not step.bound >= 0:  # NaN, or a rule that read a negative scale
+                where = f"{_describe(node)} (node '{node.name}')"
+                raise ValueError(f"{where} has no bound: {step.bound}")
             ctx.bounds[node] = step.bound
             if node in needed and node.op != "placeholder":
                 records.append(_record(ctx, node, step))
@@ -1047,6 +1049,17 @@ def _record(ctx: _Context, node: Node, step: Step) -> NodeBound:
     )
 
 
+#: Forwards that compute F.linear(x, self.weight, self.bias) and nothing else.
+_LINEAR_FORWARDS = (nn.Linear.forward, ConstrainedLinear.forward)
+
+
+def _computes_linear(module: nn.Module) -> bool:
+    """Whether ``module``'s output is x W^T + b with its own ``weight``: the head form reads the
+    weight's rows, so a subclass with another forward (10 F.linear(...), rows normalized inside)
+    must not pass for one (certified 30.0 at an exact distance of 3.0)."""
+    return isinstance(module, nn.Linear) and type(module).forward in _LINEAR_FORWARDS
+
+
 def _summary(
     ctx: _Context, result: Any, records: tuple[NodeBound, ...], rounding_terms: tuple
 ) -> GraphBound:
@@ -1055,7 +1068,7 @@ def _summary(
     if result.op == "call_module":
         module = ctx.gm.get_submodule(result.target)
         source = result.args[0]
-        if isinstance(module, nn.Linear) and ctx.is_dependent(source):
+        if _computes_linear(module) and ctx.is_dependent(source):
             return GraphBound(bound, records, module, ctx.bound(source), *rounding_terms)
     return GraphBound(bound, records, None, None, *rounding_terms)
 

@@ -71,7 +71,13 @@ class Normalize(LipschitzLayer, nn.Module):
         return (x - self.mean.reshape(shape)) / self.std.reshape(shape)
 
     def lipschitz_bound(self) -> float:
-        return math.nextafter(1.0 / float(self.std.double().min()), math.inf)
+        """1 / min |std|, rounded up; ValueError for a std of 0 (or NaN), which the constructor
+        refuses but ``load_state_dict`` can bring (a negative std only flips a sign: 1 / |std|;
+        1 / min(std) read -0.1 for std (-10, 0.01), a bound of the wrong sign)."""
+        smallest = float(self.std.double().abs().min())
+        if not smallest > 0:
+            raise ValueError(f"Normalize has std {self.std.tolist()}: a std of 0 has no bound")
+        return math.nextafter(1.0 / smallest, math.inf)
 
     def export(self) -> nn.Module:
         """Itself: the forward is plain torch ops on buffers."""
