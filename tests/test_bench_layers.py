@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import lipcert.nn as lnn
 from lipcert.bench import layers
+from lipcert.cli import main
 
 
 def test_ratio_is_the_median_over_rounds_of_the_ratio_within_a_round():
@@ -51,3 +53,40 @@ def test_nets_are_timed_in_train_then_eval_mode(monkeypatch):
     assert rows[0]["train_ratio"] == rows[0]["eval_ratio"] == 1.0
     assert "exported_eval_ratio" not in rows[0] and "exported_eval_ratio" in rows[1]
     assert all(rows[1][k] > 0 for k in ("train_ms", "eval_ms", "train_ratio", "eval_ratio"))
+
+
+def test_batch_option_sets_the_timed_batch(monkeypatch):
+    shapes: list[int] = []
+
+    class _BatchProbe(nn.Identity):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            shapes.append(len(x))
+            return x
+
+    for name, value in (("INPUT_SHAPE", (3, 6, 6)), ("CLASSES", 2), ("REPEATS", 1)):
+        monkeypatch.setattr(layers, name, value)
+    monkeypatch.setattr(
+        layers,
+        "families",
+        lambda: {"plain": lambda: _tiny(lambda i, o: nn.Conv2d(i, o, 3, padding=1), _BatchProbe())},
+    )
+    layers.measure(batch=5)
+    assert shapes and set(shapes) == {5}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "layers", "--batch", "0"], "--batch must be a positive integer, got 0"),
+        (["bench", "linf", "--batch", "8"], "--batch applies to bench layers only"),
+    ],
+)
+def test_bench_options_are_checked(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_bench_on_a_missing_gpu_says_so(capsys):
+    assert main(["bench", "layers", "--device", "cuda"]) == 2
+    assert "no CUDA device is available" in capsys.readouterr().err

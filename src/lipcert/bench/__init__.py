@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 
-def run_bench(what: str, as_json: bool = False, checkpoint: str | None = None) -> None:
-    """Run the benchmark ``what`` and print its table (or JSON); ``certify`` needs a
-    ``checkpoint``."""
+def run_bench(
+    what: str,
+    as_json: bool = False,
+    checkpoint: str | None = None,
+    device: str | None = None,
+    batch: int | None = None,
+) -> None:
+    """Run the benchmark ``what`` on ``device`` and print its table (or JSON); ``certify`` needs a
+    ``checkpoint``; ``batch`` sets the batch of ``layers``."""
+    if batch is not None and what != "layers":
+        raise ValueError(f"--batch applies to bench layers only, not bench {what}")
     if what == "layers":
         from lipcert.bench.layers import main
 
-        main(as_json=as_json)
+        main(as_json=as_json, device=device or "cpu", batch=batch)
     elif what == "linf":
         from lipcert.bench.linf import main as linf_main
 
-        linf_main(as_json=as_json)
+        linf_main(as_json=as_json, device=device)
     elif what == "certify":
         if checkpoint is None:
             raise ValueError("lipcert bench certify needs a checkpoint: lipcert bench certify CKPT")
         from lipcert.bench.certify import main as certify_main
 
-        certify_main(checkpoint, as_json=as_json)
+        certify_main(checkpoint, as_json=as_json, device=device or "cpu")
     else:
         raise ValueError(f"unknown benchmark {what!r}; choose 'layers', 'linf' or 'certify'")

@@ -7,17 +7,18 @@ forward per batch) and on a warm cache (bound reused). The target: certification
 after clearing the cache. The warm pass and the eval pass: ``pairs`` rounds of both, their order
 alternating from round to round (whichever runs second finds the caches the first one left), after
 one untimed run of each; the ratio is that of the medians, with the quartiles of the per-round
-ratios as the spread the machine's noise gives it.
+ratios as the spread the machine's noise gives it. ``--device cuda`` runs it all on the GPU, each
+timed pass ending with a device synchronization.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import time
 
 import torch
 
+from lipcert.bench.timing import seconds
 from lipcert.certify import certified_accuracy, certify_batched, clear_summary_cache
 from lipcert.cli.common import load_run
 from lipcert.modes import eval_mode
@@ -30,24 +31,25 @@ def _eval_pass(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> None
             model(x[i : i + batch_size])
 
 
-def _seconds(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
 def _quartiles(values: list[float]) -> tuple[float, float]:
     q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
     return q1, q3
 
 
-def measure(checkpoint: str, repeats: int = 3, pairs: int = 9, data_dir: str | None = None) -> dict:
-    model, config, data = load_run(checkpoint, data_dir)
-    x, y, norm, batch = data.test.x, data.test.y, config.certify.norm, config.data.eval_batch_size
+def measure(
+    checkpoint: str,
+    repeats: int = 3,
+    pairs: int = 9,
+    data_dir: str | None = None,
+    device: str = "cpu",
+) -> dict:
+    model, config, data = load_run(checkpoint, data_dir, device)
+    x, y = data.test.x.to(device), data.test.y.to(device)
+    norm, batch = config.certify.norm, config.data.eval_batch_size
     cold = []
     for _ in range(repeats):
         clear_summary_cache(model)
-        cold.append(_seconds(lambda: certify_batched(model, x, y, norm, batch)))
+        cold.append(seconds(lambda: certify_batched(model, x, y, norm, batch), x.device))
     passes = {
         "plain": lambda: _eval_pass(model, x, batch),
         "warm": lambda: certify_batched(model, x, y, norm, batch),
@@ -58,13 +60,14 @@ def measure(checkpoint: str, repeats: int = 3, pairs: int = 9, data_dir: str | N
     for round_index in range(pairs):
         order = list(passes) if round_index % 2 == 0 else list(reversed(passes))
         for name in order:
-            times[name].append(_seconds(passes[name]))
+            times[name].append(seconds(passes[name], x.device))
     plain, warm = statistics.median(times["plain"]), statistics.median(times["warm"])
     cold_s = statistics.median(cold)
     ratios = [w / p for w, p in zip(times["warm"], times["plain"], strict=True)]
     radii = certify_batched(model, x, y, norm, batch)
     return {
         "checkpoint": checkpoint,
+        "device": str(x.device),
         "points": len(y),
         "norm": norm,
         "rounds": pairs,
@@ -78,8 +81,8 @@ def measure(checkpoint: str, repeats: int = 3, pairs: int = 9, data_dir: str | N
     }
 
 
-def main(checkpoint: str, as_json: bool = False) -> None:
-    row = measure(checkpoint)
+def main(checkpoint: str, as_json: bool = False, device: str = "cpu") -> None:
+    row = measure(checkpoint, device=device)
     if as_json:
         print(json.dumps(row, indent=2))
         return
@@ -92,6 +95,7 @@ def main(checkpoint: str, as_json: bool = False) -> None:
     print(format_table(header, table))
     q1, q3 = row["warm_ratio_quartiles"]
     print(
-        f"{row['points']} test points ({row['norm']}), {checkpoint}; bound cached: median of "
-        f"{row['rounds']} alternating rounds, per-round ratio quartiles {q1:.2f}-{q3:.2f}"
+        f"{row['points']} test points ({row['norm']}), {checkpoint}, {row['device']}; "
+        f"bound cached: median of {row['rounds']} alternating rounds, "
+        f"per-round ratio quartiles {q1:.2f}-{q3:.2f}"
     )

@@ -1,7 +1,9 @@
 """``lipcert bench layers`` (design.md §6).
 
-One process, 2 threads, batch 64, input 3x32x32. Net: conv(3->64) act conv(64->64) act
-PixelUnshuffle(2) conv(256->128) act conv(128->128) act global-avg-pool linear(128->10).
+One process, 2 threads, batch 64 (``--batch``), input 3x32x32, on the CPU (``--device cuda``: on
+the GPU, each timed call followed by a device synchronization). Net: conv(3->64) act
+conv(64->64) act PixelUnshuffle(2) conv(256->128) act conv(128->128) act global-avg-pool
+linear(128->10).
 Train steps (forward + backward + SGD step) and eval forwards (no_grad, eval mode) of plain
 Conv2d + ReLU, each lipcert family before and after ``export``, and the peers (deel-torchlip,
 orthogonium) when installed, timed in 7 interleaved rounds (each round times every net once, in
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 
 import lipcert
 from lipcert import nn as lnn
+from lipcert.bench.timing import seconds
 from lipcert.report import format_table
 
 BATCH, INPUT_SHAPE, CLASSES = 64, (3, 32, 32), 10
@@ -139,7 +141,9 @@ def _eval_forward(net: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return forward
 
 
-def _interleaved_ms(calls: dict[str, Callable[[], None]]) -> dict[str, list[float]]:
+def _interleaved_ms(
+    calls: dict[str, Callable[[], None]], device: torch.device
+) -> dict[str, list[float]]:
     """ms of every call in each of REPEATS rounds; a round runs each call once, in turn (the order
     rotated from round to round), so that a slow spell of the machine or a position in the round
     hits every family instead of biasing one."""
@@ -151,9 +155,7 @@ def _interleaved_ms(calls: dict[str, Callable[[], None]]) -> dict[str, list[floa
     for round_index in range(REPEATS):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            started = time.perf_counter()
-            calls[name]()
-            times[name].append((time.perf_counter() - started) * 1e3)
+            times[name].append(seconds(calls[name], device) * 1e3)
     return times
 
 
@@ -168,25 +170,32 @@ def _summaries(times: dict[str, list[float]], base: str) -> dict[str, tuple[floa
     }
 
 
-def measure() -> list[dict]:
-    """Rows of {family, train_ms, eval_ms, exported_eval_ms, ratios} for every family."""
+def measure(device: str = "cpu", batch: int | None = None) -> list[dict]:
+    """Rows of {family, train_ms, eval_ms, exported_eval_ms, ratios} for every family, timed on
+    ``device`` with ``batch`` inputs (default BATCH)."""
+    device, batch = torch.device(device), BATCH if batch is None else batch
+    if batch <= 0:
+        raise ValueError(f"--batch must be a positive integer, got {batch}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
     torch.set_num_threads(THREADS)
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand((BATCH, *INPUT_SHAPE), generator=gen)
-    y = torch.randint(0, CLASSES, (BATCH,), generator=gen)
+    x = torch.rand((batch, *INPUT_SHAPE), generator=gen).to(device)
+    y = torch.randint(0, CLASSES, (batch,), generator=gen).to(device)
     nets = {}
     for name, build in families().items():
         torch.manual_seed(0)
-        nets[name] = build()
+        nets[name] = build().to(device)
     base = next(iter(nets))
     for net in nets.values():
         net.train()
-    train = _summaries(_interleaved_ms({n: _train_step(m, x, y) for n, m in nets.items()}), base)
+    steps = {n: _train_step(m, x, y) for n, m in nets.items()}
+    train = _summaries(_interleaved_ms(steps, device), base)
     evals = {name: _eval_forward(net.eval(), x) for name, net in nets.items()}
     for name, net in nets.items():
         if name.startswith("lipcert"):
             evals[f"{name} exported"] = _eval_forward(lipcert.export(net).eval(), x)
-    evaluated = _summaries(_interleaved_ms(evals), base)
+    evaluated = _summaries(_interleaved_ms(evals, device), base)
     rows = []
     for name in nets:
         (train_ms, train_ratio), (eval_ms, eval_ratio) = train[name], evaluated[name]
@@ -203,8 +212,8 @@ def measure() -> list[dict]:
     return rows
 
 
-def main(as_json: bool = False) -> None:
-    rows = measure()
+def main(as_json: bool = False, device: str = "cpu", batch: int | None = None) -> None:
+    rows = measure(device, batch)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -222,6 +231,7 @@ def main(as_json: bool = False) -> None:
     ]
     print(format_table(header, table))
     print(
-        f"batch {BATCH}, input {INPUT_SHAPE}, {THREADS} threads, {REPEATS} interleaved rounds; "
+        f"batch {BATCH if batch is None else batch}, input {INPUT_SHAPE}, {device} ({THREADS} CPU threads), "
+        f"{REPEATS} interleaved rounds; "
         "ratios: median over rounds of the ratio to the plain Conv2d+ReLU net in the same round"
     )

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lipcert.bench.timing import seconds
 from lipcert.report import format_table
 
 BATCH, IN_FEATURES, OUT_FEATURES, THREADS = 128, 1024, 1024, 2
@@ -85,19 +86,6 @@ def _call(variant: str, p: float, mode: str, device: torch.device) -> Callable[[
     return run_backward
 
 
-def _synchronized(fn: Callable[[], None], device: torch.device) -> Callable[[], float]:
-    def timed() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - started
-
-    return timed
-
-
 def _resident_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -135,16 +123,15 @@ def measure_variant(variant: str, p: float, mode: str, device: str, what: str) -
     torch.set_num_threads(THREADS)
     dev = torch.device(device)
     run = _call(variant, p, mode, dev)
-    timed = _synchronized(run, dev)
-    timed()
+    seconds(run, dev)
     if what == "memory":
         return {"peak_extra_mb": peak_extra_bytes(run, dev) / 2**20}
-    reference = _synchronized(_call("matmul", p, mode, dev), dev)
+    reference = _call("matmul", p, mode, dev)
     times, ratios, started = [], [], time.perf_counter()
     while len(times) < MAX_ROUNDS and (
         len(times) < MIN_ROUNDS or time.perf_counter() - started < ROUND_BUDGET_S
     ):
-        ref_s, var_s = reference(), timed()
+        ref_s, var_s = seconds(reference, dev), seconds(run, dev)
         times.append(var_s)
         ratios.append(var_s / ref_s)
     return {

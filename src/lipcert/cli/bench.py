@@ -12,10 +12,22 @@ def register(sub) -> None:
     )
     p.add_argument("checkpoint", nargs="?", help="bench certify: the checkpoint to certify")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="where to time (default: cpu; bench linf: cuda when available)",
+    )
+    p.add_argument("--batch", type=int, help="bench layers: batch size (default 64)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from lipcert.bench import run_bench
 
-    run_bench(args.what, as_json=args.json, checkpoint=args.checkpoint)
+    run_bench(
+        args.what,
+        as_json=args.json,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        batch=args.batch,
+    )
