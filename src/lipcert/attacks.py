@@ -7,13 +7,16 @@ certificate that float rounding could break shows up. Step sizes follow the usua
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor, nn
 
+from lipcert.certify import check_eps, check_inputs, finite_input_norms
+from lipcert.losses.base import check_count
 from lipcert.modes import eval_mode
 from lipcert.precision import ieee_float32
 
-NORMS = ("l2", "linf")
 #: Step size factor: eps * 2.5 / steps lets PGD cross the ball and back (Madry et al. 2018).
 STEP_FACTOR = 2.5
 
@@ -30,9 +33,40 @@ def wrong_class_margin(logits: Tensor, y: Tensor) -> Tensor:
     return others.amax(dim=1) - true
 
 
-def _per_sample(eps: Tensor | float, x: Tensor) -> Tensor:
-    eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
-    return eps.expand(x.shape[0]).reshape(-1, *[1] * (x.dim() - 1))
+def _per_sample(eps: Tensor | float, x: Tensor, name: str = "eps") -> Tensor:
+    """``eps`` (a number, or a tensor of one value per sample) as (B, 1, ..., 1) in x's dtype;
+    ValueError naming ``name`` unless it has one value or one per sample, each finite and >= 0
+    in x's dtype (1e300 overflows float32)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real | Tensor):
+        raise ValueError(f"{name} must be a number or a tensor, got {type(eps).__name__}")
+    values = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+    if values.dim() > 1 or values.numel() not in (1, len(x)):
+        raise ValueError(
+            f"{name} must be a number or a tensor of shape ({len(x)},) (one value per sample), "
+            f"got shape {tuple(values.shape)}"
+        )
+    check_eps(values.flatten(), name)
+    return values.expand(len(x)).reshape(-1, *[1] * (x.dim() - 1))
+
+
+def _check_clamp(clamp: tuple[float, float] | None) -> None:
+    """ValueError unless ``clamp`` is None or a pair of numbers (low, high) with low <= high."""
+    if clamp is None:
+        return
+    pair = isinstance(clamp, tuple | list) and len(clamp) == 2
+    real = pair and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in clamp)
+    if not (real and clamp[0] <= clamp[1]):
+        raise ValueError(f"clamp must be None or (low, high) with low <= high, got {clamp!r}")
+
+
+def _check_attack(x: Tensor, y: Tensor, norm: str, steps: int, restarts: int) -> None:
+    """The checks shared by :func:`pgd` and :func:`minimal_adversarial_distance`: x a finite
+    floating-point batch (possibly empty), y its (B,) class ids, ``steps`` and ``restarts`` >= 1;
+    ValueError naming the argument otherwise."""
+    check_inputs(x, y, norm, allow_empty=True)
+    finite_input_norms(x)
+    check_count("steps", steps, 1)
+    check_count("restarts", restarts, 1)
 
 
 def _project(delta: Tensor, eps: Tensor, norm: str) -> Tensor:
@@ -67,11 +101,15 @@ def pgd(
     Returns ``(x_adv, success)``: the strongest point found per sample and whether its margin is
     >= 0 (wrong class or tie). ``clamp`` keeps inputs in a box (e.g. images in [0, 1]).
     Runs in IEEE float32 (no TF32 on a GPU), the arithmetic the certificates assume.
+    ValueError naming the argument for a bad one: ``x`` not a finite floating-point batch, ``y``
+    not its (B,) class ids, ``eps`` not one value (or one per sample) finite and >= 0,
+    ``steps`` or ``restarts`` not an int >= 1.
     """
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    _check_attack(x, y, norm, steps, restarts)
+    eps_t = _per_sample(eps, x)
+    _check_clamp(clamp)
     with eval_mode(model), ieee_float32():  # restores each module's mode after
-        return _search(model, x, y, _per_sample(eps, x), norm, steps, restarts, clamp, seed)
+        return _search(model, x, y, eps_t, norm, steps, restarts, clamp, seed)
 
 
 def _search(
@@ -135,9 +173,19 @@ def minimal_adversarial_distance(
     times) where PGD finds nothing, then halves the bracket ``bisections`` times, one PGD per
     step on the samples not yet settled; each success records the norm of the perturbation PGD
     actually used (<= its eps). ``inf`` where even the largest ball gave nothing.
+
+    ``upper``: a number or one per sample, finite and > 0. ValueError naming the argument for a
+    bad one (the checks of :func:`pgd`; ``bisections`` and ``doublings`` ints >= 0).
     """
+    _check_attack(x, y, norm, steps, restarts)
+    check_count("bisections", bisections, 0)
+    check_count("doublings", doublings, 0)
+    hi = _per_sample(upper, x, "upper").reshape(-1).clone()  # (B,)
+    if bool((hi == 0).any()):
+        raise ValueError("upper values must be > 0: the search starts there and doubles it")
+    if not bool(torch.isfinite(torch.ldexp(hi, torch.tensor(doublings))).all()):
+        raise ValueError(f"upper * 2**doublings must stay finite in {x.dtype}, got {doublings=}")
     found = torch.full((len(x),), torch.inf, dtype=x.dtype, device=x.device)
-    hi = upper.to(device=x.device, dtype=x.dtype).clone()
     for _ in range(doublings + 1):
         missing = ~torch.isfinite(found)
         if not bool(missing.any()):

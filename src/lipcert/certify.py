@@ -57,7 +57,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +68,7 @@ from torch.nn.modules import module as torch_module
 from lipcert.bounds.graph import graph_bound
 from lipcert.bounds.network import UnsupportedNorm
 from lipcert.bounds.operator import pairwise_row_distance_bound, rounding_safety
+from lipcert.losses.base import check_count, check_hyperparameter
 from lipcert.modes import eval_mode
 from lipcert.nn.constraint import clear_caches
 from lipcert.precision import ieee_float32
@@ -257,22 +258,31 @@ def native_summary(
             raise ValueError(f"cannot bound the model in l2 ({first}) or linf ({second})") from None
 
 
-def _check_inputs(x: Tensor, y: Tensor, norm: str) -> None:
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+def check_points(x: object, *, allow_empty: bool = False) -> None:
+    """ValueError naming ``x`` unless it is a floating-point ``torch.Tensor`` batch (B, ...),
+    non-empty unless ``allow_empty``."""
     if not torch.is_tensor(x):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__module__}.{type(x).__name__}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() == 0 or (x.shape[0] == 0 and not allow_empty):
+        batch = "a batch" if allow_empty else "a non-empty batch"
+        raise ValueError(f"x must be {batch} (B, ...) of inputs, got shape {tuple(x.shape)}")
+
+
+def check_inputs(x: object, y: object, norm: str, *, allow_empty: bool = False) -> None:
+    """ValueError naming the argument unless ``norm`` is one of :data:`NORMS`, ``x`` passes
+    :func:`check_points` and ``y`` is a (B,) integer tensor of class ids."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    check_points(x, allow_empty=allow_empty)
     if not torch.is_tensor(y) or y.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"y must be an integer tensor of class ids, got {getattr(y, 'dtype', y)}")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
-    if x.dim() == 0 or x.shape[0] == 0:
-        raise ValueError(f"cannot certify an empty set of inputs: x has shape {tuple(x.shape)}")
 
 
-def _finite_input_norms(x: Tensor) -> Tensor:
+def finite_input_norms(x: Tensor) -> Tensor:
     """:func:`input_norm_bound` of each sample, which doubles as the NaN / inf check: a norm is
     finite unless its sample holds a NaN or an inf, or its float sum of squares overflows (then
     the elementwise check decides)."""
@@ -286,7 +296,7 @@ def _logits(model: nn.Module, x: Tensor, batch_size: int, device: torch.device) 
     """The logits of ``x``, computed in batches on ``device`` and gathered on x's device."""
     batches = range(0, len(x), batch_size)
     return torch.cat(
-        [_forward(model, x[i : i + batch_size].to(device)).to(x.device) for i in batches]
+        [run_model(model, x[i : i + batch_size].to(device)).to(x.device) for i in batches]
     )
 
 
@@ -419,7 +429,9 @@ def convert_radius(radius: Tensor, source: str, target: str, input_dim: int) -> 
     return radius  # same norm, or linf -> l2 (||delta||_inf <= ||delta||_2)
 
 
-def _forward(model: nn.Module, x: Tensor) -> Tensor:
+def run_model(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` without gradients in IEEE float32 arithmetic; a model that refuses ``x`` (its
+    shape, its dtype: x is never cast) gives a ValueError naming x's shape and the reason."""
     try:
         with torch.no_grad(), ieee_float32():
             return model(x)
@@ -442,9 +454,9 @@ def certify(
     input shape (body + last-layer form when the model ends in a linear layer). A model with one
     logit is binary (class 1 iff f > 0). Costs one forward pass.
     """
-    _check_inputs(x, y, norm)
-    if lipschitz is not None and not (math.isfinite(lipschitz) and lipschitz > 0):
-        raise ValueError(f"lipschitz must be a positive finite number, got {lipschitz!r}")
+    check_inputs(x, y, norm)
+    if lipschitz is not None:
+        check_hyperparameter("lipschitz", lipschitz, positive=True)
     with eval_mode(model):
         summary = _summary_once(model, norm, x, lipschitz)
         return _certify_with(model, x, y, norm, summary, len(y), x.device)
@@ -482,7 +494,7 @@ def _certify_with(
 ) -> Tensor:
     """Radii of ``x`` (model already in eval mode): the forward in batches, the margins and
     their safety for all samples at once (a few dozen small operations, not per batch)."""
-    x_norms = _finite_input_norms(x)
+    x_norms = finite_input_norms(x)
     logits = _logits(model, x, batch_size, device)
     summary = summary_of_model()
     if logits.dim() != 2:
@@ -503,17 +515,26 @@ def _forward_dtype(model: nn.Module, x: Tensor, logits: Tensor) -> torch.dtype:
     return max(floating, key=lambda dtype: torch.finfo(dtype).eps)
 
 
-def check_eps(eps: list[float] | tuple[float, ...], name: str = "eps") -> list[float]:
-    """``eps`` as a list, each value finite and >= 0; ValueError naming ``name`` otherwise."""
-    bad = [e for e in eps if not (math.isfinite(e) and e >= 0)]
-    if bad:
-        raise ValueError(f"{name} values must be finite and >= 0, got {bad[0]}")
-    return list(eps)
+def check_eps(eps: Sequence[float] | Tensor, name: str = "eps") -> list[float]:
+    """``eps`` (a sequence of numbers, or a 1-D tensor or array) as a list of floats, each value
+    finite and >= 0; ValueError naming ``name`` otherwise."""
+    try:
+        values = torch.as_tensor(eps, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        values = None
+    if isinstance(eps, str | bytes) or values is None or values.dim() != 1:
+        raise ValueError(f"{name} must be a list of numbers, got {eps!r}")
+    bad = values[~(torch.isfinite(values) & (values >= 0))]
+    if len(bad):
+        raise ValueError(f"{name} values must be finite and >= 0, got {bad[0].item()}")
+    return values.tolist()
 
 
 def certified_accuracy(radii: Tensor, eps: list[float] | tuple[float, ...]) -> dict[float, float]:
     """Fraction of samples whose radius is at least each eps (eps = 0: clean accuracy)."""
-    check_eps(eps)
+    eps = check_eps(eps)
+    if not torch.is_tensor(radii):
+        raise ValueError(f"radii must be a torch.Tensor, got {type(radii).__name__}")
     radii = radii.double()  # eps 0.7 in float32 is 0.699999988, which a radius below 0.7 reaches
     return {float(e): float((radii > 0).logical_and(radii >= e).float().mean()) for e in eps}
 
@@ -521,9 +542,11 @@ def certified_accuracy(radii: Tensor, eps: list[float] | tuple[float, ...]) -> d
 def certify_batched(
     model: nn.Module, x: Tensor, y: Tensor, norm: str = "l2", batch_size: int = 1000
 ) -> Tensor:
-    """:func:`certify` over a whole dataset in batches (the bound is computed once)."""
-    _check_inputs(x, y, norm)
+    """:func:`certify` over a whole dataset in batches of ``batch_size`` on the model's device
+    (the bound is computed once)."""
+    check_inputs(x, y, norm)
+    batch_size = check_count("batch_size", batch_size, 1)
     with eval_mode(model):
-        device = next(model.parameters()).device
+        device = next(model.parameters(), x).device  # a model without parameters: x's device
         summary = _summary_once(model, norm, x)
         return _certify_with(model, x, y, norm, summary, batch_size, device).cpu()

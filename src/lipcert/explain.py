@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from lipcert.attacks import perturbation_norms, wrong_class_margin
 from lipcert.certify import certify, predict
+from lipcert.losses.base import check_count, check_hyperparameter
 from lipcert.modes import eval_mode
 
 #: Default DeepFool overshoot: each step goes 2% past the linearized boundary (Moosavi-Dezfooli
@@ -171,8 +172,8 @@ def counterfactuals(
         raise ValueError(f"x must be a non-empty floating-point batch (B, ...), got {shape}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or inf values")
-    if max_steps < 1 or not math.isfinite(overshoot) or overshoot < 0:
-        raise ValueError(f"need max_steps >= 1 and overshoot >= 0, got {max_steps}, {overshoot}")
+    check_count("max_steps", max_steps, 1)
+    check_hyperparameter("overshoot", overshoot, positive=False)
     with eval_mode(model):
         with torch.no_grad():
             classes = predict(model(x))

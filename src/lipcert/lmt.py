@@ -45,7 +45,13 @@ from torch import Tensor, nn
 
 from lipcert.bounds.network import module_bound
 from lipcert.losses import lmt_loss
-from lipcert.losses.base import ReducedLoss, check_hyperparameter, multiclass_inputs, reduce
+from lipcert.losses.base import (
+    ReducedLoss,
+    check_count,
+    check_hyperparameter,
+    multiclass_inputs,
+    reduce,
+)
 from lipcert.modes import eval_mode
 from lipcert.nn.constraint import LipschitzLayer
 
@@ -59,12 +65,6 @@ _MIN_SQUARED_DISTANCE = 1e-12
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 Factor = Callable[[], "Tensor | float"]
-
-
-def _check_count(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 class PowerIterationNorm(nn.Module):
@@ -175,8 +175,8 @@ class PowerIterationLipschitz(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.n_iterations = _check_count("n_iterations", n_iterations, 1)
-        warmup_iterations = _check_count("warmup_iterations", warmup_iterations, 0)
+        self.n_iterations = check_count("n_iterations", n_iterations, 1)
+        warmup_iterations = check_count("warmup_iterations", warmup_iterations, 0)
         like = next(model.parameters(), torch.empty(0))  # device and dtype of the vectors
         generator = torch.Generator().manual_seed(seed)
         self.vectors = nn.ModuleDict()
@@ -300,8 +300,8 @@ class LMTTrainingLoss(ReducedLoss):
         if not isinstance(head_pairs, bool):
             raise ValueError(f"head_pairs must be true or false, got {head_pairs!r}")
         self.head_pairs = head_pairs
-        self.n_iterations = _check_count("n_iterations", n_iterations, 1)
-        self.warmup_iterations = _check_count("warmup_iterations", warmup_iterations, 0)
+        self.n_iterations = check_count("n_iterations", n_iterations, 1)
+        self.warmup_iterations = check_count("warmup_iterations", warmup_iterations, 0)
         self.progress = 1.0
         self.estimator: PowerIterationLipschitz | None = None
         # The head's weight, read at every step (a closure: the head is the model's, not ours).

@@ -23,7 +23,6 @@ are :class:`~lipcert.data.Normalize` layers, whose bounds are exact (1 / s and s
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from lipcert.bounds.network import module_bound
 from lipcert.bounds.operator import rounding_safety
 from lipcert.data.normalize import Normalize
 from lipcert.export import export
+from lipcert.losses.base import check_count, check_hyperparameter
 from lipcert.losses.kr import kr_loss
 from lipcert.models.hkr import gnp_mlp
 from lipcert.modes import eval_mode
@@ -215,11 +215,10 @@ def _center_and_scale(points: Tensor) -> tuple[Tensor, float]:
 
 
 def _check_training_arguments(steps: int, lr: float, batch_size: int | None) -> None:
-    for name, value in (("steps", steps), ("batch_size", 1 if batch_size is None else batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    check_count("steps", steps, 1)
+    if batch_size is not None:
+        check_count("batch_size", batch_size, 1)
+    check_hyperparameter("lr", lr, positive=True)
 
 
 def wasserstein1(
@@ -295,6 +294,7 @@ def exact_wasserstein1(x: object, y: object, max_iterations: int = 10**7) -> flo
     dependency (``pip install 'lipcert[peers]'``).
     """
     x, y = _check_clouds(x, y)
+    check_count("max_iterations", max_iterations, 1)
     try:
         import ot
     except ImportError as err:

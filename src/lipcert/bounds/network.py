@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
 from lipcert.bounds.operator import rounding_safety, svd_spectral_bound
+from lipcert.losses.base import check_count, check_hyperparameter
 from lipcert.modes import eval_mode
 from lipcert.nn.constraint import LipschitzLayer
 
@@ -309,16 +310,26 @@ def lipschitz_upper_bound(
     """Sound upper bound of the Lipschitz constant of ``model`` (eval mode) in ``norm``.
 
     With ``input_shape`` (without the batch dimension) any model torch.fx can trace is bounded,
-    with convolutions bounded at their actual input sizes (:mod:`lipcert.bounds.graph`); a shape
-    that does not fit the model raises a ValueError naming both. Without it the model needs a
-    rule of its own (``nn.Sequential`` chains, lipcert layers), bounded at every input size.
+    with convolutions bounded at their actual input sizes (:mod:`lipcert.bounds.graph`); a size
+    that is not an int >= 1, or a shape that does not fit the model, raises a ValueError naming
+    it. Without it the model needs a rule of its own (``nn.Sequential`` chains, lipcert layers),
+    bounded at every input size.
     """
     from lipcert.bounds.graph import graph_bound  # graph.py builds on this module
 
     with eval_mode(model):
         if input_shape is None:
             return module_bound(model, norm)
-        return graph_bound(model, tuple(input_shape), norm).bound
+        return graph_bound(model, _check_input_shape(input_shape), norm).bound
+
+
+def _check_input_shape(input_shape: object) -> tuple[int, ...]:
+    """``input_shape`` as a tuple of ints >= 1; ValueError naming the bad size otherwise."""
+    try:
+        sizes = tuple(input_shape)
+    except TypeError:
+        raise ValueError(f"input_shape must be a sequence of sizes, got {input_shape!r}") from None
+    return tuple(check_count(f"input_shape[{i}]", size, 1) for i, size in enumerate(sizes))
 
 
 def lipschitz_lower_bound(
@@ -329,8 +340,21 @@ def lipschitz_lower_bound(
     For each point, power iteration on J^T J (``torch.func`` jvp/vjp) finds the top singular
     direction; gradient ascent on the input then increases ||J(x) v||. Every value reported is
     ||J(x) v|| / ||v|| at a real point, so it never exceeds the true Lipschitz constant.
+
+    ``x`` (B, ...) is checked as :func:`lipcert.certify` checks it: a non-empty finite
+    floating-point ``torch.Tensor``, run by the model as it is (never cast: a float64 x for a
+    float32 model is refused by name, as certify refuses it); ``n_power`` must be an int >= 1,
+    ``n_ascent`` an int >= 0, ``step`` a finite number > 0. ValueError naming the argument.
     """
+    from lipcert.certify import check_points, finite_input_norms, run_model  # builds on bounds
+
+    check_points(x)
+    finite_input_norms(x)
+    check_count("n_power", n_power, 1)
+    check_count("n_ascent", n_ascent, 0)
+    check_hyperparameter("step", step, positive=True)
     with eval_mode(model):
+        run_model(model, x[:1])  # one forward: a shape or dtype the model refuses, by name
         return max(_local_jacobian_norm(model, xi, n_power, n_ascent, step) for xi in x)
 
 

@@ -2,6 +2,8 @@
 
 The pure loss functions validate their inputs here once and then work on plain tensors; the
 modules (:class:`ReducedLoss` subclasses) only store hyper-parameters and the reduction.
+:func:`check_hyperparameter` and :func:`check_count` also check the numeric knobs of the rest of
+lipcert (attacks, bounds, certification, LMT).
 """
 
 from __future__ import annotations
@@ -49,6 +51,14 @@ def check_hyperparameter(name: str, value: float, *, positive: bool) -> float:
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value
+
+
+def check_count(name: str, value: int, minimum: int) -> int:
+    """``value`` as an int, checked to be an integer (not a bool) >= ``minimum``; else
+    ``ValueError`` naming ``name`` (an iteration count, a batch size)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def _check_tensor(loss: str, arg: str, value: object) -> Tensor:
