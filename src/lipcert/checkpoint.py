@@ -4,14 +4,17 @@ A file holds tensors plus string metadata. The model's state_dict goes under ``m
 training state (optimizer, scheduler, RNG, counters) is flattened by :func:`flatten`: tensors under
 ``state.<n>``, the rest as JSON with ``{"__tensor__": "state.<n>"}`` placeholders. The metadata also
 records how to rebuild the model (its registry spec, :mod:`lipcert.models`) and the run's config,
-so ``lipcert.load(path)`` needs nothing else. Writes are atomic: a temp file, fsync, then rename.
+so ``lipcert.load(path)`` needs nothing else. Writes are atomic: a temp file, fsync, rename, then
+fsync of the folder; temp files left by a killed writer are removed by the next write.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-from collections.abc import Iterator
+import stat
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,12 @@ FORMAT_VERSION = "1"
 _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
 _DICT = "__dict__"
+#: Deepest nesting of lists and objects accepted in the JSON metadata. Real training state nests
+#: 13 levels (state -> optimizer -> per-parameter state -> tensor placeholder); deeper
+#: metadata is corrupt, and would exhaust Python's recursion on decoding or rebuilding.
+MAX_METADATA_DEPTH = 100
+#: Errors of ``fsync`` on a folder that mean "not supported here", not "not written".
+_DIR_FSYNC_UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES)
 
 
 class CheckpointError(ValueError):
@@ -61,16 +70,63 @@ def unflatten(skeleton: Any, tensors: dict[str, Tensor]) -> Any:
     return skeleton
 
 
+def _process_is_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this machine (POSIX; elsewhere: assume it runs)."""
+    if os.name != "posix":
+        return False  # os.kill(pid, 0) would terminate the process on Windows
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. another user's process
+        return False
+    return False
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove the temp files of ``path`` whose writer died before its rename (SIGKILL, power
+    loss); a live writer's (another process on this machine) is left alone."""
+    if not path.parent.is_dir():
+        return
+    prefix, suffix = f".{path.name}.", ".tmp"
+    for entry in path.parent.iterdir():
+        pid = entry.name.removeprefix(prefix).removesuffix(suffix)
+        named = entry.name == f"{prefix}{pid}{suffix}"
+        if named and pid.isdigit() and _process_is_gone(int(pid)):
+            entry.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable; skipped where folders cannot be opened (no
+    ``O_DIRECTORY``) or synced (some network file systems)."""
+    flag = getattr(os, "O_DIRECTORY", None)
+    if flag is None:
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | flag)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        if err.errno not in _DIR_FSYNC_UNSUPPORTED:
+            raise
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` for the block to write; then synced and renamed over
-    ``path`` (readers see the old file or the new one, never half), or removed on an error."""
+    ``path`` (readers see the old file or the new one, never half) and the folder synced, or
+    removed on an error. Temp files of ``path`` left by dead writers are removed first."""
+    path = Path(path)
+    _remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         tmp.replace(path)
+        _fsync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -109,11 +165,69 @@ def write_checkpoint(
     atomic_save(tensors, metadata, Path(path))
 
 
+def _check_readable_file(path: Path) -> None:
+    """CheckpointError saying what ``path`` is when it is not a file this process can read."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError as err:
+        raise CheckpointError(f"checkpoint not found: {path}") from err
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {err.strerror}") from err
+    if stat.S_ISDIR(mode):
+        raise CheckpointError(f"checkpoint {path} is a directory, not a .safetensors file")
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"checkpoint {path} is not a regular file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} is not readable: {err.strerror}") from err
+
+
+def _nesting_depth(value: Any) -> int:
+    """How deeply lists and dicts nest in a decoded JSON value (iterative: no recursion)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def _decode_metadata(raw: dict[str, str], path: Path) -> dict[str, Any]:
+    """The JSON fields of a checkpoint's metadata, each checked for its type and nesting."""
+    meta = {}
+    for key in ("model_spec", "config", "state"):
+        try:
+            meta[key] = json.loads(raw[key])
+        except (KeyError, json.JSONDecodeError, RecursionError) as err:
+            reason = "nested too deeply" if isinstance(err, RecursionError) else err
+            raise CheckpointError(f"{path}: corrupt metadata {key!r} ({reason})") from err
+        if not isinstance(meta[key], dict):
+            kind = type(meta[key]).__name__
+            raise CheckpointError(
+                f"{path}: corrupt metadata {key!r} (a JSON {kind}, not an object)"
+            )
+        if _nesting_depth(meta[key]) > MAX_METADATA_DEPTH:
+            raise CheckpointError(
+                f"{path}: corrupt metadata {key!r} (nested deeper than {MAX_METADATA_DEPTH} levels)"
+            )
+    spec = meta["model_spec"]
+    if not isinstance(spec.get("name"), str) or not isinstance(spec.get("kwargs"), dict):
+        raise CheckpointError(
+            f"{path}: corrupt metadata 'model_spec' (needs a string 'name' and an object "
+            f"'kwargs', got {spec!r:.200})"
+        )
+    return meta
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Tensors and decoded metadata of a lipcert checkpoint; clear errors for bad files."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    _check_readable_file(path)
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as handle:
@@ -122,19 +236,36 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({err})") from err
     if raw.get("format") != f"lipcert-{FORMAT_VERSION}":
         raise CheckpointError(f"{path} is not a lipcert checkpoint (format {raw.get('format')!r})")
-    try:
-        meta = {k: json.loads(raw[k]) for k in ("model_spec", "config", "state")}
-    except (KeyError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: corrupt checkpoint metadata ({err})") from err
-    return tensors, meta
+    return tensors, _decode_metadata(raw, path)
 
 
 def model_state(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
 
 
+def check_dtypes(
+    expected: Mapping[str, Any], stored: Mapping[str, Any], path: str | Path, what: str
+) -> None:
+    """CheckpointError naming the tensors of ``stored`` whose dtype is not that of the same key
+    in ``expected``: ``load_state_dict`` would cast them silently (int32 weights to float32)."""
+    bad = [
+        f"{what}{k} (stored {stored[k].dtype}, expected {expected[k].dtype})"
+        for k in sorted(set(expected) & set(stored), key=str)
+        if torch.is_tensor(stored[k])
+        and torch.is_tensor(expected[k])
+        and stored[k].dtype != expected[k].dtype
+    ]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(
+            f"{path}: tensors of the wrong dtype: {', '.join(bad[:3])}{more}; the checkpoint is "
+            "corrupt or was edited"
+        )
+
+
 def load_into(model: nn.Module, tensors: dict[str, Tensor], path: str | Path) -> None:
-    """Load the checkpoint's weights into ``model``; a mismatch names the differing keys."""
+    """Load the checkpoint's weights into ``model``; a mismatch names the differing keys (names,
+    shapes, dtypes)."""
     state = model_state(tensors)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -144,6 +275,7 @@ def load_into(model: nn.Module, tensors: dict[str, Tensor], path: str | Path) ->
             f"{path} does not fit this architecture: missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}, shape mismatch {sorted(bad_shapes)[:5]}"
         )
+    check_dtypes(own, state, path, "model.")
     model.load_state_dict(state)
 
 
@@ -178,8 +310,18 @@ def _check_sizes_fit(spec: dict, tensors: dict[str, Tensor], path: str | Path) -
         )
 
 
+def _to_stored_dtype(model: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
+    """``model`` cast to the one floating dtype of the stored weights when it has others (a model
+    saved after ``.double()`` comes back in float64); mixed stored dtypes are left to
+    :func:`load_into` to compare."""
+    stored = {t.dtype for t in model_state(tensors).values() if t.is_floating_point()}
+    own = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
+    return model.to(stored.pop()) if len(stored) == 1 and own != stored else model
+
+
 def load(path: str | Path) -> nn.Module:
-    """Rebuild the model saved at ``path`` (eval mode). No pickled code is run."""
+    """Rebuild the model saved at ``path`` (eval mode, in the stored floating dtype). No pickled
+    code is run; tensors of another shape or dtype than the rebuilt model's are refused."""
     from lipcert.models import build_model
 
     tensors, meta = read_checkpoint(path)
@@ -189,5 +331,6 @@ def load(path: str | Path) -> nn.Module:
         model = build_model(spec["name"], **spec["kwargs"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot rebuild the model from {spec}: {err}") from err
+    model = _to_stored_dtype(model, tensors)
     load_into(model, tensors, path)
     return model.eval()

@@ -20,6 +20,16 @@ class ConfigError(ValueError):
     """A config file or value is invalid."""
 
 
+class _Missing:
+    """The value :func:`config_differences` reports for a key that a config lacks."""
+
+    def __repr__(self) -> str:
+        return "unset"
+
+
+MISSING = _Missing()
+
+
 def _choice(*allowed: str) -> dict:
     return {"choices": allowed}
 
@@ -28,8 +38,14 @@ def _positive() -> dict:
     return {"positive": True}
 
 
-def _below_one() -> dict:
-    return {"below_one": True}
+def _below(limit: int) -> dict:
+    return {"below": limit}
+
+
+#: Seeds are below 2^40 so that ``train.epoch_generator``'s per-epoch seed, seed * 1_000_003 +
+#: epoch (epoch < 2^63), stays below 2^64, the bound of torch.Generator seeds: a larger seed
+#: would fail in the first epoch, after the run's files are written.
+SEED_LIMIT = 2**40
 
 
 @dataclass
@@ -68,9 +84,9 @@ class OptimConfig:
     name: str = field(default="adam", metadata=_choice("adam", "adamw", "sgd"))
     lr: float = field(default=1e-3, metadata=_positive())
     weight_decay: float = 0.0
-    momentum: float = field(default=0.9, metadata=_below_one())
-    beta1: float = field(default=0.9, metadata=_below_one())  # Adam's betas and eps
-    beta2: float = field(default=0.999, metadata=_below_one())
+    momentum: float = field(default=0.9, metadata=_below(1))
+    beta1: float = field(default=0.9, metadata=_below(1))  # Adam's betas and eps
+    beta2: float = field(default=0.999, metadata=_below(1))
     eps: float = field(default=1e-8, metadata=_positive())
     schedule: str = field(default="cosine", metadata=_choice("cosine", "constant", "onecycle"))
     warmup_epochs: float = 0.0
@@ -86,7 +102,7 @@ class CertifyConfig:
 @dataclass
 class TrainConfig:
     name: str = "run"
-    seed: int = 0
+    seed: int = field(default=0, metadata=_below(SEED_LIMIT))
     epochs: int = field(default=10, metadata=_positive())
     device: str = field(default="cpu", metadata=_choice("cpu", "cuda"))
     amp: bool = False
@@ -116,8 +132,8 @@ def _check_value(section: str, f: dataclasses.Field, value: Any, hint: Any) -> A
         raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {allowed}")
     if f.metadata.get("positive") and not value > 0:
         raise ConfigError(f"{key} must be > 0, got {value!r}")
-    if f.metadata.get("below_one") and not value < 1:
-        raise ConfigError(f"{key} must be < 1, got {value!r}")
+    if "below" in f.metadata and not value < f.metadata["below"]:
+        raise ConfigError(f"{key} must be < {f.metadata['below']:,}, got {value!r}")
     numbers = value if base is list else [value] if base in (int, float) else []
     if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
         raise ConfigError(f"{key} must be finite, got {value!r}")
@@ -151,17 +167,24 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     return _build(TrainConfig, raw, "")
 
 
+#: First characters of TOML values that are never bare words: an array, a table, a string.
+_TOML_OPENERS = ("[", "{", '"', "'")
+
+
 def apply_override(raw: dict[str, Any], override: str) -> None:
     """Set ``section.key=value`` in a decoded TOML document; the value is a TOML value
     (``epochs=5``, ``model.kwargs.width=32``, ``loss.name="ce"``, ``certify.eps=[0.1, 0.3]``);
-    a bare word that is not valid TOML is taken as a string (``data.dataset=mnist``)."""
+    a bare word that is not valid TOML is taken as a string (``data.dataset=mnist``), but a value
+    that starts like a TOML array, table or quoted string must be valid TOML."""
     key, sep, text = override.partition("=")
     path = [part.strip() for part in key.split(".")]
     if not sep or not all(path):
         raise ConfigError(f"override {override!r} must look like section.key=value")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as err:
+        if text.strip()[:1] in _TOML_OPENERS:
+            raise ConfigError(f"--set {override!r}: the value is not valid TOML ({err})") from err
         value = text.strip()
     table = raw
     for part in path[:-1]:
@@ -189,3 +212,16 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
 def to_dict(config: TrainConfig) -> dict[str, Any]:
     """The resolved config as plain data (saved with each run)."""
     return dataclasses.asdict(config)
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every leaf where two :func:`to_dict` configs
+    differ (a key that one lacks has the value ``MISSING``), sorted by key."""
+    found = []
+    for key in sorted(old.keys() | new.keys(), key=str):
+        a, b = old.get(key, MISSING), new.get(key, MISSING)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += [(f"{key}.{k}", x, y) for k, x, y in config_differences(a, b)]
+        elif a != b:
+            found.append((str(key), a, b))
+    return found

@@ -5,6 +5,11 @@ the epoch, so a resumed run sees exactly the batches an uninterrupted one would)
 augmentation, one optimizer step per batch, then evaluation (clean + certified accuracy) and an
 atomic checkpoint. ``torchrun`` runs it data-parallel (DDP): each rank takes its share of every
 global batch and rank 0 evaluates, logs and writes checkpoints.
+
+A resumed run keeps the config saved in its checkpoint: every other value (seed, lr, optimizer,
+schedule, loss, data, model, certify, amp) is refused, naming each differing key, since the run
+would not continue the same trajectory and its ``config.json`` would not describe it. Only
+:data:`RESUMABLE_KEYS` may change.
 """
 
 from __future__ import annotations
@@ -26,12 +31,22 @@ from lipcert.certify import certified_accuracy, certify_batched, predict
 from lipcert.checkpoint import (
     CheckpointError,
     atomic_path,
+    check_dtypes,
     load_into,
     read_checkpoint,
     unflatten,
     write_checkpoint,
 )
-from lipcert.config import LossConfig, ModelConfig, OptimConfig, TrainConfig, to_dict
+from lipcert.config import (
+    ConfigError,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    config_differences,
+    parse_config,
+    to_dict,
+)
 from lipcert.data import Dataset, Split, load_dataset, random_crop, random_flip
 from lipcert.lmt import LMTTrainingLoss
 from lipcert.models import build_model
@@ -40,8 +55,19 @@ from lipcert.nn import retract_after_steps
 CHECKPOINT_NAME = "last.safetensors"
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
-#: Offset mixed into per-epoch seeds so the data order differs from the model-init stream.
+#: Offset mixed into per-epoch seeds so the data order differs from the model-init stream
+#: (``config.SEED_LIMIT`` keeps seed * stride + epoch within torch's 64-bit seeds).
 _EPOCH_SEED_STRIDE = 1_000_003
+#: Config keys a resumed run may change. None of them changes the training trajectory: where the
+#: run computes (``device``), how often and in what batches it evaluates (``eval_every``,
+#: ``data.eval_batch_size``), where its dataset files are (``data.data_dir``), its ``name``
+#: (only the default run folder). ``epochs`` extends (or ends) the run: the learning-rate
+#: schedule and the training-progress schedules are then stretched to the new length from the
+#: resumed step on, so the run is no longer the uninterrupted run of either length; it cannot go
+#: below the epochs already trained.
+RESUMABLE_KEYS = frozenset(
+    {"epochs", "eval_every", "device", "name", "data.data_dir", "data.eval_batch_size"}
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -184,7 +210,7 @@ def _steps_per_epoch(data: Dataset, config: TrainConfig) -> int:
 
 def _build_configured_model(cfg: ModelConfig, data: Dataset) -> nn.Module:
     """The model of ``cfg`` for ``data``'s input shape and classes; ValueError naming the config
-    keys when the kwargs do not fit the model."""
+    keys and their values when the kwargs do not fit the model."""
     given = {"input_shape", "num_classes"} & set(cfg.kwargs)
     if given:
         raise ValueError(f"model.kwargs.{sorted(given)[0]} is set from the dataset: remove it")
@@ -192,8 +218,11 @@ def _build_configured_model(cfg: ModelConfig, data: Dataset) -> nn.Module:
         return build_model(
             cfg.name, input_shape=list(data.input_shape), num_classes=data.num_classes, **cfg.kwargs
         )
-    except TypeError as err:
-        raise ValueError(f"model.kwargs do not fit model {cfg.name!r}: {err}") from err
+    except (TypeError, ValueError) as err:
+        values = ", ".join(f"model.kwargs.{k} = {v!r}" for k, v in cfg.kwargs.items())
+        raise ValueError(
+            f"model.kwargs do not fit model {cfg.name!r} ({values or 'none given'}): {err}"
+        ) from err
 
 
 def _check_finite(value: Tensor, what: str, epoch: int, step: int, ckpt: Path) -> None:
@@ -256,10 +285,52 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, data, config, epoch, d
     return {"train_loss": total_loss / seen, "train_acc": correct / seen}
 
 
-def _restore(ckpt: Path, model, optimizer, scheduler, loss_fn) -> tuple[int, list[dict]]:
-    """Model, optimizer, schedule and loss state of ``ckpt``; CheckpointError when its training
-    state does not fit this config (another optimizer, a file saved without training state)."""
+def stored_config(meta: dict, path: str | Path) -> TrainConfig:
+    """The run config saved in a checkpoint's metadata; CheckpointError naming the file when it
+    is missing or invalid."""
+    if not meta.get("config"):
+        raise CheckpointError(f"{path} has no run config (saved by lipcert.save without one)")
+    try:
+        return parse_config(meta["config"])
+    except ConfigError as err:
+        raise CheckpointError(
+            f"{path}: the run config stored in it is invalid ({err}); the checkpoint is corrupt "
+            "or was edited"
+        ) from err
+
+
+def _check_same_run(ckpt: Path, meta: dict, config: TrainConfig) -> None:
+    """CheckpointError naming every key (both values) where ``config`` differs from the config
+    saved in ``ckpt``, but for :data:`RESUMABLE_KEYS`."""
+    saved = to_dict(stored_config(meta, ckpt))
+    changed = [d for d in config_differences(saved, to_dict(config)) if d[0] not in RESUMABLE_KEYS]
+    if changed:
+        listed = "; ".join(
+            f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in changed
+        )
+        raise CheckpointError(
+            f"{ckpt} cannot be resumed with this config, which differs from the run's in {listed}. "
+            "A resumed run keeps its settings (another optimizer, loss, schedule, seed, data or "
+            f"model would not continue it); only {', '.join(sorted(RESUMABLE_KEYS))} may change: "
+            "restore these values, or start a new run dir"
+        )
+
+
+def _check_optimizer_dtypes(optimizer: torch.optim.Optimizer, stored: dict, ckpt: Path) -> None:
+    """Refuse optimizer state that ``load_state_dict`` cast to its parameter's dtype."""
+    loaded = optimizer.state_dict()["state"]
+    for index, entries in stored.get("state", {}).items():
+        check_dtypes(loaded.get(index, {}), entries, ckpt, f"optimizer state {index}.")
+
+
+def _restore(
+    ckpt: Path, config: TrainConfig, model, optimizer, scheduler, loss_fn
+) -> tuple[int, list[dict]]:
+    """Model, optimizer, schedule and loss state of ``ckpt``; CheckpointError when ``config`` is
+    not the run's (:func:`_check_same_run`) or its training state does not fit (another
+    optimizer, a file saved without training state, tensors of another dtype)."""
     tensors, meta = read_checkpoint(ckpt)
+    _check_same_run(ckpt, meta, config)
     load_into(model, tensors, ckpt)
     try:
         state = unflatten(meta["state"], tensors)
@@ -267,15 +338,25 @@ def _restore(ckpt: Path, model, optimizer, scheduler, loss_fn) -> tuple[int, lis
         optimizer.load_state_dict(state["optimizer"])
         if set(optimizer.param_groups[0]) != settings:
             raise ValueError("the checkpoint was trained with another optimizer")
+        _check_optimizer_dtypes(optimizer, state["optimizer"], ckpt)
         scheduler.load_state_dict(state["scheduler"])
         if "loss" in state:  # checkpoints written before losses had state lack it
+            check_dtypes(loss_fn.state_dict(), state["loss"], ckpt, "loss.")
             loss_fn.load_state_dict(state["loss"])
-        return state["epoch"], state["history"]
+        epoch, history = state["epoch"], state["history"]
+        if epoch > config.epochs:
+            raise CheckpointError(
+                f"{ckpt} has trained {epoch} epochs, more than epochs = {config.epochs}: resume "
+                f"with epochs >= {epoch}"
+            )
+    except CheckpointError:
+        raise
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(
             f"{ckpt}: its training state does not fit this config, so it cannot be resumed (same "
             f"optimizer, loss and schedule needed; missing or mismatched: {err})"
         ) from err
+    return epoch, history
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -296,8 +377,10 @@ def train(
 ) -> tuple[nn.Module, list[dict]]:
     """Train per ``config`` into ``run_dir``; returns the model and the metrics history.
 
-    ``resume`` continues from ``run_dir/last.safetensors``. ``stop_after_epochs`` ends the call
-    early (as an interruption would), leaving a checkpoint to resume from.
+    ``resume`` continues from ``run_dir/last.safetensors``, with the config saved in it: only
+    the :data:`RESUMABLE_KEYS` of ``config`` may differ (``epochs`` to extend the run).
+    ``stop_after_epochs`` ends the call early (as an interruption would), leaving a checkpoint to
+    resume from.
     """
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -324,7 +407,7 @@ def train(
     bind_loss(loss_fn, model, data.input_shape)
     start_epoch, history = 0, []
     if resume:
-        start_epoch, history = _restore(ckpt, model, optimizer, scheduler, loss_fn)
+        start_epoch, history = _restore(ckpt, config, model, optimizer, scheduler, loss_fn)
     elif ddp.is_main and ckpt.exists():
         raise ValueError(f"{ckpt} exists: pass --resume to continue it or choose another run dir")
     train_model = model

@@ -9,9 +9,9 @@ from torch import nn
 
 from lipcert.certify import check_eps
 from lipcert.checkpoint import load, read_checkpoint
-from lipcert.config import TrainConfig, parse_config
+from lipcert.config import TrainConfig
 from lipcert.data import Dataset, load_dataset
-from lipcert.train import select_classes
+from lipcert.train import select_classes, stored_config
 
 
 def load_run(
@@ -27,7 +27,7 @@ def load_run(
             f"{checkpoint} has no run config (saved by lipcert.save without one), so its dataset "
             "is unknown: certify it from Python with lipcert.certify(model, x, y)"
         )
-    config = parse_config(meta["config"])
+    config = stored_config(meta, checkpoint)
     data = load_dataset(config.data.dataset, data_dir or config.data.data_dir or None)
     data = select_classes(data, config.data.classes)
     return model, config, data

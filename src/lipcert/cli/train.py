@@ -5,12 +5,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lipcert.train import RESUMABLE_KEYS
+
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train from a TOML config")
     p.add_argument("config", help="a TOML config (see configs/)")
     p.add_argument("--run-dir", help="output folder (default runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue from run-dir/last.safetensors")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from run-dir/last.safetensors, with the run's config: only "
+        f"{', '.join(sorted(RESUMABLE_KEYS))} may change",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), help="override the config's device")
     p.add_argument(
         "--set",
