@@ -37,6 +37,7 @@ from lipcert.attacks import perturbation_norms, wrong_class_margin
 from lipcert.certify import certify, predict
 from lipcert.losses.base import check_count, check_hyperparameter
 from lipcert.modes import eval_mode
+from lipcert.report import save_figure
 
 #: Default DeepFool overshoot: each step goes 2% past the linearized boundary (Moosavi-Dezfooli
 #: et al. 2016 use 0.02), so a nearly linear margin flips in one step.
@@ -246,7 +247,7 @@ def plot_counterfactual_grid(
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return save_figure(fig, path)
 
 
 def _counterfactual_title(res: Counterfactuals, i: int, names: Sequence[str]) -> str:
@@ -255,14 +256,6 @@ def _counterfactual_title(res: Counterfactuals, i: int, names: Sequence[str]) ->
     tight = float(res.tightness[i])
     text = f"-> {names[int(res.new_classes[i])]}, d={float(res.distances[i]):.2f}"
     return text + ("" if math.isnan(tight) else f", x{tight:.2f}")
-
-
-def _save(fig, plt, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 def _signed_margin(model: nn.Module, points: Tensor) -> Tensor:
@@ -319,7 +312,7 @@ def plot_decision_2d(
     ax.set_ylim(float(low[1]), float(high[1]))
     ax.set_title(title or "level sets of f, boundary f = 0 (bold), certified radii (discs)")
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return save_figure(fig, path)
 
 
 def _draw_certificates(ax, plt, result: Counterfactuals, count: int) -> None:

@@ -11,15 +11,16 @@ computes with the cached ones). The result is in eval mode and computes the same
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lipcert.checkpoint import atomic_path
 from lipcert.modes import eval_mode
 from lipcert.nn.constraint import LipschitzLayer
+from lipcert.outputs import check_output_file, output_file
 
 
 def _export_tree(original: nn.Module, copied: nn.Module) -> nn.Module:
@@ -44,6 +45,17 @@ def _without_parametrizations(module: nn.Module) -> nn.Module:
     return plain
 
 
+def check_finite(tensors: Iterable[tuple[str, Tensor]], what: str) -> None:
+    """Refuse, by name, a floating tensor holding NaN or inf: the model would compute NaN."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(
+                f"{what} {name} holds NaN or inf values ({bad} of {tensor.numel()} entries): "
+                "a model computing NaN is not exported"
+            )
+
+
 def export(
     model: nn.Module,
     onnx_path: str | Path | None = None,
@@ -52,24 +64,42 @@ def export(
     """Return a plain-``torch.nn`` copy of ``model`` with its constraints folded into the weights.
 
     With ``onnx_path`` (and ``input_shape``, without the batch dimension) also write an ONNX file
-    with a dynamic batch dimension.
+    with a dynamic batch dimension. ValueError for a NaN or inf parameter (named as in
+    ``model.state_dict()``) or exported tensor, and for an ``input_shape`` the model cannot take.
     """
-    with torch.no_grad(), eval_mode(model):  # every module's own mode is restored after
-        plain = _export_tree(model, copy.deepcopy(model)).eval()
     if onnx_path is not None:
         if input_shape is None:
             raise ValueError("export(onnx_path=...) needs input_shape (without the batch dim)")
+        check_output_file(onnx_path, "the ONNX path")  # before any work
+    with torch.no_grad(), eval_mode(model):  # every module's own mode is restored after
+        check_finite(model.named_parameters(), "parameter")
+        plain = _export_tree(model, copy.deepcopy(model)).eval()
+    check_finite(plain.state_dict().items(), "exported tensor")  # a constraint's NaN, a buffer's
+    if onnx_path is not None:
         write_onnx(plain, Path(onnx_path), tuple(input_shape))
     return plain
+
+
+def _check_input_fits(plain: nn.Module, input_shape: tuple[int, ...], example: Tensor) -> None:
+    """ValueError naming the layer and the shapes when ``plain`` cannot take inputs of
+    ``input_shape``: one run of the bounds' shape probe (:mod:`lipcert.bounds.graph`) on
+    ``example``. A model torch.fx cannot trace is left to the ONNX exporter's own errors."""
+    from lipcert.bounds.graph import _Probe, trace  # the probe that checks graph_bound's shapes
+
+    try:
+        graph = trace(plain)
+    except TypeError:
+        return
+    with torch.no_grad():
+        _Probe(graph, input_shape, type(plain).__name__).run(example[:1])
 
 
 def write_onnx(plain: nn.Module, path: Path, input_shape: tuple[int, ...]) -> None:
     """Write ``plain`` as ONNX (batch dimension dynamic), atomically."""
     param = next(plain.parameters(), None)
     example = torch.zeros((2, *input_shape), dtype=param.dtype if param is not None else None)
-    if path.is_dir():
-        raise IsADirectoryError(f"the ONNX path {path} is a directory: give a file name")
-    with atomic_path(path) as tmp:
+    _check_input_fits(plain, input_shape, example)
+    with output_file(path, "the ONNX path") as tmp:
         torch.onnx.export(
             plain,
             (example,),

@@ -83,13 +83,13 @@ def as_point_cloud(name: str, points: object) -> Tensor:
         real = np.issubdtype(points.dtype, np.integer) or np.issubdtype(points.dtype, np.floating)
         if not real:
             raise ValueError(f"{name} must hold real numbers, got dtype {points.dtype}")
-        points = torch.from_numpy(np.ascontiguousarray(points))
+        shape = points.shape  # ascontiguousarray makes a 0-d array 1-d: keep the real shape
+        points = torch.from_numpy(np.ascontiguousarray(points)).reshape(shape)
     if not isinstance(points, Tensor):
         raise ValueError(f"{name} must be a numpy array or a torch tensor, got {type(points)}")
     if points.dim() != 2:
-        raise ValueError(
-            f"{name} must be a point cloud of shape (n, d), got shape {tuple(points.shape)}"
-        )
+        got = "a single number" if points.dim() == 0 else f"shape {tuple(points.shape)}"
+        raise ValueError(f"{name} must be a point cloud of shape (n, d), got {got}")
     if points.shape[0] == 0 or points.shape[1] == 0:
         raise ValueError(f"{name} is empty: shape {tuple(points.shape)}")
     if points.is_complex() or points.dtype == torch.bool:
@@ -100,11 +100,17 @@ def as_point_cloud(name: str, points: object) -> Tensor:
     return points
 
 
-def _check_clouds(x: object, y: object) -> tuple[Tensor, Tensor]:
-    x, y = as_point_cloud("x", x), as_point_cloud("y", y)
+def check_clouds(
+    x: object, y: object, names: tuple[str, str] = ("x", "y")
+) -> tuple[Tensor, Tensor]:
+    """``x`` and ``y`` as point clouds (:func:`as_point_cloud`) of the same dimension, or a
+    ValueError naming them by ``names`` (argument names, or file names in the CLI)."""
+    x_name, y_name = names
+    x, y = as_point_cloud(x_name, x), as_point_cloud(y_name, y)
     if x.shape[1] != y.shape[1]:
         raise ValueError(
-            f"x and y must have the same dimension, got x {tuple(x.shape)} and y {tuple(y.shape)}"
+            f"{x_name} has shape {tuple(x.shape)} and {y_name} {tuple(y.shape)}: the two point "
+            "clouds must have the same dimension d"
         )
     return x, y
 
@@ -183,7 +189,7 @@ def kantorovich_value(potential: nn.Module, x: object, y: object) -> float:
     empirical measures of ``x`` and ``y`` for any f. f is evaluated on a float64 copy of its
     exported (plain torch) form, which has the very weights the bound is computed from.
     """
-    x, y = _check_clouds(x, y)
+    x, y = check_clouds(x, y)
     plain = export(potential).double()
     _check_scalar_output(plain, x[:1].double())
     bound = logit_lipschitz_bound(plain)
@@ -243,7 +249,7 @@ def wasserstein1(
     raw coordinates. ``seed`` fixes the initialization and the batches (the global RNG is left
     as it was).
     """
-    x, y = _check_clouds(x, y)
+    x, y = check_clouds(x, y)
     _check_training_arguments(steps, lr, batch_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -293,7 +299,7 @@ def exact_wasserstein1(x: object, y: object, max_iterations: int = 10**7) -> flo
     cost matrix: O(n m) memory, for clouds of a few thousand points. POT is an optional
     dependency (``pip install 'lipcert[peers]'``).
     """
-    x, y = _check_clouds(x, y)
+    x, y = check_clouds(x, y)
     check_count("max_iterations", max_iterations, 1)
     try:
         import ot

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lipcert.outputs import check_output_file, output_file
+
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain-text table with aligned columns (numbers as given, strings left-aligned)."""
@@ -51,10 +53,34 @@ def plot_certified_curve(radii: Tensor, path: str | Path, norm: str, title: str 
     ax.grid(alpha=0.3)
     ax.set_title(title or "certified accuracy vs eps")
     fig.tight_layout()
-    path = Path(path)
-    if not path.suffix:  # matplotlib would write path.png
-        path = path.with_suffix(".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    return save_figure(fig, path)
+
+
+def figure_path(path: str | Path, what: str = "the plot path") -> Path:
+    """Where :func:`save_figure` writes ``path``: checked (not a folder, its folders not files:
+    :func:`lipcert.outputs.check_output_file`; an image type matplotlib writes), with ``.png``
+    added when it has no suffix."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = check_output_file(path, what)
+    path = path if path.suffix else check_output_file(path.with_suffix(".png"), what)
+    known = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in known:
+        raise ValueError(
+            f"{what} {path}: unknown image type {path.suffix} (use one of {', '.join(known)})"
+        )
+    return path
+
+
+def save_figure(fig, path: str | Path, what: str = "the plot path") -> Path:
+    """Write the matplotlib figure ``fig`` to ``path`` (:func:`figure_path`) atomically, in the
+    image type its suffix names, and close it. Returns the path written."""
+    import matplotlib.pyplot as plt
+
+    try:
+        path = figure_path(path, what)
+        with output_file(path, what) as tmp:
+            fig.savefig(tmp, format=path.suffix[1:].lower())
+    finally:
+        plt.close(fig)
     return path

@@ -20,19 +20,19 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from lipcert.certify import certified_accuracy, certify_batched
-    from lipcert.report import accuracy_table, plot_certified_curve
+    from lipcert.report import accuracy_table, figure_path, plot_certified_curve
 
     model, config, data = load_run(args.checkpoint, args.data_dir, args.device)
     norm = args.norm or config.certify.norm
     eps = eps_for(args.eps, norm, config)
+    ckpt = Path(args.checkpoint)
+    plot = figure_path(args.plot or ckpt.with_name(f"{ckpt.stem}.certified_{norm}.png"), "--plot")
     started = time.perf_counter()
     radii = certify_batched(model, data.test.x, data.test.y, norm)
     seconds = time.perf_counter() - started
     accuracy = certified_accuracy(radii, [0.0, *eps])
     print(accuracy_table(accuracy, norm))
     print(f"{len(radii)} test points certified in {seconds:.2f} s ({args.device})")
-    ckpt = Path(args.checkpoint)
-    plot = Path(args.plot or ckpt.with_name(f"{ckpt.stem}.certified_{norm}.png"))
     plot_certified_curve(radii, plot, norm, title=f"{ckpt.parent.name} ({norm})")
     print(f"plot written to {plot}")
     if args.json:

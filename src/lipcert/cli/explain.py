@@ -86,18 +86,18 @@ def _summary_row(label: str, bound: float, result, labels) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> None:
     from lipcert.explain import counterfactuals, plot_counterfactual_grid, plot_decision_2d
-    from lipcert.report import format_table
+    from lipcert.report import figure_path, format_table
 
     if args.limit < 1 or args.rows < 1:
         raise ValueError(f"--limit and --rows must be >= 1, got {args.limit} and {args.rows}")
+    ckpt = Path(args.checkpoint)
+    out = figure_path(args.out or ckpt.with_name(f"{ckpt.stem}.explain.png"), "--out")
     models, data = _load_models(args)
     x, y = data.test.x[: args.limit], data.test.y[: args.limit]
     results = {label: counterfactuals(model, x) for label, model, _ in models}
     rows = [_summary_row(label, bound, results[label], y) for label, _, bound in models]
     header = ("model", "logit Lip.", "accuracy", "flip rate", "median tightness", "median dist.")
     print(format_table((*header, "median radius"), rows))
-    ckpt = Path(args.checkpoint)
-    out = Path(args.out or ckpt.with_name(f"{ckpt.stem}.explain.png"))
     if data.input_shape != (2,):
         plot_counterfactual_grid(results, out, args.rows, data.class_names)
         print(f"{len(x)} test points explained; figure written to {out}")

@@ -16,11 +16,16 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from lipcert.checkpoint import load, read_checkpoint
-    from lipcert.export import export
+    from lipcert.export import check_finite, export
 
     model = load(args.checkpoint)
     _, meta = read_checkpoint(args.checkpoint)
-    shape = tuple(meta["model_spec"]["kwargs"]["input_shape"])
+    shape = meta["model_spec"].get("kwargs", {}).get("input_shape")
+    if shape is None:
+        raise ValueError(f"{args.checkpoint} does not record its model's input shape")
+    shape = tuple(shape)
+    parameters = ((f"model.{key}", p) for key, p in model.named_parameters())
+    check_finite(parameters, f"{args.checkpoint}: tensor")  # named as in the file
     plain = export(model, onnx_path=args.onnx, input_shape=shape)
     x = torch.rand(4, *shape)
     with torch.no_grad():

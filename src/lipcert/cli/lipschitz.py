@@ -47,7 +47,7 @@ def _lower_bound(module, input_shape: tuple[int, ...], args: argparse.Namespace)
 
     from lipcert.bounds import lipschitz_lower_bound
 
-    if args.norm != "l2" or args.samples < 1:
+    if args.norm != "l2":
         return None
     gen = torch.Generator().manual_seed(args.seed)
     reference = next(iter([*module.parameters(), *module.buffers()]), None)
@@ -60,8 +60,10 @@ def _lower_bound(module, input_shape: tuple[int, ...], args: argparse.Namespace)
 def run(args: argparse.Namespace) -> None:
     from lipcert.bounds.graph import graph_bound
     from lipcert.checkpoint import load
+    from lipcert.cli.common import check_positive
     from lipcert.report import format_table
 
+    check_positive("--samples", args.samples)
     model = load(args.checkpoint).eval()
     input_shape = _input_shape(args)
     try:

@@ -29,21 +29,30 @@ def register(sub) -> None:
 
 
 def _load_cloud(path: str):
+    """The array of the .npy file ``path``, or an error naming the file (shape and values are
+    checked by :func:`lipcert.ot.check_clouds`)."""
     import numpy as np
 
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"point cloud {path} is a directory, not a .npy file")
     if not Path(path).is_file():
         raise FileNotFoundError(f"point cloud not found: {path}")
     try:
-        return np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False)
+    except EOFError as err:  # numpy's error for an empty file
+        raise ValueError(f"{path} is empty (0 bytes), not a .npy array") from err
     except ValueError as err:
         raise ValueError(f"{path} is not a .npy array of numbers ({err})") from err
+    if not isinstance(array, np.ndarray):  # np.load opens a .npz as an archive of arrays
+        array.close()
+        raise ValueError(f"{path} is a .npz archive, not a .npy array: save one array with np.save")
+    return array
 
 
 def run(args: argparse.Namespace) -> None:
-    from lipcert.ot import as_point_cloud, exact_wasserstein1, wasserstein1
+    from lipcert.ot import check_clouds, exact_wasserstein1, wasserstein1
 
-    x = as_point_cloud(args.a, _load_cloud(args.a))
-    y = as_point_cloud(args.b, _load_cloud(args.b))
+    x, y = check_clouds(_load_cloud(args.a), _load_cloud(args.b), names=(args.a, args.b))
     estimate = wasserstein1(
         x, y, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed
     )

@@ -7,11 +7,13 @@ download never leaves a file under the final name. Mirrors are tried in order.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,15 +121,28 @@ def fetch(urls: Sequence[str], dest: str | Path, md5: str) -> Path:
             with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
                 return write_atomically(dest, response, md5)
         except (OSError, ValueError) as err:  # URLError and timeouts are OSErrors
-            errors.append(f"  {url}: {err}")
-    raise OSError(f"could not download {dest.name} from any mirror:\n" + "\n".join(errors))
+            errors.append(f"{url}: {err}")
+    raise OSError(f"could not download {dest.name} from any mirror: " + "; ".join(errors))
 
 
 def _extract(archive: Path, members: Sequence[str], folder: Path) -> None:
     """Extract the regular files ``members`` of the tar ``archive`` under ``folder``, atomically.
 
     Only the named members are written, to paths we chose, so the archive cannot write elsewhere.
+    A corrupt or truncated archive raises a ``ValueError`` naming it (files extracted before the
+    damage stay; none is left half-written).
     """
+    try:
+        _extract_members(archive, members, folder)
+    except (tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error) as err:  # corruption
+        reason = str(err).splitlines()[0].rstrip(":") if str(err) else type(err).__name__
+        raise ValueError(
+            f"{archive}: not a readable tar archive ({reason}): the file is corrupt or truncated; "
+            "delete it and download it again"
+        ) from err
+
+
+def _extract_members(archive: Path, members: Sequence[str], folder: Path) -> None:
     with tarfile.open(archive, "r:*") as tar:
         for member in members:
             dest = folder / member

@@ -9,6 +9,7 @@ files and names.
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -67,11 +68,11 @@ def read_idx(path: str | Path, magic: int) -> Tensor:
     if len(raw) < header_bytes:
         raise ValueError(f"{path}: truncated IDX header ({len(raw)} of {header_bytes} bytes)")
     shape = struct.unpack(f">{ndim}I", raw[IDX_INT_BYTES:header_bytes])
-    payload = len(raw) - header_bytes
-    if payload != int(np.prod(shape)):
+    payload, declared = len(raw) - header_bytes, math.prod(shape)  # Python ints: no overflow
+    if payload != declared:
         raise ValueError(
-            f"{path}: payload of {payload} bytes, but the header {tuple(shape)} needs "
-            f"{int(np.prod(shape))} (truncated or corrupt file)"
+            f"{path}: the header declares shape {tuple(shape)}, {declared} bytes, but the "
+            f"payload after it is {payload} bytes (truncated or corrupt file)"
         )
     array = np.frombuffer(raw, dtype=np.uint8, offset=header_bytes).reshape(shape)
     return torch.from_numpy(array.copy())

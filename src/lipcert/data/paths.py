@@ -35,12 +35,23 @@ def default_roots() -> list[Path]:
     return roots
 
 
+def _what_is_missing(folder: Path, filenames: Sequence[str]) -> str:
+    """``folder`` and what it lacks, for the not-found message."""
+    if not folder.is_dir():
+        return f"{folder} (no such folder)"
+    missing = [name for name in filenames if not (folder / name).is_file()]
+    if len(missing) == len(filenames):
+        return f"{folder} (none of the {len(filenames)} files)"
+    return f"{folder} (missing {', '.join(str(folder / name) for name in missing)})"
+
+
 def find_dataset_folder(
     dataset: str, subfolder: str, filenames: Sequence[str], data_dir: str | Path | None
 ) -> Path:
     """The first candidate folder that holds every one of ``filenames``.
 
-    Raises ``FileNotFoundError`` naming every expected path and the download option.
+    Raises ``FileNotFoundError`` (one line) naming the dataset, each folder searched with what it
+    lacks, and how to get the files: a data folder option, or a download.
     """
     if data_dir is not None:
         candidates = [Path(data_dir) / subfolder, Path(data_dir)]
@@ -49,9 +60,11 @@ def find_dataset_folder(
     for folder in candidates:
         if all((folder / name).is_file() for name in filenames):
             return folder
-    expected = "\n".join(f"  {folder / name}" for folder in candidates for name in filenames)
+    searched = "; ".join(_what_is_missing(folder, filenames) for folder in candidates)
+    root = subfolder.split("/")[0]
     raise FileNotFoundError(
-        f"{dataset}: dataset files not found; expected (any one folder complete):\n{expected}\n"
-        f"Pass data_dir=<root holding {subfolder}/>, or download=True to load_dataset "
-        f"(or call lipcert.data.download({dataset!r}, root)) where a network is available."
+        f"dataset {dataset} not found: searched {searched}. Point --data-dir (data.data_dir in a "
+        f"config, data_dir= in Python) to a folder holding {subfolder}/, or download it (network "
+        f"needed) with: python -c \"import lipcert.data; lipcert.data.download('{dataset}', "
+        f"'{LOCAL_DATA}')\" (it lands in {LOCAL_DATA / root}/, searched by default)"
     )
