@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lipcert.bounds.graph import check_input_fits
 from lipcert.modes import eval_mode
 from lipcert.nn.constraint import LipschitzLayer
 from lipcert.outputs import check_output_file, output_file
@@ -80,25 +81,11 @@ def export(
     return plain
 
 
-def _check_input_fits(plain: nn.Module, input_shape: tuple[int, ...], example: Tensor) -> None:
-    """ValueError naming the layer and the shapes when ``plain`` cannot take inputs of
-    ``input_shape``: one run of the bounds' shape probe (:mod:`lipcert.bounds.graph`) on
-    ``example``. A model torch.fx cannot trace is left to the ONNX exporter's own errors."""
-    from lipcert.bounds.graph import _Probe, trace  # the probe that checks graph_bound's shapes
-
-    try:
-        graph = trace(plain)
-    except TypeError:
-        return
-    with torch.no_grad():
-        _Probe(graph, input_shape, type(plain).__name__).run(example[:1])
-
-
 def write_onnx(plain: nn.Module, path: Path, input_shape: tuple[int, ...]) -> None:
     """Write ``plain`` as ONNX (batch dimension dynamic), atomically."""
     param = next(plain.parameters(), None)
     example = torch.zeros((2, *input_shape), dtype=param.dtype if param is not None else None)
-    _check_input_fits(plain, input_shape, example)
+    check_input_fits(plain, input_shape, example)
     with output_file(path, "the ONNX path") as tmp:
         torch.onnx.export(
             plain,

@@ -213,6 +213,7 @@ def measure(device: str = "cpu", batch: int | None = None) -> list[dict]:
 
 
 def main(as_json: bool = False, device: str = "cpu", batch: int | None = None) -> None:
+    batch = BATCH if batch is None else batch
     rows = measure(device, batch)
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -231,7 +232,7 @@ def main(as_json: bool = False, device: str = "cpu", batch: int | None = None) -
     ]
     print(format_table(header, table))
     print(
-        f"batch {BATCH if batch is None else batch}, input {INPUT_SHAPE}, {device} ({THREADS} CPU threads), "
+        f"batch {batch}, input {INPUT_SHAPE}, {device} ({THREADS} CPU threads), "
         f"{REPEATS} interleaved rounds; "
         "ratios: median over rounds of the ratio to the plain Conv2d+ReLU net in the same round"
     )

@@ -262,6 +262,18 @@ class _Probe(Interpreter):
         return any(a in self.batch_sized for a in n.all_input_nodes)
 
 
+def check_input_fits(model: nn.Module, input_shape: tuple[int, ...], example: Tensor) -> None:
+    """ValueError naming the layer and the shapes when ``model`` cannot take ``example[:1]``,
+    an input of ``input_shape``: one shape probe of the traced graph (as :func:`graph_bound`
+    runs). A model torch.fx cannot trace is not checked (TypeError from :func:`trace` caught)."""
+    try:
+        gm = trace(model)
+    except TypeError:
+        return
+    with torch.no_grad():
+        _Probe(gm, tuple(input_shape), type(model).__name__).run(example[:1])
+
+
 def _picks_first(env: dict[Node, Any], node: Node) -> bool:
     """Whether ``size[index]`` (``node``) may read entry 0 of the size (the batch size)."""
     size, index = node.args
