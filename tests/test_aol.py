@@ -26,6 +26,7 @@ from lipcert.nn.aol import (
     kernel_self_correlation,
 )
 from lipcert.nn.constraint import original
+from lipcert.precision import ieee_float32
 
 #: Largest allowed gap between a lipcert layer's output and its export's (house rule).
 EXPORT_TOL = 1e-5
@@ -285,11 +286,19 @@ def test_matches_orthogonium_aol(rescale, c_in, c_out):
     torch.testing.assert_close(ratio, expected)
 
 
+@pytest.fixture(params=["loop", "batched"])
+def correlation_path(request, monkeypatch):
+    """The CPU's loop over kernel positions, and the batched form other devices take."""
+    if request.param == "batched":
+        monkeypatch.setattr(aol_module, "_correlation_half", aol_module._correlation_half_batched)
+    return request.param
+
+
 @pytest.mark.parametrize(
     ("c_out", "c_in", "kh", "kw"),
     [(3, 5, 3, 1), (4, 2, 1, 3), (2, 3, 2, 4), (5, 4, 5, 5), (3, 3, 1, 1)],
 )
-def test_gram_block_correlation_sums_equal_the_convolution(c_out, c_in, kh, kw):
+def test_gram_block_correlation_sums_equal_the_convolution(c_out, c_in, kh, kw, correlation_path):
     kernel = torch.randn(c_out, c_in, kh, kw, dtype=torch.float64, requires_grad=True)
     fast = abs_correlation_sums(kernel)
     slow = kernel_self_correlation(kernel).abs().sum(dim=(-2, -1))
@@ -301,7 +310,7 @@ def test_gram_block_correlation_sums_equal_the_convolution(c_out, c_in, kh, kw):
 
 
 @pytest.mark.parametrize("shape", [(3, 2, 3, 3), (2, 4, 2, 3), (5, 3, 1, 1), (4, 2, 3, 2)])
-def test_correlation_sums_backward_passes_gradcheck(shape):
+def test_correlation_sums_backward_passes_gradcheck(shape, correlation_path):
     """The hand-written backward (one batched product) against finite differences."""
     torch.manual_seed(sum(shape))
     kernel = torch.randn(shape, dtype=torch.float64, requires_grad=True)
@@ -319,7 +328,7 @@ def test_correlation_sums_backward_in_chunks_of_targets(monkeypatch):
     torch.testing.assert_close(chunked, whole, rtol=1e-13, atol=1e-13)
 
 
-def test_train_mode_layers_work_under_vmap():
+def test_train_mode_layers_work_under_vmap(correlation_path):
     """torch.func.vmap over the batch (per-sample gradients and the like) in train mode."""
     torch.manual_seed(0)
     layer = AOLConv2d(3, 4, 3).double().train()
@@ -369,3 +378,20 @@ def test_circular_padding_counts_what_the_forward_pads():
     bound = lipschitz_upper_bound(layer)
     assert bound <= 1 + LIPSCHITZ_TOL
     assert max_jacobian_norm(layer, (2, 5, 6)) <= bound
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rescale", ["input", "output"])
+def test_aol_on_a_gpu_matches_the_cpu(rescale):
+    """The batched correlation of other devices: the CPU's weights, gradients and a sound bound."""
+    torch.manual_seed(0)
+    cpu = AOLConv2d(16, 8, 3, rescale=rescale).train()
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.randn(4, 16, 10, 10)
+    with ieee_float32():  # no TF32 in the convolutions: the float32 results of the CPU
+        cpu(x).square().sum().backward()
+        gpu(x.cuda()).square().sum().backward()
+    torch.testing.assert_close(gpu.weight.cpu(), cpu.weight, rtol=1e-5, atol=1e-6)
+    grad_cpu, grad_gpu = original(cpu).grad, original(gpu).grad.cpu()
+    torch.testing.assert_close(grad_gpu, grad_cpu, rtol=1e-4, atol=1e-5)
+    assert gpu.eval().lipschitz_bound() <= 1.0

@@ -16,9 +16,11 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     flags = {module: module.training for module in model.modules()}
-    model.eval()
+    if any(flags.values()):  # already in eval mode: nothing to switch (certify's fast path)
+        model.eval()
     try:
         yield model
     finally:
         for module, flag in flags.items():
-            module.training = flag
+            if module.training != flag:
+                module.training = flag

@@ -96,9 +96,36 @@ def _gradient_slots(kh: int, kw: int, device: torch.device) -> Tensor:
     return table.T.contiguous()  # row q lists the sources r
 
 
+@functools.cache
+def _pair_slots(kh: int, kw: int, device: torch.device, dtype: torch.dtype) -> tuple:
+    """The pairs (a, b), a >= b, of flat kernel positions, and the (slots, pairs) 0/1 matrix that
+    sums each pair's block into the slot of its offset a - b."""
+    a, b = torch.tril_indices(kh * kw, kh * kw, device=device)  # a >= b
+    slot = _offset_slots(kh, kw, device)[a, b]
+    sums = torch.zeros(_half_slot_count(kh, kw), len(a), device=device, dtype=dtype)
+    sums[slot, torch.arange(len(a), device=device)] = 1
+    return a, b, sums
+
+
+def _correlation_half_batched(columns: Tensor, c_in: int, kh: int, kw: int) -> Tensor:
+    """:func:`_correlation_half` in a few batched kernels (a GPU step waits on the host that
+    launches its kernels, and the loop launches two per kernel position): every block K_a^T K_b
+    with a >= b in one batched product, summed per offset by one product with a 0/1 matrix
+    (deterministic, unlike a scatter-add whose atomic additions collide)."""
+    a, b, sums = _pair_slots(kh, kw, columns.device, columns.dtype)
+    blocks = columns.view(len(columns), kh * kw, c_in).transpose(0, 1)  # (n, c_out, c_in)
+    products = torch.bmm(blocks[a].mT, blocks[b])  # (pairs, c_in, c_in): K_a^T K_b
+    corr = (sums @ products.flatten(1)).view(-1, c_in, c_in)  # (slots, i, j)
+    return corr.transpose(0, 1)
+
+
 def _correlation_half(columns: Tensor, c_in: int, kh: int, kw: int) -> Tensor:
     """corr(d) for the slots d >= 0, ``(c_in, slots, c_in)``, from the Gram blocks K_a^T K_b with
-    a >= b of ``columns`` = [K_0 K_1 ...] (see :func:`abs_correlation_sums`)."""
+    a >= b of ``columns`` = [K_0 K_1 ...] (see :func:`abs_correlation_sums`). On a CPU one product
+    per kernel position, whose results are added in place (fresh memory costs a CPU step more
+    than the launches); on other devices :func:`_correlation_half_batched`."""
+    if columns.device.type != "cpu":
+        return _correlation_half_batched(columns, c_in, kh, kw)
     offset = _offset_slots(kh, kw, columns.device)
     corr = columns.new_zeros(c_in, _half_slot_count(kh, kw), c_in)  # (i, d >= 0, j)
     for a, block in enumerate(columns.split(c_in, dim=1)):
