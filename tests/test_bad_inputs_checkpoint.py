@@ -25,7 +25,7 @@ from tiny_run import write_tiny_config
 import lipcert
 from lipcert.checkpoint import CheckpointError, read_checkpoint, unflatten
 from lipcert.cli import main
-from lipcert.config import parse_config
+from lipcert.config import ConfigError, load_config, parse_config
 from lipcert.data import Dataset, Split
 from lipcert.models import build_model
 from lipcert.train import CHECKPOINT_NAME, CONFIG_NAME, train
@@ -306,3 +306,17 @@ def test_atomic_save_syncs_the_folder(tmp_path, monkeypatch):
     model = build_model("sll_mlp", input_shape=[4], num_classes=3, width=8, inner_width=8, depth=1)
     lipcert.save(model, tmp_path / "m.safetensors")
     assert synced == [False, True]  # the file, then the folder after the rename
+
+
+def test_checkpoint_gets_the_mode_of_a_new_file(tmp_path):
+    """safetensors writes 0600; a checkpoint is readable like the config.json beside it."""
+    model = build_model("gnp_mlp", input_shape=(4,), num_classes=3, width=4, depth=1)
+    lipcert.save(model, tmp_path / "m.safetensors")
+    (tmp_path / "plain.txt").write_text("x")
+    mode = stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+
+
+def test_config_path_that_is_a_directory_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)

@@ -1,8 +1,10 @@
 """Self-describing checkpoints in safetensors: no pickle, so loading never runs code.
 
 A file holds tensors plus string metadata. The model's state_dict goes under ``model.``; nested
-training state (optimizer, scheduler, RNG, counters) is flattened by :func:`flatten`: tensors under
-``state.<n>``, the rest as JSON with ``{"__tensor__": "state.<n>"}`` placeholders. The metadata also
+training state (optimizer, scheduler, loss buffers, counters; no RNG state: training draws its
+random numbers from generators seeded by the run's seed and the epoch, :mod:`lipcert.train`) is
+flattened by :func:`flatten`: tensors under ``state.<n>``, the rest as JSON with
+``{"__tensor__": "state.<n>"}`` placeholders. The metadata also
 records how to rebuild the model (its registry spec, :mod:`lipcert.models`) and the run's config,
 so ``lipcert.load(path)`` needs nothing else. Writes are atomic: a temp file, fsync, rename, then
 fsync of the folder; temp files left by a killed writer are removed by the next write.
@@ -137,6 +139,16 @@ def atomic_save(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, _new_file_mode())  # safetensors writes 0600; a checkpoint is shared like
+        # the config.json beside it
+
+
+def _new_file_mode() -> int:
+    """The mode ``open`` gives a new file: 0o666 less the process umask (read through
+    ``os.umask``, its only interface, and restored at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_checkpoint(

@@ -198,6 +198,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read and validate a TOML config file, after applying ``overrides``
     (:func:`apply_override`): an override is validated like a value in the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config path {path} is a directory, not a TOML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
