@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import struct
+import sys
 import tarfile
 
 import numpy as np
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tiny_run import write_tiny_config
 
 import lipcert
+from lipcert.cli import export as cli_export
 from lipcert.cli import main
 from lipcert.data import load_dataset
 from lipcert.data.download import SOURCES, _extract, fetch
@@ -232,3 +234,15 @@ def test_failed_download_is_one_line(tmp_path):
     with pytest.raises(OSError) as info:
         fetch(missing, tmp_path / "file", "0" * 32)
     assert "\n" not in str(info.value) and "gone2" in str(info.value)
+
+
+def test_output_piped_into_head_stops_quietly(monkeypatch, capsys):
+    """`lipcert ... | head`: the reader goes away; exit 141 without an error line."""
+
+    def run(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli_export, "run", run)
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # restored after the handler's devnull
+    assert main(["export", "any.safetensors"]) == 141
+    assert "error" not in capsys.readouterr().err

@@ -9,7 +9,8 @@ def test_bench_certify_times_eval_and_certify_on_the_test_split(tmp_path):
     assert main(["train", str(config), "--run-dir", str(tmp_path / "run")]) == 0
     row = measure(str(tmp_path / "run" / "last.safetensors"), repeats=1, pairs=2)
     assert row["points"] > 0 and row["eval_s"] > 0
-    assert row["certify_cold_s"] > 0 and row["certify_warm_s"] > 0
+    assert row["certify_cold_s"] > 0 and row["certify_warm_s"] > 0 and row["eval_cold_s"] > 0
+    assert row["cold_ratio_to_cold_eval"] == row["certify_cold_s"] / row["eval_cold_s"]
     q1, q3 = row["warm_ratio_quartiles"]
     assert 0 < q1 <= q3 and row["rounds"] == 2
     assert 0 <= row["accuracy"][0.1] <= row["accuracy"][0.0] <= 1

@@ -7,6 +7,7 @@ status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lipcert.checkpoint import CheckpointError
@@ -21,6 +22,8 @@ COMMANDS = (demo, train, certify, lipschitz, attack, export, explain, w1, bench)
 USER_ERRORS = (ValueError, OSError, CheckpointError, ConfigError, TrainingDiverged)
 #: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED = 130
+#: Exit code when the reader of stdout went away (128 + SIGPIPE), e.g. ``lipcert ... | head``.
+BROKEN_PIPE = 141
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
+    except BrokenPipeError:  # output piped into head: stop quietly, as shell tools do
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python's flush at exit fails otherwise)
+        return BROKEN_PIPE
     except USER_ERRORS as err:
         print(f"lipcert: error: {err}", file=sys.stderr)
         return 2

@@ -33,13 +33,17 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lipcert.bounds.operator import gram_spectral_bound, semi_unitary_spectral_bound
+from lipcert.bounds.operator import (
+    gram_spectral_bound,
+    semi_unitary_spectral_bound,
+    svd_spectral_bound,
+)
 from lipcert.nn.constrained import BoundedWeightConstraint, ConstrainedLinear
 from lipcert.nn.constraint import original
 from lipcert.precision import ieee_float32
 
-#: A near-orthogonality bound this close to 1 is kept without also running Gram iteration on W,
-#: which overestimates a flat spectrum by up to rank^(1/1024) - 1 (0.7% at rank 1024) anyway.
+#: A near-orthogonality bound this close to 1 is kept without also bounding W's own spectrum
+#: (a second eigen-decomposition, for at most this much).
 NEAR_ONE = 1e-4
 
 
@@ -137,13 +141,13 @@ class NearOrthogonalBound(BoundedWeightConstraint):
     """Base of the orthogonal constraints: the sound bound of a (nearly) orthogonal weight."""
 
     def operator_bound(self, layer: nn.Module, weight: Tensor) -> float:
-        """The tighter of two sound bounds: sqrt(1 + ||W^T W - I||) (tight near orthogonality,
-        where Gram iteration overestimates a flat spectrum) and, unless that one is within
-        :data:`NEAR_ONE` of 1, Gram iteration on W (any W)."""
+        """The tighter of two sound bounds: sqrt(1 + ||W^T W - I||) (tight near orthogonality)
+        and, unless that one is within :data:`NEAR_ONE` of 1, the Gram-eigenvalue bound of W
+        (any W, :func:`~lipcert.bounds.operator.svd_spectral_bound`)."""
         near_orthogonal = semi_unitary_spectral_bound(weight)
         if near_orthogonal <= 1 + NEAR_ONE:
             return near_orthogonal
-        return min(float(gram_spectral_bound(weight)), near_orthogonal)
+        return min(float(svd_spectral_bound(weight)), near_orthogonal)
 
 
 class BjorckOrthogonalization(NearOrthogonalBound):
