@@ -56,7 +56,7 @@ CASES = [
     ("pgd: restarts 1.5", lambda: pgd(_model(), X, Y, 0.5, restarts=1.5), "restarts must be"),
     ("pgd: clamp reversed", lambda: pgd(_model(), X, Y, 0.5, clamp=(1.0, 0.0)), "clamp must be"),
     # F8: minimal_adversarial_distance
-    ("distance: upper a list", lambda: _mad(upper=[1.0] * 5), "upper must be a number"),
+    ("distance: upper a string", lambda: _mad(upper="1.0"), "upper must be a number"),
     ("distance: upper negative", lambda: _mad(upper=-UPPER), "upper values must be finite"),
     ("distance: upper NaN", lambda: _mad(upper=UPPER * math.nan), "upper values must be finite"),
     ("distance: upper 0", lambda: _mad(upper=0 * UPPER), "upper values must be > 0"),
@@ -165,3 +165,12 @@ def test_good_batch_sizes_and_eps_lists_keep_their_results():
     expected = lipcert.certified_accuracy(radii, [0.0, 0.7])
     for eps in ((0.0, 0.7), np.array([0.0, 0.7]), torch.tensor([0.0, 0.7], dtype=torch.float64)):
         assert lipcert.certified_accuracy(radii, eps) == expected
+
+
+@pytest.mark.parametrize("eps", [[0.1, 0.2], np.array([0.1, 0.2]), np.array(0.1), (0.1, 0.2)])
+def test_pgd_takes_eps_as_a_list_or_an_array(eps):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(2, 3), torch.tensor([0, 1])
+    _, success = pgd(model, x, y, eps, steps=2, restarts=1)
+    assert success.shape == (2,)

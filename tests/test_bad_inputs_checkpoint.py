@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from tiny_run import write_tiny_config
 
 import lipcert
-from lipcert.checkpoint import CheckpointError, read_checkpoint, unflatten
+from lipcert.checkpoint import _HOST, CheckpointError, read_checkpoint, temp_path, unflatten
 from lipcert.cli import main
 from lipcert.config import ConfigError, load_config, parse_config
 from lipcert.data import Dataset, Split
@@ -284,13 +284,15 @@ def test_set_value_with_toml_syntax_error_names_the_argument(root, tmp_path, cap
 
 # F14: temp files of a killed writer neither break the next save nor stay; renames are synced.
 def test_stale_temp_files_are_removed_and_do_not_break_resume(root, run, capsys):
-    stale = [run / f".{name}.{DEAD_PID}.tmp" for name in (CHECKPOINT_NAME, CONFIG_NAME)]
-    live = run / f".{CHECKPOINT_NAME}.{os.getppid()}.tmp"  # a writer still running
-    for path in [*stale, live]:
+    stale = [temp_path(run / name, DEAD_PID) for name in (CHECKPOINT_NAME, CONFIG_NAME)]
+    live = temp_path(run / CHECKPOINT_NAME, os.getppid())  # a writer still running
+    elsewhere = run / f".{CHECKPOINT_NAME}.otherhost.{DEAD_PID}.tmp"  # another machine's writer
+    odd = [run / f".{CHECKPOINT_NAME}.{_HOST}.{pid}.tmp" for pid in ("9" * 20, "\u00b2")]
+    for path in [*stale, live, elsewhere, *odd]:
         path.write_bytes(b"half a file")
     assert main([str(a) for a in _resume(root, run, "epochs=2")]) == 0
     assert not any(path.exists() for path in stale)
-    assert live.exists()
+    assert live.exists() and elsewhere.exists() and all(path.exists() for path in odd)
     assert lipcert.load(run / CHECKPOINT_NAME) is not None
 
 

@@ -34,12 +34,18 @@ def wrong_class_margin(logits: Tensor, y: Tensor) -> Tensor:
 
 
 def _per_sample(eps: Tensor | float, x: Tensor, name: str = "eps") -> Tensor:
-    """``eps`` (a number, or a tensor of one value per sample) as (B, 1, ..., 1) in x's dtype;
-    ValueError naming ``name`` unless it has one value or one per sample, each finite and >= 0
-    in x's dtype (1e300 overflows float32)."""
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real | Tensor):
-        raise ValueError(f"{name} must be a number or a tensor, got {type(eps).__name__}")
-    values = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+    """``eps`` (a number, or one value per sample: a tensor, list or array) as (B, 1, ..., 1) in
+    x's dtype; ValueError naming ``name`` unless it has one value or one per sample, each finite
+    and >= 0 in x's dtype (1e300 overflows float32)."""
+    try:
+        if isinstance(eps, bool | str | bytes):
+            raise TypeError
+        values = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(
+            f"{name} must be a number or one number per sample (a tensor, list or array), "
+            f"got {type(eps).__name__}"
+        ) from None
     if values.dim() > 1 or values.numel() not in (1, len(x)):
         raise ValueError(
             f"{name} must be a number or a tensor of shape ({len(x)},) (one value per sample), "

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -71,7 +72,7 @@ from lipcert.bounds.network import UnsupportedNorm
 from lipcert.bounds.operator import pairwise_row_distance_bound, rounding_safety
 from lipcert.losses.base import check_count, check_hyperparameter
 from lipcert.modes import eval_mode
-from lipcert.nn.constraint import clear_caches
+from lipcert.nn.constraint import EvalCache, clear_caches
 from lipcert.precision import ieee_float32
 
 #: Relative float32 logit error allowed for: 2^-14 ~ 6.1e-5 = 1024 * float32 unit roundoff
@@ -151,9 +152,21 @@ _NUMPY_COMPARED = (torch.float32, torch.float64, torch.float16, torch.int64, tor
 _HOOK_CONTAINERS = frozenset({dict, OrderedDict, set})
 #: Attribute values compared by value in the configuration key; other objects by identity.
 _PLAIN_TYPES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
-#: Module attributes holding tensors and modules that are tracked on their own: only their names
-#: enter the configuration key.
-_TRACKED_ATTRIBUTES = frozenset({"_parameters", "_buffers", "_modules"})
+#: Module attributes holding the registered tensors: compared by value, their names (and which are
+#: None) in the configuration key.
+_REGISTERED = frozenset({"_parameters", "_buffers"})
+#: Containers compared by type and content.
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+#: Objects compared by identity only: code (functions, methods, classes, Python modules) and
+#: lipcert's eval caches, derived from the weights that are compared.
+_IDENTITY_TYPES = (
+    types.FunctionType,
+    types.MethodType,
+    types.BuiltinFunctionType,
+    types.ModuleType,
+    type,
+    EvalCache,
+)
 #: Dual norm of each input norm: the margin (w_y - w_j) . h moves by ||w_y - w_j||_* ||dh||.
 _DUAL_P = {"l2": 2.0, "linf": 1.0}
 
@@ -194,40 +207,59 @@ def _head_row_bound(weight: Tensor, norm: str) -> float:
     return float(rows.max()) * rounding_safety(torch.float64, weight.shape[1])
 
 
-def _plain(value: object) -> object:
-    """A comparable stand-in for a module attribute: numbers, strings, dtypes (and containers of
-    them) by value; tensors and modules as None (tracked as cache sources and as modules of their
-    own); anything else (hooks, functions) by identity, kept alive by the key."""
-    if type(value) in _HOOK_CONTAINERS and not value:  # most attributes: a module's empty hooks
-        return ()
+def _plain(value: object, tensors: list[Tensor], seen: set[int]) -> object:
+    """A comparable stand-in for a module attribute; the tensors met on the way are appended to
+    ``tensors`` (compared by value). Numbers, strings, dtypes by value; containers and plain
+    objects (their ``vars``, e.g. a ``SimpleNamespace`` or a strategy object read by the forward)
+    by type and content, recursively; modules as None (tracked as modules of their own);
+    functions, hooks, lipcert's eval caches (derived state) and objects without a ``__dict__`` by
+    identity, kept alive by the key (the id first: tuples compare it before the object)."""
+    kind = type(value)
+    if kind in _HOOK_CONTAINERS and not value:  # most attributes: a module's empty hooks
+        return kind
     if isinstance(value, _PLAIN_TYPES):
         return value
-    if isinstance(value, Tensor | nn.Module):
+    if isinstance(value, Tensor):
+        tensors.append(value)
+        return Tensor
+    if isinstance(value, nn.Module):
         return None
-    if isinstance(value, dict):
-        return tuple((k, _plain(v)) for k, v in value.items())
-    if isinstance(value, tuple | list):
-        return tuple(map(_plain, value))
-    return (id(value), value)  # the ids differ, or the objects are the same (no __eq__ call)
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
+        tensors.append(torch.from_numpy(value))
+        return np.ndarray
+    is_container = isinstance(value, _CONTAINERS)
+    if isinstance(value, _IDENTITY_TYPES) or not (is_container or hasattr(value, "__dict__")):
+        return (id(value), value)
+    if id(value) in seen:  # a cycle, or an object reached twice: compared where first met
+        return ("seen", id(value))
+    seen.add(id(value))
+    if not is_container:
+        return (id(value), value, _plain(vars(value), tensors, seen))
+    items = value.items() if isinstance(value, dict) else enumerate(value)  # a set: fixed order
+    return (kind, tuple((k, _plain(v, tensors, seen)) for k, v in items))
 
 
 def _model_state(model: nn.Module) -> tuple[tuple, list[Tensor]]:
     """What a bound reads besides the input shape: the configuration (every module's class and
-    non-tensor attributes, hooks included, with the global forward hooks) and the tensors
-    (every module's parameters, buffers and plain tensor attributes), which the cache compares
-    by value."""
-    config, tensors = [], []
+    non-tensor attributes, hooks included, with the global forward hooks; which registered
+    parameters and buffers are None) and the tensors (parameters, buffers, and tensors held in
+    attributes, containers and plain objects), which the cache compares by value."""
+    config: list = []
+    tensors: list[Tensor] = []
+    seen: set[int] = set()
     for module in model.modules():
-        attributes = vars(module)
-        settings = tuple(
-            (name, tuple(value) if name in _TRACKED_ATTRIBUTES else _plain(value))
-            for name, value in attributes.items()
-        )
-        config.append((type(module), settings))
-        for owned in (attributes["_parameters"], attributes["_buffers"], attributes):
-            tensors.extend(v for v in owned.values() if isinstance(v, Tensor))
+        settings = []
+        for name, value in vars(module).items():
+            if name in _REGISTERED:  # registered tensors: by value, their names and Nones here
+                tensors.extend(v for v in value.values() if v is not None)
+                settings.append((name, tuple((k, v is None) for k, v in value.items())))
+            elif name == "_modules":  # tracked as modules of their own
+                settings.append((name, tuple(value)))
+            else:
+                settings.append((name, _plain(value, tensors, seen)))
+        config.append((type(module), tuple(settings)))
     hooks = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks)
-    config.append(_plain(hooks))
+    config.append(_plain(hooks, tensors, seen))
     return tuple(config), tensors
 
 

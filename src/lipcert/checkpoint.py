@@ -15,6 +15,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import socket
 import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -34,6 +36,8 @@ _DICT = "__dict__"
 #: 13 levels (state -> optimizer -> per-parameter state -> tensor placeholder); deeper
 #: metadata is corrupt, and would exhaust Python's recursion on decoding or rebuilding.
 MAX_METADATA_DEPTH = 100
+#: This machine's name as it appears in temp file names (letters, digits, '-' and '_').
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
 #: Errors of ``fsync`` on a folder that mean "not supported here", not "not written".
 _DIR_FSYNC_UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES)
 
@@ -85,17 +89,33 @@ def _process_is_gone(pid: int) -> bool:
     return False
 
 
+def temp_path(path: Path, pid: int | None = None) -> Path:
+    """The temp file beside ``path`` that process ``pid`` (default: this one) on this machine
+    writes before its rename: the host is part of the name, so that a folder shared by machines
+    never has another host's live temp file taken for a dead one."""
+    return path.with_name(f".{path.name}.{_HOST}.{os.getpid() if pid is None else pid}.tmp")
+
+
 def _remove_stale_temps(path: Path) -> None:
-    """Remove the temp files of ``path`` whose writer died before its rename (SIGKILL, power
-    loss); a live writer's (another process on this machine) is left alone."""
-    if not path.parent.is_dir():
+    """Remove the temp files of ``path`` written on this machine by a process that died before
+    its rename (SIGKILL, power loss); a live writer's, another host's and any file whose name is
+    not exactly :func:`temp_path`'s are left alone. Never raises: a folder that cannot be listed
+    is left as it is (the write itself then reports the problem)."""
+    prefix, suffix = f".{path.name}.{_HOST}.", ".tmp"
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
         return
-    prefix, suffix = f".{path.name}.", ".tmp"
-    for entry in path.parent.iterdir():
+    for entry in entries:
         pid = entry.name.removeprefix(prefix).removesuffix(suffix)
         named = entry.name == f"{prefix}{pid}{suffix}"
-        if named and pid.isdigit() and _process_is_gone(int(pid)):
+        if named and _is_pid(pid) and _process_is_gone(int(pid)):
             entry.unlink(missing_ok=True)
+
+
+def _is_pid(text: str) -> bool:
+    """ASCII digits, at most 10 (a pid fits a C int: no OverflowError from ``os.kill``)."""
+    return text.isascii() and text.isdigit() and len(text) <= 10 and int(text) < 2**31
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -122,7 +142,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     removed on an error. Temp files of ``path`` left by dead writers are removed first."""
     path = Path(path)
     _remove_stale_temps(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     try:
         yield tmp
         with open(tmp, "rb") as handle:

@@ -16,8 +16,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     flags = {module: module.training for module in model.modules()}
-    if any(flags.values()):  # already in eval mode: nothing to switch (certify's fast path)
-        model.eval()
+    model.eval()
     try:
         yield model
     finally:
