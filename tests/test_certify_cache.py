@@ -81,6 +81,41 @@ class NoneSwap(_Scaled):
         return self.fine if self.fine is not None else 100.0 * self.coarse
 
 
+SCALE = 1.0  # read by ReadsGlobal's forward (through its method)
+
+
+class ReadsGlobal(_Scaled):
+    def scale(self):
+        return SCALE
+
+
+def _set_global(model: ReadsGlobal) -> None:
+    global SCALE
+    SCALE = 100.0
+
+
+def _closure_scale():
+    value = [1.0]
+
+    class ReadsClosure(_Scaled):
+        def scale(self):
+            return value[0]
+
+    return ReadsClosure, value
+
+
+_ReadsClosure, _CLOSURE_VALUE = _closure_scale()
+
+
+class MethodReplaced(_Scaled):
+    def scale(self):
+        return 1.0
+
+
+def _replace_method(model: MethodReplaced) -> None:
+    type(model).scale = lambda self: 100.0
+
+
 def _swap(model: NoneSwap) -> None:
     model.coarse, model.fine = model.fine, None
 
@@ -96,6 +131,9 @@ CHANGES = {
     ),
     "empty list -> empty dict": (EmptyKind, lambda m: setattr(m, "options", {})),
     "which buffer is None swapped": (NoneSwap, _swap),
+    "module-level global read by a method": (ReadsGlobal, _set_global),
+    "closure value read by a method": (_ReadsClosure, lambda m: _CLOSURE_VALUE.__setitem__(0, 100)),
+    "method replaced on the class": (MethodReplaced, _replace_method),
 }
 
 

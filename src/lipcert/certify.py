@@ -157,10 +157,13 @@ _PLAIN_TYPES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, 
 _REGISTERED = frozenset({"_parameters", "_buffers"})
 #: Containers compared by type and content.
 _CONTAINERS = (dict, list, tuple, set, frozenset)
-#: Objects compared by identity only: code (functions, methods, classes, Python modules) and
+#: Packages whose code the cache takes by identity (:func:`_is_library_code`).
+_LIBRARIES = frozenset({"torch", "lipcert"})
+#: Marks a closure cell not filled yet.
+_EMPTY_CELL = object()
+#: Objects compared by identity only: code (methods, builtins, classes, Python modules) and
 #: lipcert's eval caches, derived from the weights that are compared.
 _IDENTITY_TYPES = (
-    types.FunctionType,
     types.MethodType,
     types.BuiltinFunctionType,
     types.ModuleType,
@@ -227,6 +230,8 @@ def _plain(value: object, tensors: list[Tensor], seen: set[int]) -> object:
     if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
         tensors.append(torch.from_numpy(value))
         return np.ndarray
+    if isinstance(value, types.FunctionType):
+        return _function_state(value, tensors, seen)
     is_container = isinstance(value, _CONTAINERS)
     if isinstance(value, _IDENTITY_TYPES) or not (is_container or hasattr(value, "__dict__")):
         return (id(value), value)
@@ -234,9 +239,68 @@ def _plain(value: object, tensors: list[Tensor], seen: set[int]) -> object:
         return ("seen", id(value))
     seen.add(id(value))
     if not is_container:
-        return (id(value), value, _plain(vars(value), tensors, seen))
+        state = _plain(vars(value), tensors, seen)
+        return (id(value), value, state, _class_state(type(value), tensors, seen))
     items = value.items() if isinstance(value, dict) else enumerate(value)  # a set: fixed order
     return (kind, tuple((k, _plain(v, tensors, seen)) for k, v in items))
+
+
+def _function_state(fn: types.FunctionType, tensors: list[Tensor], seen: set[int]) -> object:
+    """A function by identity and by what it reads besides its arguments, which a traced graph
+    bakes in as constants: its closure's values, its defaults and the globals its code names
+    (a forward reading a module-level ``SCALE`` that is changed later). Library code
+    (:func:`_is_library_code`) is taken by identity."""
+    if _is_library_code(fn):
+        return (id(fn), fn)
+    if id(fn) in seen:
+        return ("seen", id(fn))
+    seen.add(id(fn))
+    cells = []
+    for cell in fn.__closure__ or ():
+        try:
+            cells.append(cell.cell_contents)
+        except ValueError:  # a cell not filled yet
+            cells.append(_EMPTY_CELL)
+    names = _names_read(fn.__code__)
+    read = [(name, fn.__globals__[name]) for name in names if name in fn.__globals__]
+    # Item by item: ``seen`` holds ids of objects alive for the whole traversal, and these
+    # lists and tuples are not (a freed one's id is reused by the next).
+    return (
+        id(fn),
+        fn,
+        tuple(_plain(v, tensors, seen) for v in cells),
+        _plain(fn.__defaults__, tensors, seen),
+        _plain(fn.__kwdefaults__, tensors, seen),
+        tuple((name, _plain(v, tensors, seen)) for name, v in read),
+    )
+
+
+@functools.cache
+def _names_read(code: types.CodeType) -> tuple[str, ...]:
+    """The global and attribute names a code object (and the code nested in it) uses."""
+    nested = (c for c in code.co_consts if isinstance(c, types.CodeType))
+    return tuple(dict.fromkeys([*code.co_names, *(n for c in nested for n in _names_read(c))]))
+
+
+def _is_library_code(code: object) -> bool:
+    """Whether a function or class comes with torch, lipcert or Python itself: code whose
+    globals are the libraries' own constants, not user state (and whose functions, reached from
+    every layer, would cost the cache check ~0.8 ms a call to walk)."""
+    return getattr(code, "__module__", None) in (None, "builtins") or (
+        code.__module__.partition(".")[0] in _LIBRARIES
+    )
+
+
+def _class_state(cls: type, tensors: list[Tensor], seen: set[int]) -> tuple:
+    """The functions of a module's class and its bases outside the libraries
+    (:func:`_function_state`): a method may be replaced, or read a global that changes."""
+    return tuple(
+        _plain(fn, tensors, seen)
+        for klass in cls.__mro__
+        if not _is_library_code(klass)
+        for fn in vars(klass).values()
+        if isinstance(fn, types.FunctionType)
+    )
 
 
 def _model_state(model: nn.Module) -> tuple[tuple, list[Tensor]]:
@@ -257,7 +321,7 @@ def _model_state(model: nn.Module) -> tuple[tuple, list[Tensor]]:
                 settings.append((name, tuple(value)))
             else:
                 settings.append((name, _plain(value, tensors, seen)))
-        config.append((type(module), tuple(settings)))
+        config.append((type(module), tuple(settings), _class_state(type(module), tensors, seen)))
     hooks = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks)
     config.append(_plain(hooks, tensors, seen))
     return tuple(config), tensors
