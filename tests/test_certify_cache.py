@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import types
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -81,6 +82,15 @@ class NoneSwap(_Scaled):
         return self.fine if self.fine is not None else 100.0 * self.coarse
 
 
+class InArray(_Scaled):
+    def __init__(self) -> None:
+        super().__init__()
+        self.factors = np.array([1.0], dtype=">f8")  # byte-swapped: compared all the same
+
+    def scale(self):
+        return float(self.factors[0])
+
+
 SCALE = 1.0  # read by ReadsGlobal's forward (through its method)
 
 
@@ -131,6 +141,7 @@ CHANGES = {
     ),
     "empty list -> empty dict": (EmptyKind, lambda m: setattr(m, "options", {})),
     "which buffer is None swapped": (NoneSwap, _swap),
+    "NumPy array attribute changed in place": (InArray, lambda m: m.factors.__setitem__(0, 100)),
     "module-level global read by a method": (ReadsGlobal, _set_global),
     "closure value read by a method": (_ReadsClosure, lambda m: _CLOSURE_VALUE.__setitem__(0, 100)),
     "method replaced on the class": (MethodReplaced, _replace_method),

@@ -228,7 +228,8 @@ def _plain(value: object, tensors: list[Tensor], seen: set[int]) -> object:
     if isinstance(value, nn.Module):
         return None
     if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
-        tensors.append(torch.from_numpy(value))
+        # A copy in native byte order: read-only and byte-swapped arrays too.
+        tensors.append(torch.tensor(value.astype(value.dtype.newbyteorder("="), copy=False)))
         return np.ndarray
     if isinstance(value, types.FunctionType):
         return _function_state(value, tensors, seen)
