@@ -179,3 +179,12 @@ def test_one_lipschitz_in_linf_on_random_pairs(layer):
     x2 = x + torch.randn(512, 8, generator=gen, dtype=torch.float64) * 0.3
     ratio = (layer(x) - layer(x2)).abs().amax(1) / (x - x2).abs().amax(1)
     assert layer.lipschitz_norm == "any" and ratio.max() <= 1 + 1e-12
+
+
+def test_groupsort_refuses_the_batch_dimension():
+    with pytest.raises(ValueError, match="dim 0 is the batch dimension"):
+        GroupSort(2, dim=0)
+    layer = MaxMin(dim=-2)  # resolves to the batch dimension of (B, F) inputs
+    with pytest.raises(ValueError, match="dim 0 is the batch dimension"):
+        layer(torch.randn(4, 6))
+    assert layer(torch.randn(3, 4, 6)).shape == (3, 4, 6)  # dim 1 of (B, C, F)

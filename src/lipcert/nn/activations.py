@@ -97,6 +97,13 @@ class _MaxMinFunction(torch.autograd.Function):
         return _swap_pairs(tangent.unflatten(ctx.dim, (-1, 2)), first_is_max, ctx.dim), None
 
 
+#: Why GroupSort refuses the batch dimension.
+_BATCH_DIM_MESSAGE = (
+    "dim 0 is the batch dimension: sorting across it would mix the samples (each output would "
+    "depend on other inputs, so no per-sample bound holds); use dim=1 or a feature dimension"
+)
+
+
 class GroupSort(LipschitzLayer, nn.Module):
     """Sort contiguous groups of ``group_size`` features along ``dim`` in descending order.
 
@@ -114,6 +121,8 @@ class GroupSort(LipschitzLayer, nn.Module):
             raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise ValueError(f"dim must be an integer, got {dim!r}")
+        if dim == 0:
+            raise ValueError(_BATCH_DIM_MESSAGE)
         super().__init__()
         self.group_size = group_size
         self.dim = dim
@@ -131,6 +140,8 @@ class GroupSort(LipschitzLayer, nn.Module):
         if not -x.dim() <= self.dim < x.dim():
             raise ValueError(f"{self}: input of shape {tuple(x.shape)} has no dimension {self.dim}")
         dim = self.dim % x.dim()
+        if dim == 0:
+            raise ValueError(f"{self}: on input of shape {tuple(x.shape)}, {_BATCH_DIM_MESSAGE}")
         if x.shape[dim] % self.group_size != 0:
             raise ValueError(
                 f"{self}: input of shape {tuple(x.shape)} has {x.shape[dim]} features along "
