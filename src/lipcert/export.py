@@ -11,17 +11,19 @@ computes with the cached ones). The result is in eval mode and computes the same
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.utils import parametrize
 
-from lipcert.bounds.graph import check_input_fits
+from lipcert.bounds.graph import check_finite, check_input_fits
 from lipcert.modes import eval_mode
 from lipcert.nn.constraint import LipschitzLayer
 from lipcert.outputs import check_output_file, output_file
+
+#: What a NaN or inf tensor means for export.
+NOT_EXPORTED = "a model computing NaN is not exported"
 
 
 def _export_tree(original: nn.Module, copied: nn.Module) -> nn.Module:
@@ -46,17 +48,6 @@ def _without_parametrizations(module: nn.Module) -> nn.Module:
     return plain
 
 
-def check_finite(tensors: Iterable[tuple[str, Tensor]], what: str) -> None:
-    """Refuse, by name, a floating tensor holding NaN or inf: the model would compute NaN."""
-    for name, tensor in tensors:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(
-                f"{what} {name} holds NaN or inf values ({bad} of {tensor.numel()} entries): "
-                "a model computing NaN is not exported"
-            )
-
-
 def export(
     model: nn.Module,
     onnx_path: str | Path | None = None,
@@ -73,9 +64,10 @@ def export(
             raise ValueError("export(onnx_path=...) needs input_shape (without the batch dim)")
         check_output_file(onnx_path, "the ONNX path")  # before any work
     with torch.no_grad(), eval_mode(model):  # every module's own mode is restored after
-        check_finite(model.named_parameters(), "parameter")
+        check_finite(((f"parameter {k}", p) for k, p in model.named_parameters()), NOT_EXPORTED)
         plain = _export_tree(model, copy.deepcopy(model)).eval()
-    check_finite(plain.state_dict().items(), "exported tensor")  # a constraint's NaN, a buffer's
+    exported = ((f"exported tensor {k}", t) for k, t in plain.state_dict().items())
+    check_finite(exported, NOT_EXPORTED)  # a constraint's NaN, a buffer's
     if onnx_path is not None:
         write_onnx(plain, Path(onnx_path), tuple(input_shape))
     return plain

@@ -984,13 +984,23 @@ def _read_tensors(gm: GraphModule) -> Iterator[tuple[str, Tensor]]:
                 yield f"tensor {node.target}", value
 
 
-def _check_finite(tensors: Iterable[tuple[str, Tensor]]) -> None:
-    """NaN or inf parameters and graph constants have no bound (a rule's SVD would fail, a max()
-    would read NaN as 1), even where the forward slices them away."""
+#: What a NaN or inf tensor means for the bound.
+NO_BOUND = "the model has no bound"
+
+
+def check_finite(tensors: Iterable[tuple[str, Tensor]], consequence: str = NO_BOUND) -> None:
+    """ValueError naming the first (description, tensor) pair whose floating or complex tensor
+    holds NaN or inf, with how many entries and ``consequence``. For the bound: NaN or inf
+    parameters and graph constants have no bound (a rule's SVD would fail, a max() would read
+    NaN as 1), even where the forward slices them away."""
     for description, tensor in tensors:
         floating = tensor.is_floating_point() or tensor.is_complex()
         if floating and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{description} holds NaN or inf values: the model has no bound")
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(
+                f"{description} holds NaN or inf values ({bad} of {tensor.numel()} entries): "
+                f"{consequence}"
+            )
 
 
 def graph_bound(
@@ -1011,9 +1021,9 @@ def graph_bound(
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     name = type(model).__name__
     _check_no_hooks(model)
-    _check_finite((f"parameter {key}", p) for key, p in model.named_parameters())
+    check_finite((f"parameter {key}", p) for key, p in model.named_parameters())
     gm = trace(model, norm)
-    _check_finite(_read_tensors(gm))
+    check_finite(_read_tensors(gm))
     _check_single_input(gm, name)
     check_in_place(gm, _describe)  # before running anything: no write to the model's tensors
     probe = _Probe(gm, tuple(input_shape), name)

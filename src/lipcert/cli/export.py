@@ -15,8 +15,9 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     import torch
 
+    from lipcert.bounds.graph import check_finite
     from lipcert.checkpoint import load, read_checkpoint
-    from lipcert.export import check_finite, export
+    from lipcert.export import NOT_EXPORTED, export
 
     model = load(args.checkpoint)
     _, meta = read_checkpoint(args.checkpoint)
@@ -24,8 +25,9 @@ def run(args: argparse.Namespace) -> None:
     if shape is None:
         raise ValueError(f"{args.checkpoint} does not record its model's input shape")
     shape = tuple(shape)
-    parameters = ((f"model.{key}", p) for key, p in model.named_parameters())
-    check_finite(parameters, f"{args.checkpoint}: tensor")  # named as in the file
+    # named as in the file
+    parameters = ((f"{args.checkpoint}: tensor model.{k}", p) for k, p in model.named_parameters())
+    check_finite(parameters, NOT_EXPORTED)
     plain = export(model, onnx_path=args.onnx, input_shape=shape)
     x = torch.rand(4, *shape)
     with torch.no_grad():
