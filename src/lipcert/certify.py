@@ -148,9 +148,9 @@ _SUMMARIES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _CachedSummary]] = 
 )
 #: Dtypes whose CPU tensors the cache compares with NumPy.
 _NUMPY_COMPARED = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32)
-#: Types of the hook and flag containers every module holds (compared as () when empty).
+#: Types of the hook and flag containers every module holds (an empty one keyed by its type).
 _HOOK_CONTAINERS = frozenset({dict, OrderedDict, set})
-#: Attribute values compared by value in the configuration key; other objects by identity.
+#: Attribute values compared by value in the configuration key (others: :func:`_plain`).
 _PLAIN_TYPES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 #: Module attributes holding the registered tensors: compared by value, their names (and which are
 #: None) in the configuration key.

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lipcert.attacks import perturbation_norms, wrong_class_margin
-from lipcert.certify import certify, predict
+from lipcert.certify import certify, check_points, finite_input_norms, predict
 from lipcert.losses.base import check_count, check_hyperparameter
 from lipcert.modes import eval_mode
 from lipcert.report import save_figure
@@ -168,11 +168,10 @@ def counterfactuals(
     differentiable classifier (logits (B, C), or (B, 1) for a binary one-logit model); the
     model is evaluated in eval mode and left in the mode it was in.
     """
-    if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() < 2 or len(x) == 0:
-        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-        raise ValueError(f"x must be a non-empty floating-point batch (B, ...), got {shape}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("x contains NaN or inf values")
+    check_points(x)
+    if x.dim() < 2:
+        raise ValueError(f"x must be a batch (B, ...) of inputs, got shape {tuple(x.shape)}")
+    finite_input_norms(x)
     check_count("max_steps", max_steps, 1)
     check_hyperparameter("overshoot", overshoot, positive=False)
     with eval_mode(model):
