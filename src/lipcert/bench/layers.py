@@ -25,6 +25,7 @@ from torch import nn
 import lipcert
 from lipcert import nn as lnn
 from lipcert.bench.timing import seconds
+from lipcert.cli.common import check_device, check_positive
 from lipcert.report import format_table
 
 BATCH, INPUT_SHAPE, CLASSES = 64, (3, 32, 32), 10
@@ -173,11 +174,8 @@ def _summaries(times: dict[str, list[float]], base: str) -> dict[str, tuple[floa
 def measure(device: str = "cpu", batch: int | None = None) -> list[dict]:
     """Rows of {family, train_ms, eval_ms, exported_eval_ms, ratios} for every family, timed on
     ``device`` with ``batch`` inputs (default BATCH)."""
-    device, batch = torch.device(device), BATCH if batch is None else batch
-    if batch <= 0:
-        raise ValueError(f"--batch must be a positive integer, got {batch}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
+    device = check_device(device)
+    batch = BATCH if batch is None else check_positive("--batch", batch)
     torch.set_num_threads(THREADS)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand((batch, *INPUT_SHAPE), generator=gen).to(device)

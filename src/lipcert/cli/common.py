@@ -14,13 +14,19 @@ from lipcert.data import Dataset, load_dataset
 from lipcert.train import select_classes, stored_config
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``--device`` as a ``torch.device``; ValueError when it asks for CUDA and there is none."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
+    return device
+
+
 def load_run(
     checkpoint: str, data_dir: str | None, device: str = "cpu"
 ) -> tuple[nn.Module, TrainConfig, Dataset]:
     """The model of a training checkpoint (on ``device``), its config and its dataset."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
-    model = load(checkpoint).to(device)
+    model = load(checkpoint).to(check_device(device))
     _, meta = read_checkpoint(checkpoint)
     if not meta.get("config"):
         raise ValueError(
