@@ -991,8 +991,8 @@ NO_BOUND = "the model has no bound"
 def check_finite(tensors: Iterable[tuple[str, Tensor]], consequence: str = NO_BOUND) -> None:
     """ValueError naming the first (description, tensor) pair whose floating or complex tensor
     holds NaN or inf, with how many entries and ``consequence``. For the bound: NaN or inf
-    parameters and graph constants have no bound (a rule's SVD would fail, a max() would read
-    NaN as 1), even where the forward slices them away."""
+    parameters and graph constants have no bound (a rule's eigen-decomposition would fail, a
+    max() would read NaN as 1), even where the forward slices them away."""
     for description, tensor in tensors:
         floating = tensor.is_floating_point() or tensor.is_complex()
         if floating and not bool(torch.isfinite(tensor).all()):

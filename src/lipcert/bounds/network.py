@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
-from lipcert.bounds.operator import rounding_safety, svd_spectral_bound
+from lipcert.bounds.operator import eigen_spectral_bound, rounding_safety
 from lipcert.losses.base import check_count, check_hyperparameter
 from lipcert.modes import eval_mode
 from lipcert.nn.constraint import LipschitzLayer
@@ -249,11 +249,11 @@ def _dropout(module: nn.Module, norm: str) -> float:
 
 
 def matrix_operator_bound(weight: Tensor, norm: str) -> float:
-    """Sound bound of a matrix's operator norm: spectral (l2, exact SVD with its rounding) or
-    max absolute row sum (l_inf)."""
+    """Sound bound of a matrix's operator norm: spectral (l2, LAPACK eigenvalues of its Gram, with
+    their rounding) or max absolute row sum (l_inf)."""
     weight = weight.detach().double()
     if norm == "l2":
-        return float(svd_spectral_bound(weight))
+        return float(eigen_spectral_bound(weight))
     row_sums = weight.abs().sum(dim=1)
     return float(row_sums.max()) * rounding_safety(torch.float64, weight.shape[1])
 

@@ -83,7 +83,7 @@ def gram_spectral_bound(matrix: Tensor, n_iter: int = DEFAULT_GRAM_ITERATIONS) -
     return log_bound.exp() * power * rounding_safety(log_scale.dtype, inner)
 
 
-def svd_spectral_bound(matrix: Tensor) -> Tensor:
+def eigen_spectral_bound(matrix: Tensor) -> Tensor:
     """Sound upper bound of the spectral norm of a matrix or a batch ``(..., m, n)``, in float64
     (complex128 for complex input), without autograd: the largest eigenvalue of the smaller Gram
     matrix G = W^H W (LAPACK), sigma_1^2 = lambda_max(G).

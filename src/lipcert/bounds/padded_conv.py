@@ -36,8 +36,9 @@ Rounding
 --------
 The weight is read exactly in float64. The symbol is evaluated directly (no FFT): each entry is
 a dot product over the taps, with the error of :func:`~lipcert.bounds.conv.symbol_rounding`
-(Higham eq. 3.5), added by Weyl's inequality. Each sigma_1 comes from LAPACK's SVD with its backward
-error accounted for (:func:`~lipcert.bounds.operator.svd_spectral_bound`).
+(Higham eq. 3.5), added by Weyl's inequality. Each sigma_1 comes from LAPACK's symmetric
+eigenvalues of the symbol's Gram, its rounding and their backward error accounted for
+(:func:`~lipcert.bounds.operator.eigen_spectral_bound`).
 
 Measured
 --------
@@ -60,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lipcert.bounds.conv import grid_twiddles, kernel_symbol, polyphase_kernel, symbol_rounding
-from lipcert.bounds.operator import svd_spectral_bound
+from lipcert.bounds.operator import eigen_spectral_bound
 
 PADDING_MODES = ("zeros", "circular", "reflect", "replicate")
 #: Symbol entries (frequencies x groups x c_out x c_in) formed at once: a memory cap.
@@ -240,5 +241,5 @@ def circular_norm(kernel: Tensor, grid: tuple[int, int], stride: tuple[int, int]
     largest = 0.0
     for part in twiddles.split(chunk, dim=-1):
         symbol = kernel_symbol(scalar_kernels, part).reshape(-1, groups, c_out, c_poly)
-        largest = max(largest, float(svd_spectral_bound(symbol).max()))
+        largest = max(largest, float(eigen_spectral_bound(symbol).max()))
     return largest + float(symbol_rounding(poly))

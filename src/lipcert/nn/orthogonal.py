@@ -34,9 +34,9 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lipcert.bounds.operator import (
+    eigen_spectral_bound,
     gram_spectral_bound,
     semi_unitary_spectral_bound,
-    svd_spectral_bound,
 )
 from lipcert.nn.constrained import BoundedWeightConstraint, ConstrainedLinear
 from lipcert.nn.constraint import original
@@ -143,11 +143,11 @@ class NearOrthogonalBound(BoundedWeightConstraint):
     def operator_bound(self, layer: nn.Module, weight: Tensor) -> float:
         """The tighter of two sound bounds: sqrt(1 + ||W^T W - I||) (tight near orthogonality)
         and, unless that one is within :data:`NEAR_ONE` of 1, the Gram-eigenvalue bound of W
-        (any W, :func:`~lipcert.bounds.operator.svd_spectral_bound`)."""
+        (any W, :func:`~lipcert.bounds.operator.eigen_spectral_bound`)."""
         near_orthogonal = semi_unitary_spectral_bound(weight)
         if near_orthogonal <= 1 + NEAR_ONE:
             return near_orthogonal
-        return min(float(svd_spectral_bound(weight)), near_orthogonal)
+        return min(float(eigen_spectral_bound(weight)), near_orthogonal)
 
 
 class BjorckOrthogonalization(NearOrthogonalBound):
