@@ -19,7 +19,7 @@ from torch import nn
 
 import lipcert
 from lipcert.attacks import pgd
-from lipcert.bounds.graph import graph_bound
+from lipcert.bounds.graph import all_finite, graph_bound
 from lipcert.bounds.network import module_bound
 from lipcert.certify import (
     _float32_rounded_down,
@@ -788,3 +788,19 @@ def test_a_negative_std_loaded_into_normalize_is_bounded_by_its_size():
     layer.load_state_dict({"mean": torch.zeros(2), "std": torch.tensor([0.0, 1.0])})
     with pytest.raises(ValueError, match="std of 0"):
         layer.lipschitz_bound()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.complex64])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", [0, 77_777, -1])
+def test_all_finite_finds_one_bad_entry_anywhere(dtype, bad, where):
+    tensor = torch.ones(2**17, dtype=dtype)
+    assert all_finite(tensor)
+    tensor[where] = bad
+    assert not all_finite(tensor)
+
+
+def test_all_finite_reads_entries_when_the_norm_overflows():
+    assert all_finite(torch.full((4,), 6e4, dtype=torch.float16))  # sum of squares overflows
+    assert all_finite(torch.full((4,), 1e300, dtype=torch.float64))
+    assert all_finite(torch.empty(0))

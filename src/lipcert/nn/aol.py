@@ -69,94 +69,57 @@ def kernel_self_correlation(kernel: Tensor) -> Tensor:
 
 
 @functools.cache
-def _offset_slots(kh: int, kw: int, device: torch.device) -> Tensor:
-    """(kh kw, kh kw): slot dy (2kw - 1) + dx of the offset (dy, dx) = a - b between the flat
-    kernel positions a and b (d = 0 is slot 0, a >= b gives slots >= 0); built once per shape and
-    device, not at every training forward."""
-    y = torch.arange(kh, device=device).repeat_interleave(kw)
-    x = torch.arange(kw, device=device).repeat(kh)
-    return (y[:, None] - y) * (2 * kw - 1) + x[:, None] - x
+def _fourier_matrices(kh: int, kw: int, device: torch.device, dtype: torch.dtype) -> tuple:
+    """The real DFT matrices of :class:`_AbsCorrelationSums` for a kh x kw kernel.
 
+    Torus: n = (2kh - 1)(2kw - 1) points, so that corr(d), d in [-(kh-1), kh-1] x [-(kw-1), kw-1],
+    maps one to one onto it (no wrap-around). Frequencies: w = 0 and one of each conjugate pair
+    {w, -w}, m = (n + 1) / 2 of them. Returns (``dft``, ``inverse_real``, ``inverse_imag``, m):
+    ``dft`` (2m, kh kw), rows (w, real / imaginary part), maps the flat kernel positions p to
+    K^(w) = sum_p K_p e^{-i w.p}; ``inverse_*`` (n, m) map the real and imaginary parts of
+    corr^(w) back to corr(d) = (1/n) sum over all w of corr^(w) e^{i w.d}, the pair (w, -w)
+    counted twice through the real part. A 1 x 1 kernel (a dense layer) gets no imaginary row.
+    Built in float64, once per shape, device and dtype.
+    """
+    n1, n2 = 2 * kh - 1, 2 * kw - 1
+    grid = [(a, b) for a in range(n1) for b in range(n2)]
+    pairs = [f for f in grid[1:] if f < ((-f[0]) % n1, (-f[1]) % n2)]
+    freqs = torch.tensor([(0, 0), *pairs], dtype=torch.float64)
+    taps = torch.tensor([(a, b) for a in range(kh) for b in range(kw)], dtype=torch.float64)
+    offsets = torch.tensor(grid, dtype=torch.float64)
 
-def _half_slot_count(kh: int, kw: int) -> int:
-    """Number of offset slots d >= 0 of :func:`_offset_slots` (the zero offset and the
-    lexicographically positive ones)."""
-    return (kh - 1) * (2 * kw - 1) + kw
+    def angles(points: Tensor) -> Tensor:  # (points, m): 2 pi w.p on the torus
+        return 2 * math.pi * (points[:, :1] * freqs[:, 0] / n1 + points[:, 1:] * freqs[:, 1] / n2)
 
-
-@functools.cache
-def _gradient_slots(kh: int, kw: int, device: torch.device) -> Tensor:
-    """(kh kw, kh kw): for the target position q and source position r, the block of
-    :class:`_AbsCorrelationSums`'s gradient bank that H(r, q) takes: 0 (E_0 + E_0^T) for r = q,
-    s(r, q) (E_s) for r > q, n - 1 + s(q, r) (E_s^T) for r < q; n = number of slots."""
-    offset = _offset_slots(kh, kw, device)
-    slots = _half_slot_count(kh, kw)
-    r = torch.arange(kh * kw, device=device)
-    table = torch.where(r[:, None] > r, offset, offset.T + slots - 1).fill_diagonal_(0)
-    return table.T.contiguous()  # row q lists the sources r
-
-
-@functools.cache
-def _pair_slots(kh: int, kw: int, device: torch.device, dtype: torch.dtype) -> tuple:
-    """The pairs (a, b), a >= b, of flat kernel positions, and the (slots, pairs) 0/1 matrix that
-    sums each pair's block into the slot of its offset a - b."""
-    a, b = torch.tril_indices(kh * kw, kh * kw, device=device)  # a >= b
-    slot = _offset_slots(kh, kw, device)[a, b]
-    sums = torch.zeros(_half_slot_count(kh, kw), len(a), device=device, dtype=dtype)
-    sums[slot, torch.arange(len(a), device=device)] = 1
-    return a, b, sums
-
-
-def _correlation_half_batched(columns: Tensor, c_in: int, kh: int, kw: int) -> Tensor:
-    """:func:`_correlation_half` in a few batched kernels (a GPU step waits on the host that
-    launches its kernels, and the loop launches two per kernel position): every block K_a^T K_b
-    with a >= b in one batched product, summed per offset by one product with a 0/1 matrix
-    (deterministic, unlike a scatter-add whose atomic additions collide)."""
-    a, b, sums = _pair_slots(kh, kw, columns.device, columns.dtype)
-    blocks = columns.view(len(columns), kh * kw, c_in).transpose(0, 1)  # (n, c_out, c_in)
-    products = torch.bmm(blocks[a].mT, blocks[b])  # (pairs, c_in, c_in): K_a^T K_b
-    corr = (sums @ products.flatten(1)).view(-1, c_in, c_in)  # (slots, i, j)
-    return corr.transpose(0, 1)
-
-
-def _correlation_half(columns: Tensor, c_in: int, kh: int, kw: int) -> Tensor:
-    """corr(d) for the slots d >= 0, ``(c_in, slots, c_in)``, from the Gram blocks K_a^T K_b with
-    a >= b of ``columns`` = [K_0 K_1 ...] (see :func:`abs_correlation_sums`). On a CPU one product
-    per kernel position, whose results are added in place (fresh memory costs a CPU step more
-    than the launches); on other devices :func:`_correlation_half_batched`."""
-    if columns.device.type != "cpu":
-        return _correlation_half_batched(columns, c_in, kh, kw)
-    offset = _offset_slots(kh, kw, columns.device)
-    corr = columns.new_zeros(c_in, _half_slot_count(kh, kw), c_in)  # (i, d >= 0, j)
-    for a, block in enumerate(columns.split(c_in, dim=1)):
-        products = (block.T @ columns[:, : (a + 1) * c_in]).view(c_in, a + 1, c_in)  # b <= a
-        corr.index_add_(1, offset[a, : a + 1], products)
-    return corr
-
-
-#: Most bytes of gradient blocks H(., q) that :class:`_AbsCorrelationSums`'s backward holds at once
-#: (all of them are (kh kw)^2 c_in^2 floats: 5 MB for 3x3 at 128 channels, 2.5 GB for 7x7 at 512).
-GRADIENT_CHUNK_BYTES = 64 * 2**20
-
-
-def _gradient_from_sources(columns: Tensor, bank: Tensor, sources: Tensor) -> Tensor:
-    """dK_q = sum_r K_r H(r, q) for the targets q whose rows of :func:`_gradient_slots` are
-    ``sources`` (q, r): ``(q, c_out, c_in)``."""
-    c_in = bank.shape[-1]
-    blocks = bank.index_select(0, sources.flatten()).view(len(sources), -1, c_in)  # (q, r i, j)
-    return torch.matmul(columns, blocks)
+    forward = angles(taps).T  # (m, kh kw)
+    dft = torch.stack([forward.cos(), -forward.sin()], dim=1).flatten(0, 1)
+    if len(grid) == 1:  # a 1 x 1 kernel: its one symbol (w = 0) is real, no imaginary row
+        dft = dft[:1]
+    counts = torch.full((len(freqs),), 2.0, dtype=torch.float64)
+    counts[0] = 1
+    inverse = angles(offsets)  # (n, m)
+    inverse_real, inverse_imag = (
+        inverse.cos() * counts / len(grid),
+        -inverse.sin() * counts / len(grid),
+    )
+    return (
+        *(t.to(device, dtype) for t in (dft, inverse_real, inverse_imag)),
+        len(freqs),
+    )
 
 
 class _AbsCorrelationSums(torch.autograd.Function):
-    """:func:`abs_correlation_sums` with a backward of one batched product.
+    """:func:`abs_correlation_sums` through the kernel's discrete Fourier transform.
 
-    With E_d = dL/dcorr(d) (sign(corr(d)) times g + g^T for d > 0, times g for d = 0), the pair
-    (a, b) of corr(d) gives dK_a += K_b E_d^T and dK_b += K_a E_d, so dK_q = sum_r K_r H(r, q)
-    with H(r, q) = E_s(r,q) (r > q), E_s(q,r)^T (r < q), E_0 + E_0^T (r = q): one
-    (kh kw)-batched product of [K_0 K_1 ...] with the blocks of H, instead of autograd's
-    2 (kh kw) products, slices and scatter-adds (forward + backward of the benchmark net's four
-    kernels, 2 threads: 10.5 ms instead of 13.7-14.4 ms). The blocks are formed a few targets q at
-    a time (:data:`GRADIENT_CHUNK_BYTES`). vmap: generated from the operations.
+    Forward: the symbols K^(w) = A + iB (c_out x c_in, real parts) at the m frequencies of
+    :func:`_fourier_matrices` (one product with the DFT matrix), stacked as M = [A; B]; the
+    transformed correlation corr^(w) = K^(w)^T conj(K^(w)) = P + i(X^T - X) with
+    P = M^T M = A^T A + B^T B and X = A^T B (two batched products); corr(d) by the inverse DFT
+    (one product); then sum_d |corr(d)|.
+    Backward, with E(d) = dL/dcorr(d) = sign(corr(d)) g and (gP, gQ) = the inverse DFT's adjoint
+    applied to E: dL/dP = gP, dL/dX = gQ^T - gQ, so dL/dA = A Hs + B Hn and dL/dB = B Hs - A Hn
+    with Hs = gP + gP^T, Hn = gQ - gQ^T (three batched products), and dL/dK by the DFT's adjoint.
+    vmap: generated from the operations.
     """
 
     generate_vmap_rule = True
@@ -164,47 +127,55 @@ class _AbsCorrelationSums(torch.autograd.Function):
     @staticmethod
     def forward(kernel: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         c_out, c_in, kh, kw = kernel.shape
-        columns = kernel.permute(0, 2, 3, 1).reshape(c_out, kh * kw * c_in)  # [K_0 K_1 ...]
-        corr = _correlation_half(columns, c_in, kh, kw)
-        signs = corr.sign()
-        corr = corr.abs_()
-        positive = corr[:, 1:].sum(dim=1)
-        return corr[:, 0] + positive + positive.T, columns, signs
+        dft, inverse_real, inverse_imag, m = _fourier_matrices(kh, kw, kernel.device, kernel.dtype)
+        symbols = (dft @ kernel.reshape(c_out * c_in, kh * kw).T).view(m, -1, c_in)
+        real_part = torch.bmm(symbols.mT, symbols)  # P = A^T A + B^T B
+        corr = inverse_real @ real_part.view(m, -1)
+        if len(dft) > m:  # not a 1 x 1 kernel
+            cross = torch.bmm(symbols[:, :c_out].mT, symbols[:, c_out:])  # X = A^T B
+            antisymmetric = cross - cross.mT  # -(imaginary part)
+            corr = corr.addmm_(inverse_imag, antisymmetric.view(m, -1), alpha=-1)
+        corr = corr.view(-1, c_in, c_in)  # (offsets, i, j)
+        signs = corr.sign().to(torch.int8)
+        return corr.abs_().sum(dim=0), symbols, signs
 
     @staticmethod
     def setup_context(ctx, inputs: tuple[Tensor], output: tuple[Tensor, Tensor, Tensor]) -> None:
-        _, columns, signs = output
-        ctx.save_for_backward(columns, signs)
+        _, symbols, signs = output
+        ctx.save_for_backward(symbols, signs)
         ctx.kernel_shape = inputs[0].shape
-        ctx.mark_non_differentiable(columns, signs)
+        ctx.mark_non_differentiable(symbols, signs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor, *_unused: Tensor) -> Tensor:
-        columns, signs = ctx.saved_tensors
+        symbols, signs = ctx.saved_tensors
         c_out, c_in, kh, kw = ctx.kernel_shape
-        signs = signs.transpose(0, 1)  # (slot, i, j)
-        grad_zero = signs[0] * grad
-        grad_positive = signs[1:] * (grad + grad.T)
-        bank = torch.cat([(grad_zero + grad_zero.T)[None], grad_positive, grad_positive.mT])
-        slots = _gradient_slots(kh, kw, grad.device)
-        per_target_bytes = slots.shape[1] * c_in * c_in * bank.element_size()
-        chunk = max(1, GRADIENT_CHUNK_BYTES // per_target_bytes)
-        parts = [_gradient_from_sources(columns, bank, rows) for rows in slots.split(chunk)]
-        per_target = parts[0] if len(parts) == 1 else torch.cat(parts)  # (q, o, j)
-        return per_target.permute(1, 2, 0).reshape(c_out, c_in, kh, kw)
+        dft, inverse_real, inverse_imag, m = _fourier_matrices(kh, kw, grad.device, grad.dtype)
+        per_offset = (signs * grad).view(len(signs), -1)  # E(d)
+        grad_real = (inverse_real.T @ per_offset).view(m, c_in, c_in)
+        grad_symbols = torch.bmm(symbols, grad_real + grad_real.mT)  # [A Hs; B Hs]
+        if len(dft) > m:
+            grad_imag = (inverse_imag.T @ per_offset).view(m, c_in, c_in)
+            antisymmetric = grad_imag - grad_imag.mT  # Hn
+            grad_symbols[:, :c_out].baddbmm_(symbols[:, c_out:], antisymmetric)  # + B Hn
+            grad_symbols[:, c_out:].baddbmm_(symbols[:, :c_out], antisymmetric, alpha=-1)  # - A Hn
+        return (grad_symbols.view(len(dft), -1).T @ dft).view(c_out, c_in, kh, kw)
 
 
 def abs_correlation_sums(kernel: Tensor) -> Tensor:
-    """sum_d |corr_ij(d)| of :func:`kernel_self_correlation`, ``(c_in, c_in)``, from Gram blocks.
+    """sum_d |corr_ij(d)| of :func:`kernel_self_correlation`, ``(c_in, c_in)``, by the DFT.
 
-    With K_a = ``kernel[:, :, a]`` (c_out, c_in) at the flat spatial position a,
-    corr(d) = sum_{a - b = d} K_a^T K_b: a sum of blocks of the Gram Kf^T Kf of the kernel flattened
-    to Kf (c_out, c_in kh kw) (Prach & Lampert 2022, Thm. 2). Since corr(-d) = corr(d)^T, only the
-    blocks with a >= b (lexicographic d >= 0) are formed, c_in^2 c_out kh kw (kh kw + 1) / 2
-    multiply-adds (45 per channel triple for 3x3, the convolution takes 225), and the sum is
-    |corr(0)| + P + P^T, P = sum_{d > 0} |corr(d)|. Differentiable once (the backward of
-    :class:`_AbsCorrelationSums`).
+    corr(d) = sum_{a - b = d} K_a^T K_b (K_a = ``kernel[:, :, a]``, c_out x c_in, at the flat
+    spatial position a; Prach & Lampert 2022, Thm. 2) is a correlation, which the DFT on the
+    (2kh - 1) x (2kw - 1) torus turns into products at each frequency, K^(w)^T conj(K^(w)); since
+    K is real, half of the frequencies suffice (:class:`_AbsCorrelationSums`). Multiply-adds per
+    channel triple (i, j, o): 3 m forward and 4 m backward, m = (2kh - 1)(2kw - 1) / 2 rounded
+    up (3 x 3: 39 and 52; the blocks K_a^T K_b took 45 and 81, the convolution 225; 7 x 7: 255
+    and 340 against 1225 and 2401), in batched products; exact up to float rounding (the DFT
+    matrices are rounded from float64; ROW_SUM_MARGIN absorbs it, measured in tests/test_aol.py).
+    Measured (2 threads, forward + backward): the same time as the blocks for the benchmark's
+    3 x 3 kernels, 0.6x for 64 -> 64 at 5 x 5, 0.34x for 128 -> 128 at 7 x 7. Differentiable once.
     """
     return _AbsCorrelationSums.apply(kernel)[0]
 

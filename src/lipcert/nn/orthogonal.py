@@ -33,18 +33,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lipcert.bounds.operator import (
-    eigen_spectral_bound,
-    gram_spectral_bound,
-    semi_unitary_spectral_bound,
-)
+from lipcert.bounds.operator import gram_spectral_bound, semi_unitary_spectral_bound
 from lipcert.nn.constrained import BoundedWeightConstraint, ConstrainedLinear
 from lipcert.nn.constraint import original
 from lipcert.precision import ieee_float32
-
-#: A near-orthogonality bound this close to 1 is kept without also bounding W's own spectrum
-#: (a second eigen-decomposition, for at most this much).
-NEAR_ONE = 1e-4
 
 
 def _gram(weight: Tensor) -> Tensor:
@@ -141,13 +133,10 @@ class NearOrthogonalBound(BoundedWeightConstraint):
     """Base of the orthogonal constraints: the sound bound of a (nearly) orthogonal weight."""
 
     def operator_bound(self, layer: nn.Module, weight: Tensor) -> float:
-        """The tighter of two sound bounds: sqrt(1 + ||W^T W - I||) (tight near orthogonality)
-        and, unless that one is within :data:`NEAR_ONE` of 1, the Gram-eigenvalue bound of W
-        (any W, :func:`~lipcert.bounds.operator.eigen_spectral_bound`)."""
-        near_orthogonal = semi_unitary_spectral_bound(weight)
-        if near_orthogonal <= 1 + NEAR_ONE:
-            return near_orthogonal
-        return min(float(eigen_spectral_bound(weight)), near_orthogonal)
+        """sqrt(lambda_max(W^T W)) from the defect W^T W - I, exact up to rounding near
+        orthogonality and far from it (:func:`~lipcert.bounds.operator.
+        semi_unitary_spectral_bound`)."""
+        return semi_unitary_spectral_bound(weight)
 
 
 class BjorckOrthogonalization(NearOrthogonalBound):
