@@ -188,3 +188,20 @@ def test_groupsort_refuses_the_batch_dimension():
     with pytest.raises(ValueError, match="dim 0 is the batch dimension"):
         layer(torch.randn(4, 6))
     assert layer(torch.randn(3, 4, 6)).shape == (3, 4, 6)  # dim 1 of (B, C, F)
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (3, 4, 2, 2)])
+def test_maxmin_under_vmap_and_per_sample_gradients(shape) -> None:
+    """The fast path writes both halves in place (out=), which vmap has no rule for: under
+    function transforms the same values come from the stacked halves."""
+    layer = MaxMin()
+    x = torch.randn(shape, dtype=torch.float64)
+    expected = layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.vmap(layer)(x[:, None])[:, 0], expected)
+    torch.testing.assert_close(torch.vmap(layer)(x[:, None].requires_grad_())[:, 0], expected)
+    weights = torch.randn(shape[1:], dtype=torch.float64)
+    per_sample = torch.func.vmap(torch.func.grad(lambda v: (layer(v[None])[0] * weights).sum()))(x)
+    x.requires_grad_(True)
+    (whole,) = torch.autograd.grad((layer(x) * weights).sum(), x)
+    torch.testing.assert_close(per_sample, whole)
