@@ -142,25 +142,64 @@ class _AbsCorrelationSums(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs: tuple[Tensor], output: tuple[Tensor, Tensor, Tensor]) -> None:
         _, symbols, signs = output
-        ctx.save_for_backward(symbols, signs)
-        ctx.kernel_shape = inputs[0].shape
+        ctx.save_for_backward(inputs[0], symbols, signs)
         ctx.mark_non_differentiable(symbols, signs)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor, *_unused: Tensor) -> Tensor:
-        symbols, signs = ctx.saved_tensors
-        c_out, c_in, kh, kw = ctx.kernel_shape
-        dft, inverse_real, inverse_imag, m = _fourier_matrices(kh, kw, grad.device, grad.dtype)
-        per_offset = (signs * grad).view(len(signs), -1)  # E(d)
-        grad_real = (inverse_real.T @ per_offset).view(m, c_in, c_in)
-        grad_symbols = torch.bmm(symbols, grad_real + grad_real.mT)  # [A Hs; B Hs]
-        if len(dft) > m:
-            grad_imag = (inverse_imag.T @ per_offset).view(m, c_in, c_in)
-            antisymmetric = grad_imag - grad_imag.mT  # Hn
-            grad_symbols[:, :c_out].baddbmm_(symbols[:, c_out:], antisymmetric)  # + B Hn
-            grad_symbols[:, c_out:].baddbmm_(symbols[:, :c_out], antisymmetric, alpha=-1)  # - A Hn
-        return (grad_symbols.view(len(dft), -1).T @ dft).view(c_out, c_in, kh, kw)
+        kernel, symbols, signs = ctx.saved_tensors
+        with torch.no_grad():
+            result = _correlation_sums_gradient(grad, symbols, signs, kernel.shape)
+        if torch.is_grad_enabled():  # create_graph: a second derivative must raise, not read 0
+            return _DifferentiableOnce.apply(result, kernel, grad)
+        return result
+
+
+def _correlation_sums_gradient(
+    grad: Tensor, symbols: Tensor, signs: Tensor, kernel_shape: torch.Size
+) -> Tensor:
+    """dL/dK of :class:`_AbsCorrelationSums` from ``grad`` = dL/d(sums) and the saved symbols
+    and signs of corr(d) (see there)."""
+    c_out, c_in, kh, kw = kernel_shape
+    dft, inverse_real, inverse_imag, m = _fourier_matrices(kh, kw, grad.device, grad.dtype)
+    per_offset = (signs * grad).view(len(signs), -1)  # E(d)
+    grad_real = (inverse_real.T @ per_offset).view(m, c_in, c_in)
+    grad_symbols = torch.bmm(symbols, grad_real + grad_real.mT)  # [A Hs; B Hs]
+    if len(dft) > m:
+        grad_imag = (inverse_imag.T @ per_offset).view(m, c_in, c_in)
+        antisymmetric = grad_imag - grad_imag.mT  # Hn
+        grad_symbols[:, :c_out].baddbmm_(symbols[:, c_out:], antisymmetric)  # + B Hn
+        grad_symbols[:, c_out:].baddbmm_(symbols[:, :c_out], antisymmetric, alpha=-1)  # - A Hn
+    return (grad_symbols.view(len(dft), -1).T @ dft).view(c_out, c_in, kh, kw)
+
+
+#: What differentiating :func:`abs_correlation_sums` twice raises.
+SECOND_DERIVATIVE_MESSAGE = (
+    "abs_correlation_sums (the AOL / SLL row sums) is differentiable once: a second derivative "
+    "through it (a gradient taken with create_graph=True, then differentiated) is not implemented"
+)
+
+
+class _DifferentiableOnce(torch.autograd.Function):
+    """The gradient that :class:`_AbsCorrelationSums` computed without autograd, tied to the
+    kernel and incoming gradient it depends on, with a backward that raises. Torch's
+    ``once_differentiable`` ties it to the incoming gradient only, so where that was a constant
+    (``abs_correlation_sums(k).sum()`` in a loss) a Hessian-vector product silently read the
+    second derivative as 0."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(gradient: Tensor, *_depends_on: Tensor) -> Tensor:
+        return gradient.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, *_grads: Tensor) -> tuple[Tensor | None, ...]:
+        raise RuntimeError(SECOND_DERIVATIVE_MESSAGE)
 
 
 def abs_correlation_sums(kernel: Tensor) -> Tensor:
