@@ -38,8 +38,10 @@ def _into_pairs(
     stack of the two halves allocates and copies them once more (MaxMin of (64, 64, 32, 32),
     2 threads, old and new alternating: forward 2.5 against 4.0 ms, forward + backward 17
     against 22 ms). Function transforms (vmap, jacrev), forward-mode dual
-    tensors, autograd and tracing have no ``out=`` forms, so there the halves are stacked."""
-    if not torch.jit.is_tracing():
+    tensors, autograd and tracing have no ``out=`` forms, so there the halves are stacked; so
+    they are under torch.compile and torch.export, which would record the ``out=`` ops in the
+    graph (an exported program then raised once run with gradients)."""
+    if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
         out = torch.empty_like(like)
         high, low = out.unbind(dim + 1)
         try:
