@@ -992,12 +992,16 @@ def all_finite(tensor: Tensor) -> bool:
     """Whether every entry of a floating or complex ``tensor`` is finite. The l2 norm of the
     entries is finite unless one is NaN or inf, or their sum of squares overflows, and only then
     are the entries read one by one: one reduction, where ``isfinite(t).all()`` forms a mask
-    (0.3 against 9.8 ms for 2^20 float32 entries on one CPU thread)."""
+    (0.3 against 9.8 ms for 2^20 float32 entries on one CPU thread). Dtypes without a norm
+    kernel (float8) are read one by one, as before the norm."""
     if tensor.numel() == 0:
         return True
-    return bool(torch.isfinite(torch.linalg.vector_norm(tensor))) or bool(
-        torch.isfinite(tensor).all()
-    )
+    try:
+        if bool(torch.isfinite(torch.linalg.vector_norm(tensor))):
+            return True
+    except NotImplementedError:
+        pass
+    return bool(torch.isfinite(tensor).all())
 
 
 def check_finite(tensors: Iterable[tuple[str, Tensor]], consequence: str = NO_BOUND) -> None:
