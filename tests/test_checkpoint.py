@@ -116,3 +116,39 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
         save(_model(width=6), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_load_run_reads_model_and_config_from_one_version_of_the_file(tmp_path, monkeypatch):
+    """A training run replaces last.safetensors atomically while `lipcert certify` loads it: the
+    model and the run config must come from the same version (two reads once paired a model
+    with the config of the next checkpoint)."""
+    import lipcert.checkpoint as checkpoint_module
+    from lipcert.cli.common import load_run
+    from lipcert.config import parse_config, to_dict
+    from lipcert.models import build_model
+
+    def config(width: int) -> dict:
+        model = {"name": "sll_mlp", "kwargs": {"width": width}}
+        return to_dict(parse_config({"name": f"w{width}", "data": {"dataset": "digits"},
+                                     "model": model}))  # fmt: skip
+
+    path, newer = tmp_path / "last.safetensors", tmp_path / "newer.safetensors"
+
+    def model(width: int) -> torch.nn.Module:
+        return build_model("sll_mlp", input_shape=[64], num_classes=10, width=width)
+
+    save(model(8), path, config(8))
+    save(model(12), newer, config(12))
+    read = checkpoint_module.read_checkpoint
+
+    def read_then_replace(*args):
+        result = read(*args)
+        if newer.exists():
+            newer.replace(path)  # the training run's next save lands in between
+        return result
+
+    monkeypatch.setattr(checkpoint_module, "read_checkpoint", read_then_replace)
+    loaded, run_config, _ = load_run(str(path), None)
+    assert run_config.name == "w8"
+    shapes = {k: v.shape for k, v in loaded.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in model(8).state_dict().items()}

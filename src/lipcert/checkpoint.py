@@ -354,6 +354,12 @@ def _to_stored_dtype(model: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
 def load(path: str | Path) -> nn.Module:
     """Rebuild the model saved at ``path`` (eval mode, in the stored floating dtype). No pickled
     code is run; tensors of another shape or dtype than the rebuilt model's are refused."""
+    return load_with_metadata(path)[0]
+
+
+def load_with_metadata(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`load` and the checkpoint's metadata (model spec, run config, ...), from one read of
+    the file: two reads could meet two versions of a checkpoint a running training replaces."""
     from lipcert.models import build_model
 
     tensors, meta = read_checkpoint(path)
@@ -365,4 +371,4 @@ def load(path: str | Path) -> nn.Module:
         raise CheckpointError(f"{path}: cannot rebuild the model from {spec}: {err}") from err
     model = _to_stored_dtype(model, tensors)
     load_into(model, tensors, path)
-    return model.eval()
+    return model.eval(), meta

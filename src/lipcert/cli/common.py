@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lipcert.certify import check_eps
-from lipcert.checkpoint import load, read_checkpoint
+from lipcert.checkpoint import load_with_metadata
 from lipcert.config import TrainConfig
 from lipcert.data import Dataset, load_dataset
 from lipcert.train import select_classes, stored_config
@@ -26,8 +26,8 @@ def load_run(
     checkpoint: str, data_dir: str | None, device: str = "cpu"
 ) -> tuple[nn.Module, TrainConfig, Dataset]:
     """The model of a training checkpoint (on ``device``), its config and its dataset."""
-    model = load(checkpoint).to(check_device(device))
-    _, meta = read_checkpoint(checkpoint)
+    model, meta = load_with_metadata(checkpoint)
+    model = model.to(check_device(device))
     if not meta.get("config"):
         raise ValueError(
             f"{checkpoint} has no run config (saved by lipcert.save without one), so its dataset "

@@ -16,11 +16,10 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from lipcert.bounds.graph import check_finite
-    from lipcert.checkpoint import load, read_checkpoint
+    from lipcert.checkpoint import load_with_metadata
     from lipcert.export import NOT_EXPORTED, export
 
-    model = load(args.checkpoint)
-    _, meta = read_checkpoint(args.checkpoint)
+    model, meta = load_with_metadata(args.checkpoint)
     shape = meta["model_spec"].get("kwargs", {}).get("input_shape")
     if shape is None:
         raise ValueError(f"{args.checkpoint} does not record its model's input shape")

@@ -27,14 +27,12 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _input_shape(args: argparse.Namespace) -> tuple[int, ...]:
-    from lipcert.checkpoint import read_checkpoint
-
+def _input_shape(args: argparse.Namespace, meta: dict) -> tuple[int, ...]:
+    """--input-shape, or the one the checkpoint's metadata ``meta`` records."""
     if args.input_shape:
         if any(size <= 0 for size in args.input_shape):
             raise ValueError(f"--input-shape sizes must be > 0, got {args.input_shape}")
         return tuple(args.input_shape)
-    _, meta = read_checkpoint(args.checkpoint)
     shape = meta["model_spec"].get("kwargs", {}).get("input_shape")
     if shape is None:
         raise ValueError("the checkpoint does not record its input shape: give --input-shape")
@@ -59,13 +57,13 @@ def _lower_bound(module, input_shape: tuple[int, ...], args: argparse.Namespace)
 
 def run(args: argparse.Namespace) -> None:
     from lipcert.bounds.graph import graph_bound
-    from lipcert.checkpoint import load
+    from lipcert.checkpoint import load_with_metadata
     from lipcert.cli.common import check_positive
     from lipcert.report import format_table
 
     check_positive("--samples", args.samples)
-    model = load(args.checkpoint).eval()
-    input_shape = _input_shape(args)
+    model, meta = load_with_metadata(args.checkpoint)
+    input_shape = _input_shape(args, meta)
     try:
         bounds = graph_bound(model, input_shape, args.norm)
     except TypeError as err:  # no rule for an operation, or untraceable: a user-facing error
