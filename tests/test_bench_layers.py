@@ -41,9 +41,9 @@ def test_nets_are_timed_in_train_then_eval_mode(monkeypatch):
     monkeypatch.setattr(
         layers,
         "families",
-        lambda: {
-            "plain": lambda: _tiny(lambda i, o: nn.Conv2d(i, o, 3, padding=1), probe),
-            "lipcert AOL": lambda: _tiny(lambda i, o: lnn.AOLConv2d(i, o, 3), nn.Identity()),
+        lambda k: {
+            "plain": lambda: _tiny(lambda i, o: nn.Conv2d(i, o, k, padding=k // 2), probe),
+            "lipcert AOL": lambda: _tiny(lambda i, o: lnn.AOLConv2d(i, o, k), nn.Identity()),
         },
     )
     rows = layers.measure()
@@ -68,7 +68,9 @@ def test_batch_option_sets_the_timed_batch(monkeypatch):
     monkeypatch.setattr(
         layers,
         "families",
-        lambda: {"plain": lambda: _tiny(lambda i, o: nn.Conv2d(i, o, 3, padding=1), _BatchProbe())},
+        lambda k: {
+            "plain": lambda: _tiny(lambda i, o: nn.Conv2d(i, o, k, padding=1), _BatchProbe())
+        },
     )
     layers.measure(batch=5)
     assert shapes and set(shapes) == {5}
@@ -79,6 +81,9 @@ def test_batch_option_sets_the_timed_batch(monkeypatch):
     [
         (["bench", "layers", "--batch", "0"], "--batch must be a positive integer, got 0"),
         (["bench", "linf", "--batch", "8"], "--batch applies to bench layers only"),
+        (["bench", "layers", "--kernel-size", "4"], "--kernel-size must be an odd positive"),
+        (["bench", "layers", "--kernel-size", "0"], "--kernel-size must be an odd positive"),
+        (["bench", "linf", "--kernel-size", "5"], "--kernel-size applies to bench layers only"),
     ],
 )
 def test_bench_options_are_checked(argv, message, capsys):
@@ -90,3 +95,12 @@ def test_bench_options_are_checked(argv, message, capsys):
 def test_bench_on_a_missing_gpu_says_so(capsys):
     assert main(["bench", "layers", "--device", "cuda"]) == 2
     assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_every_family_takes_the_kernel_size():
+    """``--kernel-size`` reaches every convolution of every family, with "same" padding."""
+    for name, build in layers.families(5).items():
+        convs = [m for m in build().modules() if isinstance(m, nn.Conv2d)]
+        assert convs and all(m.kernel_size == (5, 5) for m in convs), name
+        x = torch.zeros(1, 3, 8, 8)
+        assert convs[0](x).shape[-2:] == (8, 8), name

@@ -9,15 +9,17 @@ def run_bench(
     checkpoint: str | None = None,
     device: str | None = None,
     batch: int | None = None,
+    kernel_size: int | None = None,
 ) -> None:
     """Run the benchmark ``what`` on ``device`` and print its table (or JSON); ``certify`` needs a
-    ``checkpoint``; ``batch`` sets the batch of ``layers``."""
-    if batch is not None and what != "layers":
-        raise ValueError(f"--batch applies to bench layers only, not bench {what}")
+    ``checkpoint``; ``batch`` and ``kernel_size`` set the batch and convolutions of ``layers``."""
+    for option, value in (("--batch", batch), ("--kernel-size", kernel_size)):
+        if value is not None and what != "layers":
+            raise ValueError(f"{option} applies to bench layers only, not bench {what}")
     if what == "layers":
         from lipcert.bench.layers import main
 
-        main(as_json=as_json, device=device or "cpu", batch=batch)
+        main(as_json=as_json, device=device or "cpu", batch=batch, kernel_size=kernel_size)
     elif what == "linf":
         from lipcert.bench.linf import main as linf_main
 

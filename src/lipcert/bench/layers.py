@@ -3,7 +3,7 @@
 One process, 2 threads, batch 64 (``--batch``), input 3x32x32, on the CPU (``--device cuda``: on
 the GPU, each timed call followed by a device synchronization). Net: conv(3->64) act
 conv(64->64) act PixelUnshuffle(2) conv(256->128) act conv(128->128) act global-avg-pool
-linear(128->10).
+linear(128->10); the convolutions 3x3 "same" (``--kernel-size``: any odd size).
 Train steps (forward + backward + SGD step) and eval forwards (no_grad, eval mode) of plain
 Conv2d + ReLU, each lipcert family before and after ``export``, and the peers (deel-torchlip,
 orthogonium) when installed, timed in 7 interleaved rounds (each round times every net once, in
@@ -28,7 +28,7 @@ from lipcert.bench.timing import seconds
 from lipcert.cli.common import check_device, check_positive
 from lipcert.report import format_table
 
-BATCH, INPUT_SHAPE, CLASSES = 64, (3, 32, 32), 10
+BATCH, INPUT_SHAPE, CLASSES, KERNEL_SIZE = 64, (3, 32, 32), 10, 3
 REPEATS, WARMUP, THREADS = 7, 2, 2
 #: Channel plan of the benchmark net: (in, out) of its four convolutions.
 CONVS = ((3, 64), (64, 64), (256, 128), (128, 128))
@@ -60,41 +60,44 @@ def _lipcert_net(
     return _net(conv, act, lnn.ScaledAvgPool2d(16), linear(128, CLASSES))
 
 
-def _sll_conv(c_in: int, c_out: int) -> nn.Module:
+def _sll_conv(c_in: int, c_out: int, k: int) -> nn.Module:
     """SLL blocks keep the channel count; channel changes go through an AOL convolution."""
     if c_in == c_out:
-        return lnn.SLLConv2d(c_in, c_in, 3)
-    return lnn.AOLConv2d(c_in, c_out, 3)
+        return lnn.SLLConv2d(c_in, c_in, k)
+    return lnn.AOLConv2d(c_in, c_out, k)
 
 
-def families() -> dict[str, Callable[[], nn.Module]]:
-    """Name -> constructor of the benchmark net for each family (peers when importable)."""
+def families(k: int = KERNEL_SIZE) -> dict[str, Callable[[], nn.Module]]:
+    """Name -> constructor of the benchmark net for each family (peers when importable), with
+    k x k convolutions."""
     nets: dict[str, Callable[[], nn.Module]] = {
         "plain Conv2d+ReLU": lambda: _net(
-            lambda i, o: nn.Conv2d(i, o, 3, padding=1),
+            lambda i, o: nn.Conv2d(i, o, k, padding=k // 2),
             nn.ReLU,
             nn.AdaptiveAvgPool2d(1),
             nn.Linear(128, CLASSES),
         ),
         "lipcert AOLConv2d+ReLU": lambda: _lipcert_net(
-            lambda i, o: lnn.AOLConv2d(i, o, 3), lnn.AOLLinear, nn.ReLU
+            lambda i, o: lnn.AOLConv2d(i, o, k), lnn.AOLLinear, nn.ReLU
         ),
         "lipcert AOLConv2d(auto)+ReLU": lambda: _lipcert_net(
-            lambda i, o: lnn.AOLConv2d(i, o, 3, rescale="auto"), lnn.AOLLinear, nn.ReLU
+            lambda i, o: lnn.AOLConv2d(i, o, k, rescale="auto"), lnn.AOLLinear, nn.ReLU
         ),
         "lipcert AOLConv2d+MaxMin": lambda: _lipcert_net(
-            lambda i, o: lnn.AOLConv2d(i, o, 3), lnn.AOLLinear, lnn.MaxMin
+            lambda i, o: lnn.AOLConv2d(i, o, k), lnn.AOLLinear, lnn.MaxMin
         ),
         "lipcert SpectralConv2d": lambda: _lipcert_net(
-            lambda i, o: lnn.SpectralConv2d(i, o, 3), lnn.SpectralLinear, lnn.MaxMin
+            lambda i, o: lnn.SpectralConv2d(i, o, k), lnn.SpectralLinear, lnn.MaxMin
         ),
-        "lipcert SLLConv2d": lambda: _lipcert_net(_sll_conv, lnn.AOLLinear, lnn.MaxMin),
+        "lipcert SLLConv2d": lambda: _lipcert_net(
+            lambda i, o: _sll_conv(i, o, k), lnn.AOLLinear, lnn.MaxMin
+        ),
     }
-    nets.update(_peer_families())
+    nets.update(_peer_families(k))
     return nets
 
 
-def _peer_families() -> dict[str, Callable[[], nn.Module]]:
+def _peer_families(k: int) -> dict[str, Callable[[], nn.Module]]:
     peers: dict[str, Callable[[], nn.Module]] = {}
     try:
         from deel import torchlip
@@ -102,7 +105,7 @@ def _peer_families() -> dict[str, Callable[[], nn.Module]]:
         torchlip = None
     if torchlip is not None:
         peers["deel-torchlip SpectralConv2d"] = lambda: _net(
-            lambda i, o: torchlip.SpectralConv2d(i, o, 3, padding=1),
+            lambda i, o: torchlip.SpectralConv2d(i, o, k, padding=k // 2),
             lambda: torchlip.GroupSort2(),
             torchlip.ScaledAdaptiveAvgPool2d((1, 1)),
             torchlip.SpectralLinear(128, CLASSES),
@@ -114,7 +117,7 @@ def _peer_families() -> dict[str, Callable[[], nn.Module]]:
         return peers
     for name, conv in (("AOLConv2D", AOLConv2D), ("AdaptiveOrthoConv2d", AdaptiveOrthoConv2d)):
         peers[f"orthogonium {name}"] = lambda conv=conv: _net(
-            lambda i, o: conv(i, o, 3, padding="same"),
+            lambda i, o: conv(i, o, k, padding="same"),
             lnn.MaxMin,
             lnn.ScaledAvgPool2d(16),
             lnn.AOLLinear(128, CLASSES),
@@ -171,17 +174,27 @@ def _summaries(times: dict[str, list[float]], base: str) -> dict[str, tuple[floa
     }
 
 
-def measure(device: str = "cpu", batch: int | None = None) -> list[dict]:
+def check_kernel_size(k: int) -> int:
+    """``k`` if it is an odd positive int (a "same" convolution needs one); ValueError else."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+        raise ValueError(f"--kernel-size must be an odd positive integer, got {k!r}")
+    return k
+
+
+def measure(
+    device: str = "cpu", batch: int | None = None, kernel_size: int = KERNEL_SIZE
+) -> list[dict]:
     """Rows of {family, train_ms, eval_ms, exported_eval_ms, ratios} for every family, timed on
-    ``device`` with ``batch`` inputs (default BATCH)."""
+    ``device`` with ``batch`` inputs (default BATCH) and ``kernel_size`` convolutions."""
     device = check_device(device)
     batch = BATCH if batch is None else check_positive("--batch", batch)
+    kernel_size = check_kernel_size(kernel_size)
     torch.set_num_threads(THREADS)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand((batch, *INPUT_SHAPE), generator=gen).to(device)
     y = torch.randint(0, CLASSES, (batch,), generator=gen).to(device)
     nets = {}
-    for name, build in families().items():
+    for name, build in families(kernel_size).items():
         torch.manual_seed(0)
         nets[name] = build().to(device)
     base = next(iter(nets))
@@ -210,9 +223,15 @@ def measure(device: str = "cpu", batch: int | None = None) -> list[dict]:
     return rows
 
 
-def main(as_json: bool = False, device: str = "cpu", batch: int | None = None) -> None:
+def main(
+    as_json: bool = False,
+    device: str = "cpu",
+    batch: int | None = None,
+    kernel_size: int | None = None,
+) -> None:
     batch = BATCH if batch is None else batch
-    rows = measure(device, batch)
+    kernel_size = KERNEL_SIZE if kernel_size is None else kernel_size
+    rows = measure(device, batch, kernel_size)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -230,7 +249,8 @@ def main(as_json: bool = False, device: str = "cpu", batch: int | None = None) -
     ]
     print(format_table(header, table))
     print(
-        f"batch {batch}, input {INPUT_SHAPE}, {device} ({THREADS} CPU threads), "
+        f"batch {batch}, input {INPUT_SHAPE}, {kernel_size}x{kernel_size} convolutions, "
+        f"{device} ({THREADS} CPU threads), "
         f"{REPEATS} interleaved rounds; "
         "ratios: median over rounds of the ratio to the plain Conv2d+ReLU net in the same round"
     )

@@ -18,6 +18,9 @@ def register(sub) -> None:
         help="where to time (default: cpu; bench linf: cuda when available)",
     )
     p.add_argument("--batch", type=int, help="bench layers: batch size (default 64)")
+    p.add_argument(
+        "--kernel-size", type=int, help="bench layers: the convolutions' size, odd (default 3)"
+    )
     p.set_defaults(run=run)
 
 
@@ -30,4 +33,5 @@ def run(args: argparse.Namespace) -> None:
         checkpoint=args.checkpoint,
         device=args.device,
         batch=args.batch,
+        kernel_size=args.kernel_size,
     )

@@ -42,7 +42,9 @@ class _ConstrainedMixin(LipschitzLayer):
     """Shared parts of the constrained Linear/Conv2d layers."""
 
     def _register(self, constraint: BoundedWeightConstraint) -> None:
-        parametrize.register_parametrization(self, "weight", constraint)
+        # unsafe: no trial evaluation of the constraint at registration (a sound conv bound or
+        # 15 Björck steps, seconds for large layers); constraints keep shape and dtype.
+        parametrize.register_parametrization(self, "weight", constraint, unsafe=True)
 
     @property
     def constraint(self) -> BoundedWeightConstraint:
