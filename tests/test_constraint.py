@@ -72,3 +72,30 @@ def test_certify_recomputes_the_eval_caches_when_the_model_changed():
     true_radius = (model(x)[0, 0] - model(x)[0, 1]) / (fresh[0] - fresh[1]).norm()
     assert torch.equal(first, second)
     assert float(second[0]) <= float(true_radius)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: lnn.SpectralConv2d(8, 8, 3),
+        lambda: lnn.OrthoLinear(16, 16),
+        lambda: lnn.AOLConv2d(4, 6, 3),
+        lambda: lnn.RowNormLinear(8, 4),
+        lambda: lnn.SpectralLinear(8, 4),
+    ],
+)
+def test_building_a_layer_does_not_evaluate_its_constraint(build, monkeypatch):
+    """Registration used to run the constraint once on the raw init as a shape check: the sound
+    conv bound of SpectralConv2d(256, 128, 3) took 2.9 s, 11.5 s at 5 x 5. The first forward
+    computes it; shape and dtype are kept by every constraint (checked here)."""
+    from lipcert.nn.constraint import WeightConstraint
+
+    calls = []
+    forward = WeightConstraint.forward
+    monkeypatch.setattr(
+        WeightConstraint, "forward", lambda self, w: calls.append(1) or forward(self, w)
+    )
+    layer = build()
+    assert calls == []
+    weight = layer.weight
+    assert calls and weight.shape == original(layer).shape and weight.dtype == original(layer).dtype
