@@ -33,7 +33,8 @@ exponential type (Bernstein 1923; Boas, *Entire Functions*, 1954, Ch. 11), appli
 
 and the grid is chosen per axis from ``grid_slack`` so that 1 / (1 - s^2 / 2) <= 1 + grid_slack.
 K is real, so K^(-w) = conj(K^(w)) has the same singular values: only the rfft2 half-spectrum
-(N1 x (N2 // 2 + 1) frequencies) is evaluated.
+(N1 x (N2 // 2 + 1) frequencies) is evaluated, less the conjugates within its columns k2 = 0 and
+N2 / 2 (40 -> 34 frequencies for the LMT CNN's second convolution).
 
 Per-frequency bounds and rounding
 ---------------------------------
@@ -133,6 +134,10 @@ def grid_twiddles(kernel_size: tuple[int, int], grid: tuple[int, int], kernel: T
     n1, n2 = grid
     taps = torch.cartesian_prod(*(torch.arange(k) for k in kernel_size)).reshape(-1, 2)
     freqs = torch.cartesian_prod(torch.arange(n1), torch.arange(n2 // 2 + 1)).reshape(-1, 2)
+    # On the half-spectrum's self-conjugate columns (k2 = 0, and n2 / 2 for even n2), (k1, k2)
+    # and (-k1, k2) are conjugate, with the same singular values: keep one of each pair.
+    self_conjugate = (freqs[:, 1] == 0) | (2 * freqs[:, 1] == n2)
+    freqs = freqs[~self_conjugate | (freqs[:, 0] <= (-freqs[:, 0]) % n1)]
     phase1 = (taps[:, :1] * freqs[:, 0]) % n1  # (taps, F)
     phase2 = (taps[:, 1:] * freqs[:, 1]) % n2
     phase = (phase1 * n2 + phase2 * n1) % (n1 * n2)  # the angle is 2 pi phase / (n1 n2), exactly
