@@ -230,10 +230,10 @@ def correlation_row_sums(kernel: Tensor, weights: Tensor | None = None) -> Tenso
     """Weighted Schur row sums r_i = sum_j sum_d |corr_ij(d)| w_j / w_i of ``kernel``'s Gram.
 
     By the Schur test, max_i r_i bounds lambda_max(A^T A) = ||A||^2 for any positive ``weights``
-    (``None``: all ones). Differentiable, from :func:`abs_correlation_sums` (the training path;
-    :func:`sound_row_sums` adds the same products in the convolution's order, and ROW_SUM_MARGIN
-    absorbs the difference); computed in the kernel's dtype with autocast disabled, so mixed
-    precision never lowers the precision of the constraint.
+    (``None``: all ones). Differentiable, from :func:`abs_correlation_sums` (the training path,
+    through the DFT; :func:`sound_row_sums` computes the same sums by the convolution in float64,
+    and ROW_SUM_MARGIN absorbs the difference); in the kernel's dtype with autocast disabled, so
+    mixed precision never lowers the precision of the constraint.
     """
     with torch.autocast(kernel.device.type, enabled=False):
         return _weighted_row_sums(abs_correlation_sums(kernel), weights)
