@@ -301,6 +301,49 @@ def test_fourier_correlation_sums_equal_the_convolution(c_out, c_in, kh, kw):
     torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 3, 3), (4, 2, 1, 1), (2, 3, 2, 4)])
+def test_fourier_correlation_sums_of_a_transposed_view_equal_the_convolution(shape):
+    """The output side passes ``weight.transpose(0, 1)``, a view: the same sums and gradients as
+    the convolution's, with the gradient reaching the weight through the view."""
+    torch.manual_seed(sum(shape))
+    weight = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    fast = abs_correlation_sums(weight.transpose(0, 1))
+    slow = kernel_self_correlation(weight.transpose(0, 1)).abs().sum(dim=(-2, -1))
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    weights = torch.rand_like(fast)
+    (fast_grad,) = torch.autograd.grad((fast * weights).sum(), weight)
+    (slow_grad,) = torch.autograd.grad((slow * weights).sum(), weight)
+    torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-10, atol=1e-10)
+
+
+def test_correlation_sums_backward_twice_with_retain_graph_gives_the_same_gradient():
+    """The backward works in buffers of its own: the saved signs and symbols stay intact for a
+    second backward through the same graph."""
+    torch.manual_seed(0)
+    kernel = torch.randn(6, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    loss = (abs_correlation_sums(kernel) * torch.rand(5, 5, dtype=torch.float64)).sum()
+    (first,) = torch.autograd.grad(loss, kernel, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, kernel)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_correlation_sums_under_vmap_over_kernels_equal_one_kernel_at_a_time():
+    """Under vmap the forward and backward allocate their results (no ``out=`` rules there);
+    outside they write into buffers: both paths give the same sums and gradients."""
+    torch.manual_seed(0)
+    kernels = torch.randn(4, 5, 3, 3, 3, dtype=torch.float64)
+    weights = torch.rand(3, 3, dtype=torch.float64)
+
+    def loss(kernel: torch.Tensor) -> torch.Tensor:
+        return (abs_correlation_sums(kernel) * weights).sum()
+
+    sums = torch.func.vmap(abs_correlation_sums)(kernels)
+    grads = torch.func.vmap(torch.func.grad(loss))(kernels)
+    for kernel, batched_sums, batched_grad in zip(kernels, sums, grads, strict=True):
+        torch.testing.assert_close(batched_sums, abs_correlation_sums(kernel), rtol=0, atol=1e-13)
+        torch.testing.assert_close(batched_grad, torch.func.grad(loss)(kernel), rtol=0, atol=1e-13)
+
+
 @pytest.mark.parametrize("shape", [(64, 64, 7, 7), (256, 128, 3, 3), (16, 32, 11, 11)])
 def test_float32_fourier_row_sums_stay_far_inside_the_margin(shape):
     """The float32 Fourier path (DFT matrices rounded from float64) against float64 row sums of

@@ -74,12 +74,18 @@ def _fourier_matrices(kh: int, kw: int, device: torch.device, dtype: torch.dtype
 
     Torus: n = (2kh - 1)(2kw - 1) points, so that corr(d), d in [-(kh-1), kh-1] x [-(kw-1), kw-1],
     maps one to one onto it (no wrap-around). Frequencies: w = 0 and one of each conjugate pair
-    {w, -w}, m = (n + 1) / 2 of them. Returns (``dft``, ``inverse_real``, ``inverse_imag``, m):
-    ``dft`` (2m, kh kw), rows (w, real / imaginary part), maps the flat kernel positions p to
-    K^(w) = sum_p K_p e^{-i w.p}; ``inverse_*`` (n, m) map the real and imaginary parts of
-    corr^(w) back to corr(d) = (1/n) sum over all w of corr^(w) e^{i w.d}, the pair (w, -w)
-    counted twice through the real part. A 1 x 1 kernel (a dense layer) gets no imaginary row.
-    Built in float64, once per shape, device and dtype.
+    {w, -w}, m = (n + 1) / 2 of them (n is odd, so w = 0 is the only self-conjugate one). Returns
+    (``dft``, ``inverse``, m):
+
+    * ``dft`` (n, kh kw) maps the flat kernel positions p to the symbols K^(w) = sum_p K_p
+      e^{-i w.p}: rows 0..m-1 their real parts at every frequency, rows m..n-1 their imaginary
+      parts at the m - 1 frequencies w != 0 (at w = 0 it is 0);
+    * ``inverse`` (n offsets, n) maps the parts [P_w (m); Q_w (m - 1)] of the transformed
+      correlation corr^(w) = P_w - i Q_w back to corr(d) = (1/n) sum over all w of corr^(w)
+      e^{i w.d}, the pair (w, -w) counted twice through the real part.
+
+    (A 1 x 1 kernel, a dense layer, needs neither: n = m = 1 and both are [[1]].) Built in
+    float64, once per shape, device and dtype.
     """
     n1, n2 = 2 * kh - 1, 2 * kw - 1
     grid = [(a, b) for a in range(n1) for b in range(n2)]
@@ -92,33 +98,49 @@ def _fourier_matrices(kh: int, kw: int, device: torch.device, dtype: torch.dtype
         return 2 * math.pi * (points[:, :1] * freqs[:, 0] / n1 + points[:, 1:] * freqs[:, 1] / n2)
 
     forward = angles(taps).T  # (m, kh kw)
-    dft = torch.stack([forward.cos(), -forward.sin()], dim=1).flatten(0, 1)
-    if len(grid) == 1:  # a 1 x 1 kernel: its one symbol (w = 0) is real, no imaginary row
-        dft = dft[:1]
+    dft = torch.cat([forward.cos(), -forward[1:].sin()])
     counts = torch.full((len(freqs),), 2.0, dtype=torch.float64)
     counts[0] = 1
     inverse = angles(offsets)  # (n, m)
-    inverse_real, inverse_imag = (
-        inverse.cos() * counts / len(grid),
-        -inverse.sin() * counts / len(grid),
+    inverse = torch.cat([inverse.cos() * counts, inverse[:, 1:].sin() * counts[1:]], dim=1)
+    return dft.to(device, dtype), (inverse / len(grid)).to(device, dtype), len(freqs)
+
+
+def _writes_in_place(tensor: Tensor) -> bool:
+    """Whether ``out=`` buffers may hold the results computed from ``tensor``: not under a
+    function transform (vmap has no ``out=`` rules: jacrev, per-sample gradients), tracing or
+    compilation (which would record the ``out=`` ops)."""
+    return not (
+        torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
     )
-    return (
-        *(t.to(device, dtype) for t in (dft, inverse_real, inverse_imag)),
-        len(freqs),
-    )
+
+
+def _part(buffer: Tensor | None, rows: slice) -> Tensor | None:
+    """``buffer[rows]`` as an ``out=`` target, or None (a new tensor) without a buffer."""
+    return None if buffer is None else buffer[rows]
 
 
 class _AbsCorrelationSums(torch.autograd.Function):
     """:func:`abs_correlation_sums` through the kernel's discrete Fourier transform.
 
     Forward: the symbols K^(w) = A + iB (c_out x c_in, real parts) at the m frequencies of
-    :func:`_fourier_matrices` (one product with the DFT matrix), stacked as M = [A; B]; the
-    transformed correlation corr^(w) = K^(w)^T conj(K^(w)) = P + i(X^T - X) with
-    P = M^T M = A^T A + B^T B and X = A^T B (two batched products); corr(d) by the inverse DFT
-    (one product); then sum_d |corr(d)|.
-    Backward, with E(d) = dL/dcorr(d) = sign(corr(d)) g and (gP, gQ) = the inverse DFT's adjoint
-    applied to E: dL/dP = gP, dL/dX = gQ^T - gQ, so dL/dA = A Hs + B Hn and dL/dB = B Hs - A Hn
-    with Hs = gP + gP^T, Hn = gQ - gQ^T (three batched products), and dL/dK by the DFT's adjoint.
+    :func:`_fourier_matrices` (one product with the DFT matrix); the transformed correlation
+    corr^(w) = K^(w)^T conj(K^(w)) = P - iQ with P = A^T A + B^T B and Q = X - X^T, X = A^T B
+    (three batched products, counting A^T A + B^T B as two); corr(d) by the inverse DFT (one
+    product); then sum_d |corr(d)|.
+    Backward, with E(d) = dL/dcorr(d) = sign(corr(d)) g: the adjoint of the inverse DFT gives
+    dL/dP and dL/dQ, and with them Hs = dL/dP + dL/dP^T and dX = dL/dX = dL/dQ - dL/dQ^T. As
+    corr(-d) = corr(d)^T (so sign(corr(-d)) = sign(corr(d))^T) and the inverse DFT's columns are
+    even (P) or odd (Q) in d, both transposes fold into g: [Hs; dX] = inverse^T (sign(corr) (g +
+    g^T)), one product and no transposed pass. Then dL/dA = A Hs - B dX, dL/dB = B Hs + A dX
+    (four batched products) and dL/dK by the DFT's adjoint.
+    Memory: outside function transforms the intermediate results go into two buffers of the
+    correlation's size, one of which keeps the signs for the backward, in the kernel's dtype so
+    that the backward's product reads them as they are (n c_in^2 values: 26 MB for 512 channels
+    at 3 x 3 in float32, 4x the int8 signs of the previous version). Fresh memory costs page
+    faults (1.4 us per 4 KiB page measured here, as much as the arithmetic on it).
     vmap: generated from the operations.
     """
 
@@ -127,16 +149,27 @@ class _AbsCorrelationSums(torch.autograd.Function):
     @staticmethod
     def forward(kernel: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         c_out, c_in, kh, kw = kernel.shape
-        dft, inverse_real, inverse_imag, m = _fourier_matrices(kh, kw, kernel.device, kernel.dtype)
-        symbols = (dft @ kernel.reshape(c_out * c_in, kh * kw).T).view(m, -1, c_in)
-        real_part = torch.bmm(symbols.mT, symbols)  # P = A^T A + B^T B
-        corr = inverse_real @ real_part.view(m, -1)
-        if len(dft) > m:  # not a 1 x 1 kernel
-            cross = torch.bmm(symbols[:, :c_out].mT, symbols[:, c_out:])  # X = A^T B
-            antisymmetric = cross - cross.mT  # -(imaginary part)
-            corr = corr.addmm_(inverse_imag, antisymmetric.view(m, -1), alpha=-1)
-        corr = corr.view(-1, c_in, c_in)  # (offsets, i, j)
-        signs = corr.sign().to(torch.int8)
+        if kh * kw == 1:  # a dense layer: corr = K^T K, one offset
+            symbols = kernel.reshape(1, c_out, c_in)
+            corr = torch.bmm(symbols.mT, symbols)
+            return corr.abs().sum(dim=0), symbols, corr.sign()
+        dft, inverse, m = _fourier_matrices(kh, kw, kernel.device, kernel.dtype)
+        flat = kernel.permute(2, 3, 0, 1).reshape(kh * kw, c_out * c_in)
+        symbols = (dft @ flat).view(-1, c_out, c_in)  # [A (m); B (m - 1)]
+        real, imag = symbols[:m], symbols[m:]
+        shape = (len(symbols), c_in, c_in)
+        in_place = _writes_in_place(kernel)
+        parts = kernel.new_empty(shape) if in_place else None  # [P; Q], then the signs
+        spatial = kernel.new_empty(shape) if in_place else None  # X, then corr
+        cross = torch.bmm(real[1:].mT, imag, out=_part(spatial, slice(0, m - 1)))  # X
+        gram = torch.bmm(real.mT, real, out=_part(parts, slice(0, m)))
+        gram[1:].baddbmm_(imag.mT, imag)  # P
+        skew = torch.sub(cross, cross.mT, out=_part(parts, slice(m, None)))  # Q
+        if not in_place:
+            parts = torch.cat([gram, skew])
+        corr_out = None if spatial is None else spatial.flatten(1)
+        corr = torch.mm(inverse, parts.flatten(1), out=corr_out).view(shape)
+        signs = torch.sign(corr, out=parts if in_place else None)
         return corr.abs_().sum(dim=0), symbols, signs
 
     @staticmethod
@@ -144,9 +177,12 @@ class _AbsCorrelationSums(torch.autograd.Function):
         _, symbols, signs = output
         ctx.save_for_backward(inputs[0], symbols, signs)
         ctx.mark_non_differentiable(symbols, signs)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for symbols and signs
 
     @staticmethod
-    def backward(ctx, grad: Tensor, *_unused: Tensor) -> Tensor:
+    def backward(ctx, grad: Tensor | None, *_unused: Tensor | None) -> Tensor | None:
+        if grad is None:
+            return None
         kernel, symbols, signs = ctx.saved_tensors
         with torch.no_grad():
             result = _correlation_sums_gradient(grad, symbols, signs, kernel.shape)
@@ -161,16 +197,24 @@ def _correlation_sums_gradient(
     """dL/dK of :class:`_AbsCorrelationSums` from ``grad`` = dL/d(sums) and the saved symbols
     and signs of corr(d) (see there)."""
     c_out, c_in, kh, kw = kernel_shape
-    dft, inverse_real, inverse_imag, m = _fourier_matrices(kh, kw, grad.device, grad.dtype)
-    per_offset = (signs * grad).view(len(signs), -1)  # E(d)
-    grad_real = (inverse_real.T @ per_offset).view(m, c_in, c_in)
-    grad_symbols = torch.bmm(symbols, grad_real + grad_real.mT)  # [A Hs; B Hs]
-    if len(dft) > m:
-        grad_imag = (inverse_imag.T @ per_offset).view(m, c_in, c_in)
-        antisymmetric = grad_imag - grad_imag.mT  # Hn
-        grad_symbols[:, :c_out].baddbmm_(symbols[:, c_out:], antisymmetric)  # + B Hn
-        grad_symbols[:, c_out:].baddbmm_(symbols[:, :c_out], antisymmetric, alpha=-1)  # - A Hn
-    return (grad_symbols.view(len(dft), -1).T @ dft).view(c_out, c_in, kh, kw)
+    both = grad + grad.mT
+    if kh * kw == 1:
+        return torch.bmm(symbols, signs * both).view(kernel_shape)
+    dft, inverse, m = _fourier_matrices(kh, kw, grad.device, grad.dtype)
+    in_place = _writes_in_place(grad)
+    adjoint = (inverse.T @ signs.flatten(1)).view(signs.shape)
+    adjoint = adjoint.mul_(both) if in_place else adjoint * both  # [Hs (m); dX (m - 1)]
+    sym, skew = adjoint[:m], adjoint[m:]
+    real, imag = symbols[:m], symbols[m:]
+    grad_symbols = symbols.new_empty(symbols.shape) if in_place else None
+    grad_real = torch.bmm(real, sym, out=_part(grad_symbols, slice(0, m)))
+    grad_real[1:].baddbmm_(imag, skew, alpha=-1)  # A Hs - B dX
+    grad_imag = torch.bmm(imag, sym[1:], out=_part(grad_symbols, slice(m, None)))
+    grad_imag.baddbmm_(real[1:], skew)  # B Hs + A dX
+    if not in_place:
+        grad_symbols = torch.cat([grad_real, grad_imag])
+    flat = dft.T @ grad_symbols.flatten(1)  # (kh kw, c_out c_in)
+    return flat.view(kh, kw, c_out, c_in).permute(2, 3, 0, 1)
 
 
 #: What differentiating :func:`abs_correlation_sums` twice raises.
@@ -209,12 +253,14 @@ def abs_correlation_sums(kernel: Tensor) -> Tensor:
     spatial position a; Prach & Lampert 2022, Thm. 2) is a correlation, which the DFT on the
     (2kh - 1) x (2kw - 1) torus turns into products at each frequency, K^(w)^T conj(K^(w)); since
     K is real, half of the frequencies suffice (:class:`_AbsCorrelationSums`). Multiply-adds per
-    channel triple (i, j, o): 3 m forward and 4 m backward, m = (2kh - 1)(2kw - 1) / 2 rounded
-    up (3 x 3: 39 and 52; the blocks K_a^T K_b took 45 and 81, the convolution 225; 7 x 7: 255
-    and 340 against 1225 and 2401), in batched products; exact up to float rounding (the DFT
-    matrices are rounded from float64; ROW_SUM_MARGIN absorbs it, measured in tests/test_aol.py).
-    Measured (2 threads, forward + backward): the same time as the blocks for the benchmark's
-    3 x 3 kernels, 0.6x for 64 -> 64 at 5 x 5, 0.34x for 128 -> 128 at 7 x 7. Differentiable once.
+    channel triple (i, j, o): 3m - 2 forward and 4m - 3 backward, m = (2kh - 1)(2kw - 1) / 2
+    rounded up (3 x 3: 37 and 49; the blocks K_a^T K_b took 45 and 81, the convolution 225;
+    7 x 7: 253 and 337 against 1225 and 2401), in batched products; exact up to float rounding
+    (the DFT matrices are rounded from float64; ROW_SUM_MARGIN absorbs it, measured in
+    tests/test_aol.py). Measured (2 threads, forward + backward, /tmp script alternating the two
+    versions): 0.74-0.78x the previous Fourier version (of the eleventh session) on the
+    benchmark's 3 x 3 layers, 0.69x for 64 -> 64 at 5 x 5, 0.73x for 128 -> 128 at 7 x 7; that
+    version took the same time as the blocks at 3 x 3. Differentiable once.
     """
     return _AbsCorrelationSums.apply(kernel)[0]
 
