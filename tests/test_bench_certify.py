@@ -14,3 +14,6 @@ def test_bench_certify_times_eval_and_certify_on_the_test_split(tmp_path):
     q1, q3 = row["warm_ratio_quartiles"]
     assert 0 < q1 <= q3 and row["rounds"] == 2
     assert 0 <= row["accuracy"][0.1] <= row["accuracy"][0.0] <= 1
+    paired = measure(str(tmp_path / "run" / "last.safetensors"), repeats=3, pairs=1)
+    c1, c3 = paired["cold_ratio_quartiles"]
+    assert paired["cold_pairs"] == 3 and 0 < c1 <= paired["cold_ratio_to_cold_eval"] <= c3
