@@ -82,7 +82,9 @@ def _fourier_matrices(kh: int, kw: int, device: torch.device, dtype: torch.dtype
       parts at the m - 1 frequencies w != 0 (at w = 0 it is 0);
     * ``inverse`` (n offsets, n) maps the parts [P_w (m); Q_w (m - 1)] of the transformed
       correlation corr^(w) = P_w - i Q_w back to corr(d) = (1/n) sum over all w of corr^(w)
-      e^{i w.d}, the pair (w, -w) counted twice through the real part.
+      e^{i w.d}, the pair (w, -w) counted twice through the real part. Its rows take the offsets
+      in the order [0; H; -H]: H one of each pair {d, -d} (as for the frequencies), then their
+      negatives in the same order, so that the first m rows give corr(d) for d in {0} + H.
 
     (A 1 x 1 kernel, a dense layer, needs neither: n = m = 1 and both are [[1]].) Built in
     float64, once per shape, device and dtype.
@@ -92,7 +94,8 @@ def _fourier_matrices(kh: int, kw: int, device: torch.device, dtype: torch.dtype
     pairs = [f for f in grid[1:] if f < ((-f[0]) % n1, (-f[1]) % n2)]
     freqs = torch.tensor([(0, 0), *pairs], dtype=torch.float64)
     taps = torch.tensor([(a, b) for a in range(kh) for b in range(kw)], dtype=torch.float64)
-    offsets = torch.tensor(grid, dtype=torch.float64)
+    mirrored = [((-a) % n1, (-b) % n2) for a, b in pairs]
+    offsets = torch.tensor([(0, 0), *pairs, *mirrored], dtype=torch.float64)
 
     def angles(points: Tensor) -> Tensor:  # (points, m): 2 pi w.p on the torus
         return 2 * math.pi * (points[:, :1] * freqs[:, 0] / n1 + points[:, 1:] * freqs[:, 1] / n2)
@@ -128,19 +131,23 @@ class _AbsCorrelationSums(torch.autograd.Function):
     Forward: the symbols K^(w) = A + iB (c_out x c_in, real parts) at the m frequencies of
     :func:`_fourier_matrices` (one product with the DFT matrix); the transformed correlation
     corr^(w) = K^(w)^T conj(K^(w)) = P - iQ with P = A^T A + B^T B and Q = X - X^T, X = A^T B
-    (three batched products, counting A^T A + B^T B as two); corr(d) by the inverse DFT (one
-    product); then sum_d |corr(d)|.
-    Backward, with E(d) = dL/dcorr(d) = sign(corr(d)) g: the adjoint of the inverse DFT gives
-    dL/dP and dL/dQ, and with them Hs = dL/dP + dL/dP^T and dX = dL/dX = dL/dQ - dL/dQ^T. As
-    corr(-d) = corr(d)^T (so sign(corr(-d)) = sign(corr(d))^T) and the inverse DFT's columns are
-    even (P) or odd (Q) in d, both transposes fold into g: [Hs; dX] = inverse^T (sign(corr) (g +
-    g^T)), one product and no transposed pass. Then dL/dA = A Hs - B dX, dL/dB = B Hs + A dX
-    (four batched products) and dL/dK by the DFT's adjoint.
-    Memory: outside function transforms the intermediate results go into two buffers of the
-    correlation's size, one of which keeps the signs for the backward, in the kernel's dtype so
-    that the backward's product reads them as they are (n c_in^2 values: 26 MB for 512 channels
-    at 3 x 3 in float32, 4x the int8 signs of the previous version). Fresh memory costs page
-    faults (1.4 us per 4 KiB page measured here, as much as the arithmetic on it).
+    (three batched products, counting A^T A + B^T B as two); corr(d) for d in {0} + H, one of
+    each pair {d, -d}, by the inverse DFT (one product). As corr(-d) = corr(d)^T, the sums are
+    S = |C_0| + T + T^T with T = sum_{d in H} |corr(d)| and C_0 = (corr(0) + corr(0)^T) / 2
+    (exactly symmetric, as corr(0) is in exact arithmetic).
+    Backward: dL/dcorr(d) = sign(corr(d)) G for d in H, with G = g + g^T, and sign(C_0) G / 2
+    through C_0. Extended to the offsets -d by E(-d) = E(d)^T (one transposed copy) and to E(0) =
+    sign(C_0) G, the adjoint of the inverse DFT over all n offsets gives Hs = dL/dP + dL/dP^T and
+    dX = dL/dX = dL/dQ - dL/dQ^T in one product, the inverse DFT's columns being even (P) or odd
+    (Q) in d. The signs of d and -d are those of one computed value, so the gradient is a
+    subgradient of the sums also where corr is ~0 (every offset but the centre at AOL's init, where
+    the DFT's rounding gives the two offsets of a pair signs that need not match). Then
+    dL/dA = A Hs - B dX, dL/dB = B Hs + A dX (four batched products) and dL/dK by the DFT's
+    adjoint.
+    Memory: outside function transforms the intermediate results go into two buffers, one of
+    which keeps the signs of the m offsets for the backward, in the kernel's dtype so that the
+    backward reads them as they are. Fresh memory costs page faults (1.4 us per 4 KiB page
+    measured here, as much as the arithmetic on it).
     vmap: generated from the operations.
     """
 
@@ -157,10 +164,9 @@ class _AbsCorrelationSums(torch.autograd.Function):
         flat = kernel.permute(2, 3, 0, 1).reshape(kh * kw, c_out * c_in)
         symbols = (dft @ flat).view(-1, c_out, c_in)  # [A (m); B (m - 1)]
         real, imag = symbols[:m], symbols[m:]
-        shape = (len(symbols), c_in, c_in)
         in_place = _writes_in_place(kernel)
-        parts = kernel.new_empty(shape) if in_place else None  # [P; Q], then the signs
-        spatial = kernel.new_empty(shape) if in_place else None  # X, then corr
+        parts = kernel.new_empty(len(symbols), c_in, c_in) if in_place else None  # [P; Q]
+        spatial = kernel.new_empty(m, c_in, c_in) if in_place else None  # X, then corr
         cross = torch.bmm(real[1:].mT, imag, out=_part(spatial, slice(0, m - 1)))  # X
         gram = torch.bmm(real.mT, real, out=_part(parts, slice(0, m)))
         gram[1:].baddbmm_(imag.mT, imag)  # P
@@ -168,9 +174,12 @@ class _AbsCorrelationSums(torch.autograd.Function):
         if not in_place:
             parts = torch.cat([gram, skew])
         corr_out = None if spatial is None else spatial.flatten(1)
-        corr = torch.mm(inverse, parts.flatten(1), out=corr_out).view(shape)
-        signs = torch.sign(corr, out=parts if in_place else None)
-        return corr.abs_().sum(dim=0), symbols, signs
+        corr = torch.mm(inverse[:m], parts.flatten(1), out=corr_out).view(m, c_in, c_in)
+        corr[0] = (corr[0] + corr[0].mT) / 2  # C_0
+        signs = torch.sign(corr, out=parts[:m] if in_place else None)
+        corr = corr.abs_()
+        half = corr[1:].sum(dim=0)  # T
+        return corr[0] + half + half.mT, symbols, signs
 
     @staticmethod
     def setup_context(ctx, inputs: tuple[Tensor], output: tuple[Tensor, Tensor, Tensor]) -> None:
@@ -197,13 +206,19 @@ def _correlation_sums_gradient(
     """dL/dK of :class:`_AbsCorrelationSums` from ``grad`` = dL/d(sums) and the saved symbols
     and signs of corr(d) (see there)."""
     c_out, c_in, kh, kw = kernel_shape
-    both = grad + grad.mT
     if kh * kw == 1:
-        return torch.bmm(symbols, signs * both).view(kernel_shape)
+        per_offset = signs * grad  # dL/dcorr, corr = K^T K
+        return torch.bmm(symbols, per_offset + per_offset.mT).view(kernel_shape)
     dft, inverse, m = _fourier_matrices(kh, kw, grad.device, grad.dtype)
     in_place = _writes_in_place(grad)
-    adjoint = (inverse.T @ signs.flatten(1)).view(signs.shape)
-    adjoint = adjoint.mul_(both) if in_place else adjoint * both  # [Hs (m); dX (m - 1)]
+    both = grad + grad.mT  # G
+    per_offset = grad.new_empty(len(inverse), c_in, c_in) if in_place else None  # E(d), all d
+    half = torch.mul(signs, both, out=_part(per_offset, slice(0, m)))  # E(0), E(H)
+    if in_place:
+        per_offset[m:] = half[1:].mT  # E(-d) = E(d)^T
+    else:
+        per_offset = torch.cat([half, half[1:].mT])
+    adjoint = (inverse.T @ per_offset.flatten(1)).view(per_offset.shape)  # [Hs (m); dX (m - 1)]
     sym, skew = adjoint[:m], adjoint[m:]
     real, imag = symbols[:m], symbols[m:]
     grad_symbols = symbols.new_empty(symbols.shape) if in_place else None
@@ -258,9 +273,10 @@ def abs_correlation_sums(kernel: Tensor) -> Tensor:
     7 x 7: 253 and 337 against 1225 and 2401), in batched products; exact up to float rounding
     (the DFT matrices are rounded from float64; ROW_SUM_MARGIN absorbs it, measured in
     tests/test_aol.py). Measured (2 threads, forward + backward, /tmp script alternating the two
-    versions): 0.74-0.78x the previous Fourier version (of the eleventh session) on the
-    benchmark's 3 x 3 layers, 0.69x for 64 -> 64 at 5 x 5, 0.73x for 128 -> 128 at 7 x 7; that
-    version took the same time as the blocks at 3 x 3. Differentiable once.
+    versions, 100 rounds): against the previous Fourier version (of the eleventh session), which
+    took the same time as the blocks at 3 x 3, 0.75x for the benchmark's 256 -> 128 layer (output
+    side), 0.83x for 128 -> 128, 0.90x for 64 -> 64, 1.08x for 3 -> 64 (more operations on tiny
+    arrays); 0.76x for 64 -> 64 at 5 x 5, 0.71x for 128 -> 128 at 7 x 7. Differentiable once.
     """
     return _AbsCorrelationSums.apply(kernel)[0]
 
