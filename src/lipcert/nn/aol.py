@@ -171,12 +171,11 @@ class _AbsCorrelationSums(torch.autograd.Function):
         gram = torch.bmm(real.mT, real, out=_part(parts, slice(0, m)))
         gram[1:].baddbmm_(imag.mT, imag)  # P
         skew = torch.sub(cross, cross.mT, out=_part(parts, slice(m, None)))  # Q
-        if not in_place:
-            parts = torch.cat([gram, skew])
+        stacked = parts if in_place else torch.cat([gram, skew])
         corr_out = None if spatial is None else spatial.flatten(1)
-        corr = torch.mm(inverse[:m], parts.flatten(1), out=corr_out).view(m, c_in, c_in)
+        corr = torch.mm(inverse[:m], stacked.flatten(1), out=corr_out).view(m, c_in, c_in)
         corr[0] = (corr[0] + corr[0].mT) / 2  # C_0
-        signs = torch.sign(corr, out=parts[:m] if in_place else None)
+        signs = torch.sign(corr, out=_part(parts, slice(0, m)))
         corr = corr.abs_()
         half = corr[1:].sum(dim=0)  # T
         return corr[0] + half + half.mT, symbols, signs
