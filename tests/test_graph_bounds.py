@@ -12,6 +12,7 @@ from torch import nn
 
 import lipcert
 from lipcert.attacks import pgd
+from lipcert.bounds import graph as graph_module
 from lipcert.bounds.graph import graph_bound
 from lipcert.bounds.network import BOUND_RULES, module_bound
 from lipcert.bounds.rules import ACTIVATION_CONSTANTS, GELU_LIPSCHITZ, GELU_TANH_LIPSCHITZ
@@ -491,3 +492,62 @@ def test_certify_bound_is_cached_per_input_shape():
         y = model(x).argmax(1)
         expected = radii_from_logits(model(x).detach(), x, y, summary)
         assert torch.equal(certify(model, x, y), expected)
+
+
+def _traced_nodes(gm: torch.fx.GraphModule) -> list[tuple[str, str, object, tuple]]:
+    return [(n.op, n.name, n.target, tuple(a.name for a in n.all_input_nodes))
+            for n in gm.graph.nodes]  # fmt: skip
+
+
+def test_a_flat_sequential_is_built_as_the_tracer_builds_it():
+    """The chain graph of an nn.Sequential (no tracer run) has the tracer's nodes, a module listed
+    twice included (named_children lists it once), and the same bound."""
+    torch.manual_seed(0)
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), relu, nn.Flatten(),
+                          nn.Linear(12, 5), relu, nn.Linear(5, 2)).eval()  # fmt: skip
+    chain = graph_module.trace(model)
+    tracer = graph_module._LeafTracer("l2")
+    assert graph_module._chain_graph(model, tracer) is not None
+    traced = torch.fx.GraphModule(model, tracer.trace(model))
+    assert _traced_nodes(chain) == _traced_nodes(traced)
+    assert sum(n.target == "1" for n in chain.graph.nodes) == 2  # the shared ReLU, twice
+    assert sum(n.op == "call_module" for n in chain.graph.nodes) == 6
+    x = torch.randn(4, 2, 4, 4)
+    assert torch.equal(chain(x), model(x))
+
+
+class Doubled(nn.Sequential):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        Doubled(nn.Linear(3, 3)),
+        nn.Sequential(nn.Sequential(nn.Linear(3, 3)), nn.ReLU()),
+        nn.Sequential(),
+    ],
+)
+def test_other_roots_are_traced(model):
+    """A subclass (its own forward), a nested container and an empty Sequential go through
+    the tracer."""
+    assert graph_module._chain_graph(model, graph_module._LeafTracer("l2")) is None
+
+
+def test_a_model_that_runs_only_one_sample_at_a_time_is_checked_one_scale_at_a_time():
+    """The trace check runs its three scales as one batch; a forward that fails on a batch of
+    three falls back to one scale at a time, and the model is judged as before (here: its
+    reshape merges the batch, refused by name)."""
+
+    class OneAtATime(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x.reshape(1, -1))
+
+    with pytest.raises(TypeError, match="moves, splits or merges the batch dimension"):
+        lipcert.lipschitz_upper_bound(OneAtATime(), (4,))

@@ -179,3 +179,20 @@ def test_bad_geometry_is_refused():
     with pytest.raises(ValueError, match="does not fit"):
         conv_operator_norm(torch.ones(2, 2, 3), ConvGeometry((4, 4), (1, 1), (1, 1),
                                                               ((1, 1), (1, 1))))  # fmt: skip
+
+
+@pytest.mark.parametrize("scale", [2.0**-1060, 2.0**-1000, 1e-30, 1e30, 2.0**1000])
+def test_kernels_of_any_magnitude_stay_bounded(scale):
+    """The kernel is divided by one power of two before its symbol is formed: kernels far from
+    1 (subnormal products, a Gram that would overflow) keep a bound >= their exact norm, the
+    norm being homogeneous in the kernel."""
+    conv = random_conv(2, 2, 3, seed=1, kernel_size=3, stride=2, padding=1)
+    geometry = module_geometry(conv, (6, 5))
+    exact, at_one = exact_l2(conv, (2, 6, 5)), conv_operator_norm(conv.weight, geometry)
+    with torch.no_grad():
+        conv.weight.mul_(scale)
+    bound = conv_operator_norm(conv.weight, geometry)
+    assert math.isfinite(bound)
+    assert bound >= exact * scale
+    if scale >= 2.0**-1000:  # normal-range taps: as tight as at scale 1
+        assert bound == pytest.approx(at_one * scale, rel=1e-12)

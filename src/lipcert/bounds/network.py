@@ -186,9 +186,9 @@ _TORCH_INSTANCE_OVERRIDES = frozenset({"_compiled_call_impl"})
 def _shadows_a_method(module: nn.Module, name: str, value: object) -> bool:
     """Whether the instance attribute ``name`` replaces a method of ``module``'s class (a
     ``forward``, a ``_conv_forward``...): the class's rule would not bound what it computes."""
-    if name in _TORCH_INSTANCE_OVERRIDES or isinstance(value, nn.Module | Tensor):
+    if not callable(value) or name in _TORCH_INSTANCE_OVERRIDES:  # most attributes: not callable
         return False
-    return callable(value) and callable(getattr(type(module), name, None))
+    return not isinstance(value, nn.Module) and callable(getattr(type(module), name, None))
 
 
 def _redefined_method(module: nn.Module, owner: type) -> str | None:

@@ -103,18 +103,26 @@ def eigen_spectral_bound(matrix: Tensor) -> Tensor:
     """
     precise = torch.complex128 if matrix.is_complex() else torch.float64
     w = matrix.detach().to(precise)
-    wide = w.shape[-2] < w.shape[-1]
-    n, k = sorted(w.shape[-2:])  # the Gram is n x n, its entries sums of k products
-    if n == 0:
+    if min(w.shape[-2:]) == 0:
         return torch.zeros(w.shape[:-2], dtype=torch.float64, device=w.device)
     scale = power_of_two_scale(w, dim=(-2, -1))
-    w = _divide(w, scale)
+    return moderate_spectral_bound(_divide(w, scale)) * scale
+
+
+def moderate_spectral_bound(w: Tensor) -> Tensor:
+    """:func:`eigen_spectral_bound` of a float64 / complex128 matrix or batch whose entries are
+    already of moderate size (none above ~2^100, so that the Gram cannot overflow), without the
+    rescaling: the rounding analysis of :func:`eigen_spectral_bound` holds for any such entries,
+    those that underflow included. A caller that scales once for the whole batch (a kernel
+    divided by a power of two before its symbol is formed) saves the per-matrix scaling."""
+    wide = w.shape[-2] < w.shape[-1]
+    n, k = sorted(w.shape[-2:])  # the Gram is n x n, its entries sums of k products
     frobenius_sq = _frobenius(w).square() * rounding_safety(torch.float64, k * n)
     gram_error = (rounding_safety(torch.float64, k) - 1) * frobenius_sq
     underflow = n * k * _TINY
     gram = w @ w.mH if wide else w.mH @ w  # no conjugate view of w, which would be copied
     squared = hermitian_norm_bound(gram) + gram_error + underflow
-    return squared.sqrt() * scale * rounding_safety(torch.float64, 1)
+    return squared.sqrt() * rounding_safety(torch.float64, 1)
 
 
 def hermitian_norm_bound(matrix: Tensor) -> Tensor:
