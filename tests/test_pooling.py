@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from lipschitz import LIPSCHITZ_TOL, jacobian_matrix, jacobian_spectral_norm
 from torch import nn
 
+import lipcert
 from lipcert.bounds.network import lipschitz_upper_bound
 from lipcert.nn.pooling import InvertibleDownsample, L2NormPool2d, ScaledAvgPool2d
 
@@ -70,6 +71,32 @@ def test_values_match_torch_pools() -> None:
     torch.testing.assert_close(ScaledAvgPool2d(None)(x), x.sum((-2, -1), keepdim=True) / 56**0.5)
     torch.testing.assert_close(L2NormPool2d(None, eps=0)(x), x.norm(dim=(-2, -1), keepdim=True))
     torch.testing.assert_close(ScaledAvgPool2d(2)(x[0]), ScaledAvgPool2d(2)(x)[0])  # (C, H, W)
+
+
+def test_a_window_over_the_whole_map_is_a_sum() -> None:
+    """One window covering the map takes the summing path: the values and gradients of
+    avg_pool2d times sqrt(kh kw), for a given kernel and for global pooling."""
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    expected = F.avg_pool2d(x, (5, 4)) * math.sqrt(20)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+    for pool in (ScaledAvgPool2d((5, 4)), ScaledAvgPool2d((5, 4), (6, 9)), ScaledAvgPool2d(None)):
+        out = pool(x)
+        torch.testing.assert_close(out, expected, rtol=1e-15, atol=0)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-15, atol=0)
+
+
+def test_a_whole_map_pool_exports_to_onnx(tmp_path) -> None:
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    model = nn.Sequential(ScaledAvgPool2d((5, 4)), ScaledAvgPool2d(None), nn.Flatten())
+    path = tmp_path / "pool.onnx"
+    lipcert.export(model, onnx_path=path, input_shape=(3, 5, 4))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 4):
+        x = torch.randn(batch, 3, 5, 4)
+        (out,) = session.run(None, {"input": x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-6, atol=1e-6)
 
 
 def test_l2_norm_pool_gradient_at_zero_is_finite() -> None:
