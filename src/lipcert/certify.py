@@ -407,11 +407,13 @@ def finite_input_norms(x: Tensor) -> Tensor:
 
 
 def _logits(model: nn.Module, x: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    """The logits of ``x``, computed in batches on ``device`` and gathered on x's device."""
+    """The logits of ``x``, computed in batches on ``device`` and gathered on x's device, under
+    one :func:`run_model` setting (switching the arithmetic settings for each batch cost ~1.8% of
+    an MNIST eval pass on the CPU)."""
     batches = range(0, len(x), batch_size)
-    return torch.cat(
-        [run_model(model, x[i : i + batch_size].to(device)).to(x.device) for i in batches]
-    )
+    with torch.no_grad(), ieee_float32():
+        return torch.cat([_forward(model, x[i : i + batch_size].to(device)).to(x.device)
+                          for i in batches])  # fmt: skip
 
 
 def logit_rounding_bound(
@@ -546,9 +548,14 @@ def convert_radius(radius: Tensor, source: str, target: str, input_dim: int) -> 
 def run_model(model: nn.Module, x: Tensor) -> Tensor:
     """``model(x)`` without gradients in IEEE float32 arithmetic; a model that refuses ``x`` (its
     shape, its dtype: x is never cast) gives a ValueError naming x's shape and the reason."""
+    with torch.no_grad(), ieee_float32():
+        return _forward(model, x)
+
+
+def _forward(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)``; a RuntimeError becomes the ValueError of :func:`run_model`."""
     try:
-        with torch.no_grad(), ieee_float32():
-            return model(x)
+        return model(x)
     except RuntimeError as err:
         shape = tuple(x.shape)
         raise ValueError(f"the model does not accept inputs of shape {shape}: {err}") from err

@@ -148,9 +148,11 @@ def grid_twiddles(kernel_size: tuple[int, int], grid: tuple[int, int], kernel: T
 def kernel_symbol(kernel: Tensor, twiddles: Tensor) -> Tensor:
     """K^(w) for the frequencies of ``twiddles`` (see :func:`grid_twiddles`): (F, c_out, c_in)."""
     c_out, c_in = kernel.shape[:2]
-    flat = kernel.reshape(c_out * c_in, -1)  # (c_out*c_in, taps)
-    real, imag = flat @ twiddles[0], -(flat @ twiddles[1])  # (c_out*c_in, F) each
-    return torch.complex(real, imag).T.reshape(-1, c_out, c_in)
+    flat = kernel.reshape(c_out * c_in, -1).T  # (taps, c_out*c_in)
+    # (F, c_out*c_in) each, frequency-major: every K^(w) contiguous (a frequency-minor symbol
+    # made each batched product copy its matrices one by one: 0.9 ms instead of 0.3)
+    real, imag = twiddles[0].T @ flat, -(twiddles[1].T @ flat)
+    return torch.complex(real, imag).view(-1, c_out, c_in)
 
 
 def symbol_rounding(kernel: Tensor) -> Tensor:
