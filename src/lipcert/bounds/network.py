@@ -185,10 +185,12 @@ _TORCH_INSTANCE_OVERRIDES = frozenset({"_compiled_call_impl"})
 
 def _shadows_a_method(module: nn.Module, name: str, value: object) -> bool:
     """Whether the instance attribute ``name`` replaces a method of ``module``'s class (a
-    ``forward``, a ``_conv_forward``...): the class's rule would not bound what it computes."""
+    ``forward``, a ``_conv_forward``...): the class's rule would not bound what it computes. A
+    module counts too: one put in the instance's ``__dict__`` (not registered) under the name
+    ``forward`` is what a call runs (a 100x Linear there was bounded by the 1x one's weight)."""
     if not callable(value) or name in _TORCH_INSTANCE_OVERRIDES:  # most attributes: not callable
         return False
-    return not isinstance(value, nn.Module) and callable(getattr(type(module), name, None))
+    return callable(getattr(type(module), name, None))
 
 
 def _redefined_method(module: nn.Module, owner: type) -> str | None:
