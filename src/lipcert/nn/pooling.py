@@ -118,6 +118,8 @@ class _WindowPool2d(LipschitzLayer, nn.Module):
 
     def _check_input(self, x: Tensor) -> None:
         _check_feature_map(self, x)
+        if x.shape[-2] == 0 or x.shape[-1] == 0:  # a global window of 0 pixels: 0 / 0
+            raise ValueError(f"{self}: input of shape {tuple(x.shape)} has an empty feature map")
         if self.kernel_size is not None and (
             x.shape[-2] < self.kernel_size[0] or x.shape[-1] < self.kernel_size[1]
         ):
@@ -157,7 +159,10 @@ class ScaledAvgPool2d(_WindowPool2d):
         kernel, stride = self._window(x)
         scale = math.sqrt(kernel[0] * kernel[1])
         if tuple(kernel) == tuple(x.shape[-2:]):  # one window, the whole map: a plain sum
-            return x.sum(dim=(-2, -1), keepdim=True) / scale  # ~4x faster than avg_pool2d (CPU)
+            # ~4x faster than avg_pool2d (CPU); half precision summed in float32 (a float16 sum
+            # overflows at 65504 where the pooled value, sqrt(kh kw) times smaller, does not)
+            work = x.to(torch.promote_types(x.dtype, torch.float32))
+            return (work.sum(dim=(-2, -1), keepdim=True) / scale).to(x.dtype)
         return F.avg_pool2d(x, kernel, stride) * scale
 
 
