@@ -139,8 +139,8 @@ class _WindowPool2d(LipschitzLayer, nn.Module):
         return 1.0
 
     def export(self) -> nn.Module:
-        """Stateless: the layer itself is its export (ONNX: AveragePool, or ReduceSum for a whole-map
-        window, and elementwise ops)."""
+        """Stateless: the layer itself is its export (ONNX: AveragePool, or ReduceSum for a
+        window over the whole map, and elementwise ops)."""
         return self
 
 
