@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -130,10 +131,12 @@ def grid_twiddles(kernel_size: tuple[int, int], grid: tuple[int, int], kernel: T
 
     The phase a.j / N is reduced modulo 1 exactly in integers, so each float64 angle lies in
     [0, 2 pi) within 20 units of roundoff of the exact one (covered by :func:`symbol_rounding`).
+    The integer part runs in NumPy (a dozen operations on small arrays: ~0.2 ms less than in
+    torch, the same angles bit for bit).
     """
     n1, n2 = grid
-    taps = torch.cartesian_prod(*(torch.arange(k) for k in kernel_size)).reshape(-1, 2)
-    freqs = torch.cartesian_prod(torch.arange(n1), torch.arange(n2 // 2 + 1)).reshape(-1, 2)
+    taps = np.indices(kernel_size).reshape(2, -1).T  # (taps, 2)
+    freqs = np.indices((n1, n2 // 2 + 1)).reshape(2, -1).T  # (F, 2)
     # On the half-spectrum's self-conjugate columns (k2 = 0, and n2 / 2 for even n2), (k1, k2)
     # and (-k1, k2) are conjugate, with the same singular values: keep one of each pair.
     self_conjugate = (freqs[:, 1] == 0) | (2 * freqs[:, 1] == n2)
@@ -141,7 +144,7 @@ def grid_twiddles(kernel_size: tuple[int, int], grid: tuple[int, int], kernel: T
     phase1 = (taps[:, :1] * freqs[:, 0]) % n1  # (taps, F)
     phase2 = (taps[:, 1:] * freqs[:, 1]) % n2
     phase = (phase1 * n2 + phase2 * n1) % (n1 * n2)  # the angle is 2 pi phase / (n1 n2), exactly
-    angles = phase.double() * (2 * math.pi / (n1 * n2))
+    angles = torch.from_numpy(phase).double() * (2 * math.pi / (n1 * n2))
     return torch.stack((angles.cos(), angles.sin())).to(kernel.device, kernel.dtype)
 
 
@@ -149,10 +152,14 @@ def kernel_symbol(kernel: Tensor, twiddles: Tensor) -> Tensor:
     """K^(w) for the frequencies of ``twiddles`` (see :func:`grid_twiddles`): (F, c_out, c_in)."""
     c_out, c_in = kernel.shape[:2]
     flat = kernel.reshape(c_out * c_in, -1).T  # (taps, c_out*c_in)
-    # (F, c_out*c_in) each, frequency-major: every K^(w) contiguous (a frequency-minor symbol
-    # made each batched product copy its matrices one by one: 0.9 ms instead of 0.3)
-    real, imag = twiddles[0].T @ flat, -(twiddles[1].T @ flat)
-    return torch.complex(real, imag).view(-1, c_out, c_in)
+    flat = flat.to(torch.promote_types(flat.dtype, torch.complex64))
+    phases = torch.complex(twiddles[0].T, -twiddles[1].T)  # (F, taps): e^{-i w.a}
+    # One complex product, frequency-major: every K^(w) contiguous (a frequency-minor symbol
+    # made each batched product copy its matrices one by one: 0.9 ms instead of 0.3), and no
+    # complex array assembled from real and imaginary ones (2.8 -> 1.2 ms for 64 x 64 x 3 x 3
+    # kernels at 145 frequencies). The kernel's zero imaginary parts add exact zeros: the
+    # entries are those of the real dot products, bit for bit.
+    return (phases @ flat).view(-1, c_out, c_in)
 
 
 def symbol_rounding(kernel: Tensor) -> Tensor:
@@ -173,7 +180,9 @@ def _frequency_bounds(kernel: Tensor, twiddles: Tensor, n_iter: int) -> Tensor:
 
 
 def _grid_maximum(kernel: Tensor, twiddles: Tensor, n_iter: int) -> Tensor:
-    """max over the grid of the per-frequency bounds, differentiable through the maximiser."""
+    """max over the grid of the per-frequency bounds, differentiable through the maximiser: the
+    value is the batch's maximum bit for bit (with or without autograd), the gradient that of
+    the maximiser's bound recomputed alone (whose last bits may differ: both bound it soundly)."""
     with torch.no_grad():
         bounds = _frequency_bounds(kernel.detach(), twiddles, n_iter)
     best = bounds.max()
@@ -181,7 +190,7 @@ def _grid_maximum(kernel: Tensor, twiddles: Tensor, n_iter: int) -> Tensor:
         return best
     at_best = twiddles[..., bounds.argmax()].unsqueeze(-1)  # (2, taps, 1)
     with_grad = gram_spectral_bound(kernel_symbol(kernel, at_best), n_iter)[0]
-    return with_grad + (best - with_grad.detach()).clamp_min(0)
+    return best + (with_grad - with_grad.detach())
 
 
 def conv2d_operator_bound(
