@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from lipcert.allocator import keep_freed_memory
 from lipcert.checkpoint import CheckpointError
 from lipcert.cli import attack, bench, certify, demo, explain, export, lipschitz, train, w1
 from lipcert.config import ConfigError
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # every subcommand computes: no page faults on memory freed and reused
     try:
         args.run(args)
     except BrokenPipeError:  # output piped into head: stop quietly, as shell tools do
