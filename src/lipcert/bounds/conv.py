@@ -40,8 +40,10 @@ Per-frequency bounds and rounding
 ---------------------------------
 Each sigma_1(K^(g)) is bounded by Gram iteration (:func:`~lipcert.bounds.operator.
 gram_spectral_bound`, Delattre et al., ICML 2023), never by power iteration. The symbol is the
-sum over taps of the real kernel times twiddles rounded from float64, evaluated as two real
-matrix products (cosine and sine parts); each entry's error is at most gamma * sum_a |K[o, i, a]|
+sum over taps of the real kernel times twiddles rounded from float64, evaluated as one complex
+matrix product whose real and imaginary parts are each a real dot product over the taps (the
+kernel's zero imaginary parts add exact zeros; BLAS may sum in another order than a real product,
+which the bound does not depend on); each entry's error is at most gamma * sum_a |K[o, i, a]|
 (Higham, *Accuracy and Stability of Numerical Algorithms*, eq. 3.5; the twiddles' own rounding,
 their phases reduced exactly in integers, adds about u), so ||E(g)||_2 <= ||E(g)||_F <=
 gamma ||A||_F with A[o, i] = sum_a |K[o, i, a]|, added by Weyl's inequality. All of it runs in
@@ -157,8 +159,9 @@ def kernel_symbol(kernel: Tensor, twiddles: Tensor) -> Tensor:
     # One complex product, frequency-major: every K^(w) contiguous (a frequency-minor symbol
     # made each batched product copy its matrices one by one: 0.9 ms instead of 0.3), and no
     # complex array assembled from real and imaginary ones (2.8 -> 1.2 ms for 64 x 64 x 3 x 3
-    # kernels at 145 frequencies). The kernel's zero imaginary parts add exact zeros: the
-    # entries are those of the real dot products, bit for bit.
+    # kernels at 145 frequencies). The kernel's zero imaginary parts add exact zeros, so each
+    # part of an entry is a real dot product over the taps, within symbol_rounding's bound; not
+    # bit for bit the old real products' (cgemm sums in its own order: ulps apart at 2 x 2 taps).
     return (phases @ flat).view(-1, c_out, c_in)
 
 
