@@ -412,8 +412,8 @@ def _logits(model: nn.Module, x: Tensor, batch_size: int, device: torch.device) 
     an MNIST eval pass on the CPU)."""
     batches = range(0, len(x), batch_size)
     with torch.no_grad(), ieee_float32():
-        return torch.cat([_forward(model, x[i : i + batch_size].to(device)).to(x.device)
-                          for i in batches])  # fmt: skip
+        parts = [_forward(model, x[i : i + batch_size].to(device)).to(x.device) for i in batches]
+    return torch.cat(parts)
 
 
 def logit_rounding_bound(
