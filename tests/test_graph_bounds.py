@@ -14,7 +14,7 @@ import lipcert
 from lipcert.attacks import pgd
 from lipcert.bounds import graph as graph_module
 from lipcert.bounds.graph import graph_bound
-from lipcert.bounds.network import BOUND_RULES, module_bound
+from lipcert.bounds.network import BOUND_RULES, module_bound, register_bound_rule
 from lipcert.bounds.rules import ACTIVATION_CONSTANTS, GELU_LIPSCHITZ, GELU_TANH_LIPSCHITZ
 from lipcert.certify import certify, radii_from_logits, summarize
 from lipcert.nn import Residual
@@ -515,6 +515,33 @@ def test_a_flat_sequential_is_built_as_the_tracer_builds_it():
     assert sum(n.op == "call_module" for n in chain.graph.nodes) == 6
     x = torch.randn(4, 2, 4, 4)
     assert torch.equal(chain(x), model(x))
+
+
+class _Pair(nn.Module):
+    """A module with a bound rule that returns two tensors."""
+
+    def forward(self, x):
+        return x, x
+
+
+register_bound_rule(_Pair)(lambda module, norm: 1.0)
+
+
+def test_a_chain_is_bounded_without_running_the_model_and_must_return_one_tensor(monkeypatch):
+    """A chain graph calls what the Sequential calls: no trace check runs the model (the
+    Sequential's own forward is never called), and its output must still be one tensor."""
+    calls = []
+    sequential_forward = nn.Sequential.forward
+
+    def counted(self, x):
+        calls.append(self)
+        return sequential_forward(self, x)
+
+    monkeypatch.setattr(nn.Sequential, "forward", counted)
+    bound = graph_bound(nn.Sequential(nn.Linear(3, 3), nn.ReLU()).eval(), (3,)).bound
+    assert bound > 0 and calls == []
+    with pytest.raises(TypeError, match="must return one tensor"):
+        graph_bound(nn.Sequential(nn.Linear(3, 3), _Pair()).eval(), (3,))
 
 
 class Doubled(nn.Sequential):

@@ -156,11 +156,19 @@ def trace(model: nn.Module, norm: str = "l2") -> GraphModule:
     """``model`` as a torch.fx graph with bounded modules as leaves (for bounds in ``norm``);
     TypeError if untraceable. ``model`` is not changed (fx would add an attribute for each tensor
     constant)."""
+    return _trace(model, norm)[0]
+
+
+def _trace(model: nn.Module, norm: str) -> tuple[GraphModule, bool]:
+    """:func:`trace`, and whether the graph is a chain of ``nn.Sequential`` entries built from
+    the container itself (:func:`_chain_graph`): then it calls the modules that the Sequential's
+    own forward calls, in the same order on the same values, and needs no check against the
+    model's output."""
     tracer = _LeafTracer(norm)
     root = nn.Sequential(model) if tracer.is_leaf_module(model, "") else model
     chain = _chain_graph(root, tracer)
     if chain is not None:
-        return GraphModule(root, chain)
+        return GraphModule(root, chain), True
     attributes = set(vars(root))
     try:
         graph = tracer.trace(root)
@@ -175,7 +183,7 @@ def trace(model: nn.Module, norm: str = "l2") -> GraphModule:
     traced = GraphModule(root, graph)
     for name in set(vars(root)) - attributes:  # fx stores tensor constants on the root: the
         delattr(root, name)  # graph module has its copies; the user's model is left as it was
-    return traced
+    return traced, False
 
 
 def _chain_graph(root: nn.Module, tracer: _LeafTracer) -> Graph | None:
@@ -999,11 +1007,16 @@ def _reproduces(model: nn.Module, gm: GraphModule, x: Tensor) -> bool:
     layers may overwrite their input); TypeError if either output is not one tensor."""
     with torch.no_grad():
         traced, expected = gm(x.clone()), model(x.clone())
-    if not isinstance(traced, Tensor) or not isinstance(expected, Tensor):
-        raise TypeError(f"{type(model).__name__} must return one tensor to be bounded")
+    _check_one_tensor(model, traced)
+    _check_one_tensor(model, expected)
     return torch.allclose(
         traced, expected, rtol=TRACE_CHECK_RTOL, atol=TRACE_CHECK_RTOL, equal_nan=True
     )
+
+
+def _check_one_tensor(model: nn.Module, output: Any) -> None:
+    if not isinstance(output, Tensor):
+        raise TypeError(f"{type(model).__name__} must return one tensor to be bounded")
 
 
 def _captured_constants(gm: GraphModule, model: nn.Module) -> tuple[Tensor, ...]:
@@ -1079,15 +1092,18 @@ def graph_bound(
     name = type(model).__name__
     _check_no_hooks(model)
     check_finite((f"parameter {key}", p) for key, p in model.named_parameters())
-    gm = trace(model, norm)
+    gm, is_chain = _trace(model, norm)
     check_finite(_read_tensors(gm))
     _check_single_input(gm, name)
     check_in_place(gm, _describe)  # before running anything: no write to the model's tensors
     probe = _Probe(gm, tuple(input_shape), name)
     x = _probe_input(model, tuple(input_shape), input_dtype)
     with torch.no_grad():
-        probe.run(x.clone())  # in-place layers may overwrite their input
-    _check_trace(model, gm, x)
+        output_value = probe.run(x.clone())  # in-place layers may overwrite their input
+    if is_chain:  # the Sequential's own calls (~1 ms of a ~15 ms bound for the LMT CNN)
+        _check_one_tensor(model, output_value)
+    else:
+        _check_trace(model, gm, x)
     ctx = _Context(
         gm, norm, probe.shapes, probe.dtypes, probe.constants, probe.depends, probe.batch_sized
     )

@@ -106,6 +106,11 @@ def internal_size(module: nn.Module, input: Tensor, norm: str) -> float:
 
 def magnitude(value: object, norm: str) -> float:
     """||value|| in ``norm`` (l2 or l_inf over all entries of a tensor or of a tuple's tensors)."""
+    if isinstance(value, Tensor) and value.is_floating_point() and value.numel():
+        # one reduction, the values read exactly in float64 (~0.3 ms of a 12 ms bound)
+        if norm == "linf":
+            return float(value.detach().abs().max())
+        return float(torch.linalg.vector_norm(value.detach(), dtype=torch.float64))
     pieces = value if isinstance(value, tuple | list) else [value]
     tensors = [t.detach().double().flatten() for t in pieces if isinstance(t, Tensor)]
     if not tensors or not sum(t.numel() for t in tensors):
@@ -253,10 +258,9 @@ def _dropout(module: nn.Module, norm: str) -> float:
 def matrix_operator_bound(weight: Tensor, norm: str) -> float:
     """Sound bound of a matrix's operator norm: spectral (l2, LAPACK eigenvalues of its Gram, with
     their rounding) or max absolute row sum (l_inf)."""
-    weight = weight.detach().double()
     if norm == "l2":
         return float(eigen_spectral_bound(weight))
-    row_sums = weight.abs().sum(dim=1)
+    row_sums = weight.detach().double().abs().sum(dim=1)
     return float(row_sums.max()) * rounding_safety(torch.float64, weight.shape[1])
 
 

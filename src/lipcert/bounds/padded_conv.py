@@ -36,9 +36,10 @@ Rounding
 --------
 The weight is read exactly in float64. The symbol is evaluated directly (no FFT): each entry is
 a dot product over the taps, with the error of :func:`~lipcert.bounds.conv.symbol_rounding`
-(Higham eq. 3.5), added by Weyl's inequality. Each sigma_1 comes from LAPACK's symmetric
-eigenvalues of the symbol's Gram, its rounding and their backward error accounted for
-(:func:`~lipcert.bounds.operator.moderate_spectral_bound`).
+(Higham eq. 3.5), added by Weyl's inequality. The largest sigma_1 comes from the symbols' Grams,
+their rounding accounted for: LAPACK's symmetric eigenvalues of the few with the largest
+Rayleigh quotients (with their backward error), and for the others a Cholesky factorization
+proving each below that (:func:`~lipcert.bounds.operator.moderate_spectral_max`).
 
 Measured
 --------
@@ -61,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lipcert.bounds.conv import grid_twiddles, kernel_symbol, polyphase_kernel, symbol_rounding
-from lipcert.bounds.operator import moderate_spectral_bound, power_of_two_scale
+from lipcert.bounds.operator import moderate_spectral_max, power_of_two_scale
 
 PADDING_MODES = ("zeros", "circular", "reflect", "replicate")
 #: Symbol entries (frequencies x groups x c_out x c_in) formed at once: a memory cap.
@@ -247,7 +248,7 @@ def circular_norm(kernel: Tensor, grid: tuple[int, int], stride: tuple[int, int]
     largest = 0.0
     for part in twiddles.split(chunk, dim=-1):
         symbol = kernel_symbol(scalar_kernels, part).reshape(-1, groups, c_out, c_poly)
-        largest = max(largest, float(moderate_spectral_bound(symbol).max()))
+        largest = max(largest, moderate_spectral_max(symbol))
     scaled = largest + float(symbol_rounding(poly))
     # times 2^e is exact unless it lands below the normal range: one unit up covers that rounding
     return math.nextafter(scaled * scale, math.inf)
