@@ -191,8 +191,13 @@ def gram_max_eigenvalue_bound(gram: Tensor) -> float:
     constants of complex arithmetic, Sec. 3.6), so H + dH is positive semidefinite and
     ||dH||_2 <= gamma ||R||_F^2. fl(mu - G_ii) is off by at most u H_ii (the off-diagonal
     entries are exact negations; H_ii > 0 where the factorization passes), so lambda_max(G) <=
-    mu + gamma ||R||_F^2 + u max_i H_ii, rounded up. The matrices whose factorization fails (an
-    eigenvalue at or above mu) get :func:`hermitian_max_eigenvalue_bound`. Small matrices (below
+    mu + gamma ||R||_F^2 + u max_i H_ii, rounded up. Theorem 10.3 assumes no underflow: a
+    product or quotient that underflows is off by up to u tiny absolutely (Higham eq. 2.8; sums
+    are exact there), at most n + 1 of them per entry of dH (the quotient's times R_jj, inside
+    gamma's margin where R_jj > 1), so n (n + 1) tiny more covers them: without it, 8 x 8 Grams
+    of integer multiples of 2^-1074 passed the test with lambda_max two units above the bound.
+    The matrices whose factorization fails (an eigenvalue at or above mu) get
+    :func:`hermitian_max_eigenvalue_bound`. Small matrices (below
     :data:`CHOLESKY_TEST_MIN_SIZE` rows) and small batches get it directly, as do batches with a
     NaN or inf."""
     n = gram.shape[-1]
@@ -210,7 +215,8 @@ def gram_max_eigenvalue_bound(gram: Tensor) -> float:
     failed = info != 0
     gamma = rounding_safety(torch.float64, 4 * (n + 1)) - 1
     diagonal = shifted.diagonal(dim1=-2, dim2=-1).real.amax(dim=-1)  # > 0 where it passed
-    slack = gamma * _frobenius(factor).square() + diagonal * torch.finfo(torch.float64).eps
+    eps = torch.finfo(torch.float64).eps
+    slack = gamma * _frobenius(factor).square() + diagonal * eps + n * (n + 1) * _TINY
     bound = shift if bool(failed.all()) else shift + float(slack[~failed].max())
     if bool(failed.any()):
         bound = max(bound, float(hermitian_max_eigenvalue_bound(batch[failed]).max()))
