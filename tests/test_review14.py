@@ -6,6 +6,7 @@ arithmetic, dense Jacobians, float64 SVDs."""
 from __future__ import annotations
 
 import copy
+import io
 from fractions import Fraction
 
 import pytest
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lipcert
-from lipcert.bounds.graph import graph_bound
+from lipcert.bounds.graph import _trace, graph_bound, trace
 from lipcert.bounds.network import magnitude
 from lipcert.bounds.operator import eigen_spectral_bound, gram_max_eigenvalue_bound
 
@@ -204,6 +205,100 @@ def test_complex_weights_are_bounded_with_their_imaginary_parts():
     for matrix in (w, w.to(torch.complex32), w * 2.0**120, w * 2.0**-140):
         exact = float(torch.linalg.svdvals(matrix.to(torch.complex128) / 2.0**-140)[0]) * 2.0**-140
         assert exact <= float(eigen_spectral_bound(matrix)) <= exact * (1 + 1e-9) + 1e-300
+
+
+# ---------------------------------------------------------------------------------------------
+# The chain without a trace check: finding (_compiled_call_impl), pins for the cases it covers
+
+
+def test_a_foreign_compiled_call_on_the_sequential_is_refused():
+    """``module(x)`` runs ``_compiled_call_impl`` when set, and the hook check let any function
+    there pass (torch's ``compile()`` sets it). The chain, no longer checked against the model,
+    bounded this 100x Sequential by its 1x chain (0.91 against 91): refused by name now, as the
+    trace check refused it before today."""
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU()).eval()
+    model._compiled_call_impl = lambda x: 100 * model._call_impl(x)
+    with pytest.raises(TypeError, match="_compiled_call_impl"):
+        lipcert.lipschitz_upper_bound(model, (4,))
+
+
+def test_a_foreign_compiled_call_on_a_layer_is_refused():
+    """The same on a layer kept whole: the trace check saw the same 100x on both sides, and the
+    rule bounded the 1x weight (an unsound bound before today's changes too)."""
+    layer = nn.Linear(4, 4, bias=False)
+    layer._compiled_call_impl = lambda x: 100 * layer._call_impl(x)
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(4, 2)).eval()
+    with pytest.raises(TypeError, match="_compiled_call_impl"):
+        lipcert.lipschitz_upper_bound(model, (4,))
+    with pytest.raises(TypeError, match="_compiled_call_impl"):
+        lipcert.lipschitz_upper_bound(layer)
+
+
+def test_module_compile_is_still_bounded():
+    """``nn.Module.compile`` sets torch.compile of the module's own call: nothing changes."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    expected = lipcert.lipschitz_upper_bound(model, (4,))
+    model.compile()
+    assert lipcert.lipschitz_upper_bound(model, (4,)) == expected
+
+
+class _Checked(nn.Sequential):
+    """The same forward, but a subclass: traced by torch.fx and checked against the model."""
+
+
+def _chains() -> list[nn.Sequential]:
+    torch.manual_seed(11)
+    shared = nn.Linear(5, 5)
+    inner, outer = nn.Linear(5, 5), nn.Linear(5, 5, bias=False)
+    outer.weight.data = -0.5 * inner.weight.data.T
+    sll = nn.Sequential(inner, nn.ReLU(), outer)  # SLL's exported form: kept whole in l2
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    return [
+        nn.Sequential(shared, nn.ReLU(inplace=True), shared, nn.Tanh(), shared),  # listed 3 times
+        nn.Sequential(lipcert.nn.Residual(sll), inner, nn.ReLU(inplace=True)),  # also nested
+        nn.Sequential(conv, nn.ReLU(inplace=True), conv, nn.Flatten(), nn.Linear(32, 3)),
+        nn.Sequential(nn.Linear(5, 5), nn.LeakyReLU(0.3, inplace=True), nn.Identity(), shared),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_unchecked_chains_bound_what_the_checked_trace_bounds(index):
+    """Repeated, nested and in-place entries: the chain graph computes the model's output, and
+    its bound is the one of the checked path (a Sequential subclass) and above the Jacobian's
+    norm at random points."""
+    model = _chains()[index].eval()
+    shape = (2, 4, 4) if index == 2 else (5,)
+    x = torch.randn(4, *shape)
+    assert torch.equal(trace(model)(x.clone()), model(x.clone()))
+    checked = _Checked(*model)
+    bound = lipcert.lipschitz_upper_bound(model, shape)
+    assert bound == lipcert.lipschitz_upper_bound(checked, shape)
+    double = _Checked(*copy.deepcopy(model)).double()
+    for point in x.double():
+        jac = torch.autograd.functional.jacobian(lambda p: double(p[None].clone())[0], point)
+        assert float(torch.linalg.matrix_norm(jac.reshape(-1, point.numel()), 2)) <= bound
+
+
+def test_an_in_place_write_after_a_module_returning_its_input_is_refused_in_a_chain():
+    """The in-place check runs on the chain's graph as on a traced one: Identity returns its
+    input, which LeakyReLU(inplace=True) would overwrite."""
+    model = nn.Sequential(nn.Identity(), nn.LeakyReLU(0.3, inplace=True), nn.Linear(5, 5))
+    with pytest.raises(TypeError, match="writes in place"):
+        lipcert.lipschitz_upper_bound(model.eval(), (5,))
+
+
+def test_the_chain_graph_module_runs_prints_and_pickles():
+    """What graph_bound builds for a chain (lazily generated code): its forward, code, str,
+    deepcopy and torch.save round trip all still work."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)).eval()
+    x = torch.randn(3, 4)
+    gm, is_chain = _trace(model, "l2")
+    assert is_chain
+    assert "def forward" in str(gm) and torch.equal(copy.deepcopy(gm)(x.clone()), model(x.clone()))
+    buffer = io.BytesIO()
+    torch.save(_trace(model, "l2")[0], buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)(x.clone()), model(x.clone()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -184,18 +184,24 @@ def hook_reason(module: nn.Module) -> str | None:
     return None if patched is None else f"a method patched on the instance ({patched})"
 
 
-#: Instance attributes torch itself sets over a class attribute without changing the function.
-_TORCH_INSTANCE_OVERRIDES = frozenset({"_compiled_call_impl"})
-
-
 def _shadows_a_method(module: nn.Module, name: str, value: object) -> bool:
     """Whether the instance attribute ``name`` replaces a method of ``module``'s class (a
     ``forward``, a ``_conv_forward``...): the class's rule would not bound what it computes. A
     module counts too: one put in the instance's ``__dict__`` (not registered) under the name
-    ``forward`` is what a call runs (a 100x Linear there was bounded by the 1x one's weight)."""
-    if not callable(value) or name in _TORCH_INSTANCE_OVERRIDES:  # most attributes: not callable
+    ``forward`` is what a call runs (a 100x Linear there was bounded by the 1x one's weight).
+    So does a ``_compiled_call_impl`` (what ``module(x)`` runs when set) other than the one
+    ``module.compile()`` sets, torch.compile of the module's own ``_call_impl``: any function
+    there replaced the whole call (a Sequential's 100x bounded as its 1x chain)."""
+    if name == "_compiled_call_impl":
+        return value is not None and not _compiles_own_call(module, value)
+    if not callable(value):  # most attributes
         return False
     return callable(getattr(type(module), name, None))
+
+
+def _compiles_own_call(module: nn.Module, value: object) -> bool:
+    """Whether ``value`` is ``torch.compile(module._call_impl)`` (``nn.Module.compile``)."""
+    return getattr(value, "_torchdynamo_orig_callable", None) == module._call_impl
 
 
 def _redefined_method(module: nn.Module, owner: type) -> str | None:
