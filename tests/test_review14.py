@@ -287,6 +287,16 @@ def test_an_in_place_write_after_a_module_returning_its_input_is_refused_in_a_ch
         lipcert.lipschitz_upper_bound(model.eval(), (5,))
 
 
+def test_trace_returns_a_scriptable_graph_module():
+    """The public :func:`trace` gave the lazy graph module for a chain, which torch.jit.script
+    refuses ("method cannot be used as a value"); it worked before today's change."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    gm = trace(model)
+    x = torch.randn(3, 4)
+    assert torch.equal(torch.jit.script(gm)(x), model(x))
+    assert "def forward" in gm.code and torch.equal(gm(x), model(x))
+
+
 def test_the_chain_graph_module_runs_prints_and_pickles():
     """What graph_bound builds for a chain (lazily generated code): its forward, code, str,
     deepcopy and torch.save round trip all still work."""

@@ -162,20 +162,23 @@ class _LeafTracer(Tracer):
 def trace(model: nn.Module, norm: str = "l2") -> GraphModule:
     """``model`` as a torch.fx graph with bounded modules as leaves (for bounds in ``norm``);
     TypeError if untraceable. ``model`` is not changed (fx would add an attribute for each tensor
-    constant)."""
-    return _trace(model, norm)[0]
+    constant). A plain ``GraphModule``, its code generated (``torch.jit.script`` refuses the
+    lazy one that :func:`graph_bound` uses for a chain)."""
+    return _trace(model, norm, GraphModule)[0]
 
 
-def _trace(model: nn.Module, norm: str) -> tuple[GraphModule, bool]:
+def _trace(
+    model: nn.Module, norm: str, chain_class: type[GraphModule] = LazyGraphModule
+) -> tuple[GraphModule, bool]:
     """:func:`trace`, and whether the graph is a chain of ``nn.Sequential`` entries built from
     the container itself (:func:`_chain_graph`): then it calls the modules that the Sequential's
     own forward calls, in the same order on the same values, and needs no check against the
-    model's output."""
+    model's output. A chain's graph module is a ``chain_class``."""
     tracer = _LeafTracer(norm)
     root = nn.Sequential(model) if tracer.is_leaf_module(model, "") else model
     chain = _chain_graph(root, tracer)
     if chain is not None:
-        return LazyGraphModule(root, chain), True
+        return chain_class(root, chain), True
     attributes = set(vars(root))
     try:
         graph = tracer.trace(root)
