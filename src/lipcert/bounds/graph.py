@@ -37,7 +37,8 @@ left unchecked. Also refused, because the bound could not hold for them:
 * modules with hooks or a patched ``forward``, and subclasses that redefine a method of a class
   with a rule (:func:`lipcert.bounds.network.distrust_reason`).
 
-The traced graph must reproduce the model's output on a random input (checked). Rounding: the
+The traced graph must reproduce the model's output on a random input (checked; a chain built
+from an ``nn.Sequential`` itself calls what its forward calls, and is not). Rounding: the
 rules' products, sums, quotients and square roots round up (:func:`~lipcert.bounds.network.mul_up`
 and friends check each result in exact rational arithmetic), so the float bound is never below the
 real one, and exact results (a chain of 1-Lipschitz ops: 1) stay exact.
