@@ -65,7 +65,7 @@ def test_float32_extremes_need_no_rescaling(magnitude, dtype):
     seed=st.integers(0, 2**16),
 )
 def test_batch_maximum_is_above_every_norm_and_tight(batch, rows, cols, rank, complex_, seed):
-    """moderate_spectral_max: the Cholesky test of the batch's Grams (eigenvalues for four of
+    """moderate_spectral_max: the Cholesky test of the batch's Grams (eigenvalues for a few of
     them) against every matrix's exact norm, each matrix of its own size below 2."""
     gen = torch.Generator().manual_seed(seed)
     dtype = torch.complex128 if complex_ else torch.float64
@@ -96,7 +96,7 @@ def test_largest_eigenvalue_of_indefinite_matrices(complex_, seed):
 
 
 def test_a_largest_eigenvalue_outside_the_candidates_is_found():
-    """The candidates are the four Grams of largest Frobenius norm (identities, lambda 1); the
+    """The candidates are the Grams of largest Frobenius norm (identities, lambda 1); the
     rank-one Gram of norm 2 fails the Cholesky test at mu ~ 1 and gets its eigenvalues."""
     n = 16
     identities = torch.eye(n, dtype=torch.float64).expand(10, n, n)
