@@ -1026,6 +1026,7 @@ def _reproduces(model: nn.Module, gm: GraphModule, x: Tensor) -> bool:
 
 
 def _check_one_tensor(model: nn.Module, output: Any) -> None:
+    """TypeError unless ``output``, what ``model`` returned, is one tensor."""
     if not isinstance(output, Tensor):
         raise TypeError(f"{type(model).__name__} must return one tensor to be bounded")
 

@@ -37,9 +37,9 @@ Rounding
 The weight is read exactly in float64. The symbol is evaluated directly (no FFT): each entry is
 a dot product over the taps, with the error of :func:`~lipcert.bounds.conv.symbol_rounding`
 (Higham eq. 3.5), added by Weyl's inequality. The largest sigma_1 comes from the symbols' Grams,
-their rounding accounted for: LAPACK's symmetric eigenvalues of the few with the largest
-Rayleigh quotients (with their backward error), and for the others a Cholesky factorization
-proving each below that (:func:`~lipcert.bounds.operator.moderate_spectral_max`).
+their rounding accounted for: LAPACK's symmetric eigenvalues of the two of largest Frobenius
+norm (with their backward error), and for the others a Cholesky factorization proving each below
+that (:func:`~lipcert.bounds.operator.moderate_spectral_max`).
 
 Measured
 --------
