@@ -120,6 +120,21 @@ def test_circular_padding_is_exact():
         )
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize(("kernel_size", "padding"), [(3, 1), ((5, 3), (2, 1))])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_circular_padding_is_exact_on_either_gram_side(stride, kernel_size, padding, groups):
+    """Enough channels for the Cholesky test of the Grams (8 rows or more): the input side
+    (stride 1, 10 polyphase channels a group against 12) and the output side (stride 2, 40
+    against 12), formed from the kernel's self-correlation."""
+    conv = random_conv(2, 10 * groups, 12 * groups, seed=stride, kernel_size=kernel_size,
+                       padding=padding, stride=stride, groups=groups,
+                       padding_mode="circular")  # fmt: skip
+    exact = exact_l2(conv, (10 * groups, 6, 8))
+    bound = conv_operator_norm(conv.weight, module_geometry(conv, (6, 8)))
+    assert exact <= bound <= exact * (1 + 1e-9)
+
+
 def test_float32_weights_are_bounded_as_stored():
     conv = nn.Conv2d(4, 5, 3, padding=1, stride=2).requires_grad_(False)
     conv.weight.mul_(100)

@@ -128,8 +128,14 @@ def grid_factor(kernel_size: tuple[int, int], grid: tuple[int, int]) -> float:
     return 1 / (1 - s * s / 2)
 
 
-def grid_twiddles(kernel_size: tuple[int, int], grid: tuple[int, int], kernel: Tensor) -> Tensor:
-    """Angles w.a of the half-spectrum grid, as (cos, sin) in the kernel's dtype: (2, taps, F).
+def grid_twiddles(
+    kernel_size: tuple[int, int],
+    grid: tuple[int, int],
+    kernel: Tensor,
+    origin: tuple[int, int] = (0, 0),
+) -> Tensor:
+    """Angles w.a of the half-spectrum grid, as (cos, sin) in the kernel's dtype: (2, taps, F),
+    the taps a numbered from ``origin`` (a tap's position minus it, per axis).
 
     The phase a.j / N is reduced modulo 1 exactly in integers, so each float64 angle lies in
     [0, 2 pi) within 20 units of roundoff of the exact one (covered by :func:`symbol_rounding`).
@@ -137,7 +143,7 @@ def grid_twiddles(kernel_size: tuple[int, int], grid: tuple[int, int], kernel: T
     torch, the same angles bit for bit).
     """
     n1, n2 = grid
-    taps = np.indices(kernel_size).reshape(2, -1).T  # (taps, 2)
+    taps = np.indices(kernel_size).reshape(2, -1).T - np.array(origin)  # (taps, 2)
     freqs = np.indices((n1, n2 // 2 + 1)).reshape(2, -1).T  # (F, 2)
     # On the half-spectrum's self-conjugate columns (k2 = 0, and n2 / 2 for even n2), (k1, k2)
     # and (-k1, k2) are conjugate, with the same singular values: keep one of each pair.
@@ -163,6 +169,29 @@ def kernel_symbol(kernel: Tensor, twiddles: Tensor) -> Tensor:
     # part of an entry is a real dot product over the taps, within symbol_rounding's bound; not
     # bit for bit the old real products' (cgemm sums in its own order: ulps apart at 2 x 2 taps).
     return (phases @ flat).view(-1, c_out, c_in)
+
+
+def tap_pair_correlation(kernel: Tensor) -> Tensor:
+    """The self-correlation of a batch of kernels over their output channels, corr[g, i, j, d] =
+    sum_o sum_u K[g, o, i, u + d] K[g, o, j, u]: ``(groups, c_out, c_in, kh, kw)`` ->
+    ``(groups, c_in, c_in, 2 kh - 1, 2 kw - 1)``, offset d at index d + (k - 1) per axis.
+
+    One matrix product gives every pair of taps (a, b), sum_o K[o, i, a] K[o, j, b]; the pairs
+    are then summed by offset a - b. Each entry is a sum of c_out * kh * kw products, in nested
+    sums of at most c_out + kh kw levels whatever their order, so its rounding error is at most
+    gamma_(c_out + kh kw) times the same sum of |products| (Higham, eq. 3.5), the correlation of
+    |K|. No convolution routine: those may choose FFT or Winograd algorithms, with no such bound.
+    """
+    groups, c_out, c_in, kh, kw = kernel.shape
+    taps = kernel.permute(0, 3, 4, 2, 1).reshape(groups, kh * kw * c_in, c_out)  # rows (a, i)
+    pairs = (taps @ taps.mT).view(groups, kh * kw, c_in, kh * kw, c_in)
+    pairs = pairs.permute(0, 2, 4, 1, 3).reshape(groups, c_in, c_in, -1)  # [g, i, j, (a, b)]
+    position = np.indices((kh, kw)).reshape(2, -1)  # (2, taps)
+    offset = position[:, :, None] - position[:, None, :] + np.array([[[kh - 1]], [[kw - 1]]])
+    flat_offset = torch.from_numpy((offset[0] * (2 * kw - 1) + offset[1]).reshape(-1))
+    corr = kernel.new_zeros(groups, c_in, c_in, (2 * kh - 1) * (2 * kw - 1))
+    corr.index_add_(3, flat_offset.to(kernel.device), pairs)
+    return corr.view(groups, c_in, c_in, 2 * kh - 1, 2 * kw - 1)
 
 
 def symbol_rounding(kernel: Tensor) -> Tensor:

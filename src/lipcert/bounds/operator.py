@@ -119,31 +119,15 @@ def moderate_spectral_bound(w: Tensor) -> Tensor:
     """:func:`eigen_spectral_bound` of a float64 / complex128 matrix or batch whose entries are
     already of moderate size (none above 2^400, so that the Gram cannot overflow), without the
     rescaling: the rounding analysis of :func:`eigen_spectral_bound` holds for any such entries,
-    those that underflow included. A caller that scales once for the whole batch (a kernel
-    divided by a power of two before its symbol is formed) saves the per-matrix scaling."""
-    gram, gram_error = _gram_with_error(w)
-    squared = hermitian_norm_bound(gram) + gram_error
-    return squared.sqrt() * rounding_safety(torch.float64, 1)
-
-
-def moderate_spectral_max(w: Tensor) -> float:
-    """max over the batch of :func:`moderate_spectral_bound`, bounded at once: the largest
-    eigenvalue of the batch's Grams by :func:`gram_max_eigenvalue_bound` (LAPACK's eigenvalues of
-    a few, a Cholesky test of the others), each Gram's rounding as there."""
-    gram, gram_error = _gram_with_error(w)
-    squared = gram_max_eigenvalue_bound(gram) + float(gram_error.max())
-    return math.sqrt(squared) * rounding_safety(torch.float64, 1)
-
-
-def _gram_with_error(w: Tensor) -> tuple[Tensor, Tensor]:
-    """The smaller Gram of each matrix of ``w`` (float64 / complex128, moderate entries) and a
-    bound of its rounding error in spectral norm (:func:`eigen_spectral_bound`)."""
+    those that underflow included. Values read from :data:`MODERATE_DTYPES` are such entries."""
     wide = w.shape[-2] < w.shape[-1]
     n, k = sorted(w.shape[-2:])  # the Gram is n x n, its entries sums of k products
     frobenius_sq = _frobenius(w).square() * rounding_safety(torch.float64, k * n)
-    gram_error = (rounding_safety(torch.float64, k) - 1) * frobenius_sq + n * k * _TINY
+    gram_error = (rounding_safety(torch.float64, k) - 1) * frobenius_sq
+    underflow = n * k * _TINY
     gram = w @ w.mH if wide else w.mH @ w  # no conjugate view of w, which would be copied
-    return gram, gram_error
+    squared = hermitian_norm_bound(gram) + gram_error + underflow
+    return squared.sqrt() * rounding_safety(torch.float64, 1)
 
 
 def hermitian_norm_bound(matrix: Tensor) -> Tensor:
@@ -178,7 +162,7 @@ EIGEN_CANDIDATES = 2
 def gram_max_eigenvalue_bound(gram: Tensor) -> float:
     """Sound upper bound of max_b lambda_max(G_b) over a batch of Hermitian (float64 /
     complex128) matrices G_b, of which LAPACK reads the lower triangles, with eigenvalues for a
-    few of them only: the largest eigenvalue of a whole batch of 32 x 32 symbols cost ~60 us a
+    few of them only: LAPACK's eigenvalues of a batch of 32 x 32 complex Grams cost ~60 us a
     matrix, a Cholesky factorization ~20.
 
     The :data:`EIGEN_CANDIDATES` matrices of largest Frobenius norm (>= lambda_max, and close to

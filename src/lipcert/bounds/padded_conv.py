@@ -34,12 +34,17 @@ Other padding modes
 
 Rounding
 --------
-The weight is read exactly in float64. The symbol is evaluated directly (no FFT): each entry is
-a dot product over the taps, with the error of :func:`~lipcert.bounds.conv.symbol_rounding`
-(Higham eq. 3.5), added by Weyl's inequality. The largest sigma_1 comes from the symbols' Grams,
-their rounding accounted for: LAPACK's symmetric eigenvalues of the two of largest Frobenius
-norm (with their backward error), and for the others a Cholesky factorization proving each below
-that (:func:`~lipcert.bounds.operator.moderate_spectral_max`).
+The weight is read exactly in float64. sigma_1(S(w))^2 is the largest eigenvalue of the symbol's
+smaller Gram, S^H S or S S^H, which is the transform of the kernel's self-correlation over the
+other side's channels, G(w) = sum_d corr(d) e^{-i w.d} (up to a transpose): one matrix product
+over the pairs of taps gives corr (:func:`~lipcert.bounds.conv.tap_pair_correlation`), one
+complex product over the offsets the Grams at every frequency (no FFT; for the LMT CNN's conv2,
+9 offsets of 32 x 32 instead of 34 products of 32 x 64 symbols). The rounding of both, entrywise
+a multiple of the correlation of |K| whose sum over the offsets is B^T B with B the kernels' tap
+sums, is added by Weyl's inequality (:func:`_gram_rounding`). The largest eigenvalue over the
+frequencies: LAPACK's symmetric eigenvalues of the two Grams of largest Frobenius norm (with
+their backward error), and for the others a Cholesky factorization proving each below that
+(:func:`~lipcert.bounds.operator.gram_max_eigenvalue_bound`).
 
 Measured
 --------
@@ -61,8 +66,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipcert.bounds.conv import grid_twiddles, kernel_symbol, polyphase_kernel, symbol_rounding
-from lipcert.bounds.operator import moderate_spectral_max, power_of_two_scale
+from lipcert.bounds.conv import (
+    grid_twiddles,
+    kernel_symbol,
+    polyphase_kernel,
+    tap_pair_correlation,
+)
+from lipcert.bounds.operator import gram_max_eigenvalue_bound, power_of_two_scale, rounding_safety
 
 PADDING_MODES = ("zeros", "circular", "reflect", "replicate")
 #: Symbol entries (frequencies x groups x c_out x c_in) formed at once: a memory cap.
@@ -230,25 +240,59 @@ def circular_norm(kernel: Tensor, grid: tuple[int, int], stride: tuple[int, int]
 
     ``kernel``: (groups, c_out_g, c_in_g, kh, kw), float64; ``grid``: the torus, a multiple of the
     stride per axis. Max over groups and the (grid / stride) frequencies of sigma_1 of the
-    polyphase symbol, plus rounding (module docstring).
+    polyphase symbol: the largest eigenvalue of the symbol's smaller Gram, formed from the
+    kernel's self-correlation (module docstring, Rounding).
     """
     groups, c_out, c_in, kh, kw = kernel.shape
     poly = polyphase_kernel(kernel.reshape(groups * c_out, c_in, kh, kw), stride)
-    poly_size = tuple(poly.shape[-2:])
-    c_poly = poly.shape[1]  # c_in * s1 * s2
-    twiddles = grid_twiddles(poly_size, (grid[0] // stride[0], grid[1] // stride[1]), poly)
-    # Divided by a power of two, every tap is below 2 and every symbol entry below 2 taps: one
-    # scaling for all frequencies, none per frequency (~1 ms of a 5 ms bound). The division is
-    # exact except for taps pushed below 2^-1022 (2^-1074 off at most, each): their change of
-    # the norm, <= taps * 2^-1074, is far inside symbol_rounding's slack (>= 3 u, peak >= 1).
+    # Divided by a power of two, every tap is below 2 and at least one at or above 1. The division
+    # is exact except for taps pushed below 2^-1022 (2^-1074 off at most, each): their change of
+    # the norm, <= taps * 2^-1074, is far inside the rounding slack (>= 64 u, the Gram >= 1).
     scale = float(power_of_two_scale(poly))
-    poly = poly / scale
-    scalar_kernels = poly.reshape(-1, 1, *poly_size)  # one 1 x 1 "channel" per (g, o, i)
-    chunk = max(1, SYMBOL_CHUNK_ELEMENTS // scalar_kernels.shape[0])
-    largest = 0.0
+    poly = (poly / scale).reshape(groups, c_out, *poly.shape[1:])
+    if poly.shape[2] > c_out:  # the smaller Gram: S S^H, the correlation over the input channels
+        poly = poly.transpose(1, 2)
+    taps = poly.shape[-2:]
+    corr = tap_pair_correlation(poly)  # (groups, n, n, 2 bh - 1, 2 bw - 1)
+    n = corr.shape[1]
+    flat = corr.reshape(groups * n, n, *corr.shape[-2:])
+    offsets = (grid[0] // stride[0], grid[1] // stride[1])
+    twiddles = grid_twiddles(corr.shape[-2:], offsets, flat, origin=(taps[0] - 1, taps[1] - 1))
+    chunk = max(1, SYMBOL_CHUNK_ELEMENTS // flat.shape[0] // n)
+    largest = -math.inf
     for part in twiddles.split(chunk, dim=-1):
-        symbol = kernel_symbol(scalar_kernels, part).reshape(-1, groups, c_out, c_poly)
-        largest = max(largest, moderate_spectral_max(symbol))
-    scaled = largest + float(symbol_rounding(poly))
-    # times 2^e is exact unless it lands below the normal range: one unit up covers that rounding
-    return math.nextafter(scaled * scale, math.inf)
+        grams = kernel_symbol(flat, part).reshape(-1, n, n)  # (frequencies x groups, n, n)
+        largest = max(largest, gram_max_eigenvalue_bound(grams))
+    squared = largest + _gram_rounding(poly, flat)
+    # the square root rounds within one unit; times 2^e is exact unless it lands below the normal
+    # range: one unit up covers that rounding
+    return math.nextafter(
+        math.sqrt(max(squared, 0.0)) * rounding_safety(torch.float64, 1) * scale, math.inf
+    )
+
+
+def _gram_rounding(poly: Tensor, corr: Tensor) -> float:
+    """Bound of ||computed Gram - exact Gram||_2 at any frequency, for :func:`circular_norm`.
+
+    The Gram at frequency w is G(w) = sum_d corr(d) e^{-i w.d} (its transpose is S(w)^H S(w) for
+    the correlation over the output channels, which has the same eigenvalues). Its computed value
+    is off by the correlation's rounding, carried through the exact transform, and by the
+    transform's own. The first is entrywise at most gamma_N sum_d A(d), A the correlation of |K|
+    (:func:`tap_pair_correlation`, N = rows + taps); the second at most gamma_T sum_d |corr(d)|
+    <= gamma_T (1 + gamma_N) sum_d A(d) (:func:`symbol_rounding`'s argument, T the offsets).
+    sum_d A(d) = B^T B exactly, B[o, i] = sum_a |K[o, i, a]|, whose computed sums of nonnegative
+    terms are at most a factor 1 - gamma below the exact ones: in spectral norm, at most
+    (gamma_N + gamma_T (1 + gamma_N)) ||B^T B||_F, enlarged. Doubled: LAPACK reads the Gram's
+    lower triangle, whose mirror image is off by the same entrywise bounds mirrored (Frobenius
+    norm at most sqrt(2) times theirs). Plus the underflows, at most u tiny each, (N + T) per
+    entry.
+    """
+    rows, n, bh, bw = poly.shape[1:]
+    offsets = corr.shape[-2] * corr.shape[-1]
+    gamma_n = rounding_safety(torch.float64, rows + bh * bw) - 1
+    gamma_t = rounding_safety(torch.float64, offsets + 1) - 1
+    sums = poly.abs().sum(dim=(-2, -1))  # B: (groups, rows, n)
+    size = float(torch.linalg.matrix_norm(sums.mT @ sums).max())
+    size *= rounding_safety(torch.float64, 2 * (rows + bh * bw) + n * n)
+    underflow = n * (rows + bh * bw + offsets) * torch.finfo(torch.float64).tiny
+    return 2 * (gamma_n + gamma_t * (1 + gamma_n)) * size + underflow
