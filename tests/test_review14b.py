@@ -534,3 +534,19 @@ def test_grid_twiddles_from_an_origin_are_the_exact_angles(seed):
         for other in ((d1 + grid[0], d2), (d1, d2 - grid[1])):
             if other in by_tap:
                 assert torch.equal(twiddles[:, t], twiddles[:, by_tap[other]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Findings
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf])
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
+def test_an_infinite_weight_has_an_infinite_bound(value, padding_mode):
+    """An infinite tap makes every Gram NaN, which max() dropped, leaving the maximum's start
+    -inf: -inf plus the infinite rounding term gave a NaN bound (the symbol path gave inf).
+    The graph bound refuses such weights first; conv_operator_norm must not return NaN."""
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=False, padding_mode=padding_mode).double()
+    weight = conv.weight.detach().clone()
+    weight[0, 1, 2, 0] = value
+    assert conv_operator_norm(weight, module_geometry(conv, (5, 6))) == math.inf

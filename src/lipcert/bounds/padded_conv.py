@@ -259,16 +259,16 @@ def circular_norm(kernel: Tensor, grid: tuple[int, int], stride: tuple[int, int]
     offsets = (grid[0] // stride[0], grid[1] // stride[1])
     twiddles = grid_twiddles(corr.shape[-2:], offsets, flat, origin=(taps[0] - 1, taps[1] - 1))
     chunk = max(1, SYMBOL_CHUNK_ELEMENTS // flat.shape[0] // n)
-    largest = -math.inf
+    # Grams are positive semidefinite: 0 is a floor, and an infinite tap's NaN eigenvalues (which
+    # max() drops) leave 0 + its infinite rounding term, an infinite bound (-inf gave NaN)
+    largest = 0.0
     for part in twiddles.split(chunk, dim=-1):
         grams = kernel_symbol(flat, part).reshape(-1, n, n)  # (frequencies x groups, n, n)
         largest = max(largest, gram_max_eigenvalue_bound(grams))
     squared = largest + _gram_rounding(poly, flat)
     # the square root rounds within one unit; times 2^e is exact unless it lands below the normal
     # range: one unit up covers that rounding
-    return math.nextafter(
-        math.sqrt(max(squared, 0.0)) * rounding_safety(torch.float64, 1) * scale, math.inf
-    )
+    return math.nextafter(math.sqrt(squared) * rounding_safety(torch.float64, 1) * scale, math.inf)
 
 
 def _gram_rounding(poly: Tensor, corr: Tensor) -> float:
