@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 from torch import nn
 
@@ -50,3 +52,17 @@ def adversarial_steps(
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def positive_definite(matrix: list[list[Fraction]]) -> bool:
+    """Whether a symmetric matrix of exact rationals is positive definite: Gaussian elimination
+    without pivoting, every pivot > 0."""
+    a = [row[:] for row in matrix]
+    for k in range(len(a)):
+        if a[k][k] <= 0:
+            return False
+        for i in range(k + 1, len(a)):
+            f = a[i][k] / a[k][k]
+            for j in range(k + 1, len(a)):
+                a[i][j] -= f * a[k][j]
+    return True

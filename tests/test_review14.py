@@ -12,6 +12,7 @@ from fractions import Fraction
 import pytest
 import torch
 import torch.nn.functional as F
+from lipschitz import positive_definite
 from torch import nn
 
 import lipcert
@@ -20,19 +21,6 @@ from lipcert.bounds.network import magnitude
 from lipcert.bounds.operator import eigen_spectral_bound, gram_max_eigenvalue_bound
 
 SUBNORMAL = 2.0**-1074
-
-
-def _positive_definite(matrix: list[list[Fraction]]) -> bool:
-    """Exact test (Gaussian elimination without pivoting: all pivots > 0)."""
-    a = [row[:] for row in matrix]
-    for k in range(len(a)):
-        if a[k][k] <= 0:
-            return False
-        for i in range(k + 1, len(a)):
-            f = a[i][k] / a[k][k]
-            for j in range(k + 1, len(a)):
-                a[i][j] -= f * a[k][j]
-    return True
 
 
 def _exceeds_every_eigenvalue(bound: float, batch: torch.Tensor, unit: Fraction) -> bool:
@@ -52,7 +40,7 @@ def _exceeds_every_eigenvalue(bound: float, batch: torch.Tensor, unit: Fraction)
             [(level if i == j else 0) - Fraction(x) for j, x in enumerate(row)]
             for i, row in enumerate(rows)
         ]
-        if not _positive_definite(shifted):
+        if not positive_definite(shifted):
             return False
     return True
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from lipschitz import positive_definite
 from torch import nn
 
 from lipcert.bounds import padded_conv
@@ -82,19 +83,6 @@ def _conv_matrix(conv: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
     size = math.prod(shape)
     basis = torch.eye(size, dtype=torch.float64).reshape(size, *shape)
     return conv(basis).reshape(size, -1).T
-
-
-def _positive_definite(matrix: list[list[Fraction]]) -> bool:
-    """Exact test (Gaussian elimination without pivoting: all pivots > 0)."""
-    a = [row[:] for row in matrix]
-    for k in range(len(a)):
-        if a[k][k] <= 0:
-            return False
-        for i in range(k + 1, len(a)):
-            f = a[i][k] / a[k][k]
-            for j in range(k + 1, len(a)):
-                a[i][j] -= f * a[k][j]
-    return True
 
 
 def _random_kernel(rng: random.Random, shape: tuple[int, ...], kind: str) -> torch.Tensor:
@@ -325,7 +313,7 @@ def _above_smaller_gram(level: Fraction, m: list[list[Fraction]]) -> bool:
     cols = range(len(m[0]))
     shifted = [[(level if i == j else 0) - sum(row[i] * row[j] for row in m) for j in cols]
                for i in cols]  # fmt: skip
-    return _positive_definite(shifted)
+    return positive_definite(shifted)
 
 
 def _nonnegative_norm_bounded(kernel: torch.Tensor, stride: tuple[int, int], bound: float) -> bool:
