@@ -24,9 +24,9 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lipcert.bounds.conv import tap_pair_correlation
 from lipcert.bounds.operator import rounding_safety
 from lipcert.nn.constrained import (
     BoundedWeightConstraint,
@@ -61,11 +61,10 @@ def kernel_self_correlation(kernel: Tensor) -> Tensor:
     ``kernel`` is ``(c_out, c_in, kh, kw)`` (the operator A maps c_in to c_out channels). Returns
     ``(c_in, c_in, 2kh-1, 2kw-1)`` with corr[i, j, d] = sum_o sum_u K[o, i, u + d] K[o, j, u]:
     the entry of A^T A between channel i at position p + d and channel j at position p, for a
-    stride-1 convolution on the whole plane (Prach & Lampert 2022, Thm. 2). Differentiable.
+    stride-1 convolution on the whole plane (Prach & Lampert 2022, Thm. 2). Differentiable; one
+    kernel of :func:`lipcert.bounds.conv.tap_pair_correlation` (its rounding bound holds).
     """
-    kh, kw = kernel.shape[-2:]
-    per_input = kernel.transpose(0, 1)  # (c_in, c_out, kh, kw): one "image" per input channel
-    return F.conv2d(per_input, per_input, padding=(kh - 1, kw - 1))
+    return tap_pair_correlation(kernel[None])[0]
 
 
 @functools.cache
@@ -304,11 +303,11 @@ def sound_row_sums(kernel: Tensor, weights: Tensor | None = None) -> Tensor:
     """Float64 upper bounds of the *exact* :func:`correlation_row_sums`, ``kernel`` and
     ``weights`` taken as exact values.
 
-    Computed on the CPU by :func:`kernel_self_correlation`, where float64 convolution is im2col +
-    GEMM: each correlation entry is a dot product of n = c_out kh kw terms with rounding error
-    <= gamma_n sum |terms| (Higham eq. 3.5), at most (s - 1) times the correlation of |K|
-    (s = :func:`rounding_safety`). That term is added, then the row sum of nonnegative terms is
-    enlarged by its own safety factor.
+    Computed on the CPU by :func:`kernel_self_correlation`, one matrix product over the pairs of
+    taps: each correlation entry is a sum of n = c_out kh kw terms (nested at most c_out + kh kw
+    deep) with rounding error <= gamma_n sum |terms| (Higham eq. 3.5), at most (s - 1) times the
+    correlation of |K| (s = :func:`rounding_safety`). That term is added, then the row sum of
+    nonnegative terms is enlarged by its own safety factor.
     """
     kernel = kernel.detach().to("cpu", torch.float64)
     if weights is not None:
