@@ -1,16 +1,24 @@
 """eigen_spectral_bound, gram_max_eigenvalue_bound and
 semi_unitary_spectral_bound: above the exact spectral norm (largest eigenvalue), and within 1e-9
-of it (the semi-unitary one for matrices near, and also far from, semi-unitary)."""
+of it (the semi-unitary one for matrices near, and also far from, semi-unitary, below
+DEFECT_CHOLESKY_MIN_SIZE rows; from it on, near semi-unitary, within DEFECT_TOLERANCE)."""
 
 from __future__ import annotations
+
+import math
+from fractions import Fraction
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lipschitz import positive_definite
 
 from lipcert.bounds import operator
 from lipcert.bounds.operator import (
+    DEFECT_CHOLESKY_MIN_SIZE,
+    DEFECT_TOLERANCE,
+    defect_max_eigenvalue_bound,
     eigen_spectral_bound,
     gram_max_eigenvalue_bound,
     semi_unitary_spectral_bound,
@@ -171,3 +179,103 @@ def test_semi_unitary_bound_is_above_the_norm_and_tight(rows, cols, scale, noise
     exact = float(torch.linalg.svdvals(matrix)[..., 0].max())
     bound = semi_unitary_spectral_bound(matrix)
     assert exact <= bound <= exact * (1 + 1e-9) + 1e-150
+
+
+def _eigen_calls(monkeypatch) -> list[int]:
+    """Sizes of the batches given LAPACK's eigenvalues by hermitian_max_eigenvalue_bound."""
+    calls = []
+    original = operator.hermitian_max_eigenvalue_bound
+
+    def counted(matrix):
+        calls.append(matrix.reshape(-1, *matrix.shape[-2:]).shape[0])
+        return original(matrix)
+
+    monkeypatch.setattr(operator, "hermitian_max_eigenvalue_bound", counted)
+    return calls
+
+
+@settings(deadline=None, max_examples=20)
+@given(
+    rows=st.integers(DEFECT_CHOLESKY_MIN_SIZE, 160),
+    cols=st.integers(DEFECT_CHOLESKY_MIN_SIZE, 160),
+    noise=st.sampled_from([0.0, 1e-8, 3e-8]),
+    contraction=st.sampled_from([1.0, 0.99]),
+    seed=st.integers(0, 2**16),
+)
+def test_large_semi_unitary_float32_weights_take_cholesky_tests(
+    rows, cols, noise, contraction, seed
+):
+    # float32 weights orthogonal to their precision, some singular values shrunk (a GNP layer's
+    # contractive directions): above the exact norm, within DEFECT_TOLERANCE, no eigenvalues
+    gen = torch.Generator().manual_seed(seed)
+    big, small = max(rows, cols), min(rows, cols)
+    q = torch.linalg.qr(torch.randn(big, small, generator=gen, dtype=torch.float64))[0]
+    q[:, : small // 3] *= contraction
+    q = q if rows >= cols else q.T
+    q = (q + noise * torch.randn(q.shape, generator=gen, dtype=torch.float64)).float()
+    exact = float(torch.linalg.svdvals(q.double())[0])
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        calls = _eigen_calls(patch)
+        bound = semi_unitary_spectral_bound(q)
+    assert exact <= bound <= math.sqrt(exact**2 + DEFECT_TOLERANCE) * (1 + 1e-12)
+    assert calls == []
+
+
+def _defect_with_top(n: int, top: float, corner: float, seed: int) -> torch.Tensor:
+    """A symmetric float64 D with e_0 an eigenvector of eigenvalue D_00 = ``corner`` (the largest
+    diagonal entry where ``top`` is small); on the other coordinates U diag(lambda) U^T with
+    lambda in [-1e-3, top] (half of them within 1e-3 relative of ``top``, the top one equal to it
+    up to rounding)."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(n - 1, n - 1, generator=gen, dtype=torch.float64))[0]
+    values = -1e-3 * torch.rand(n - 1, generator=gen, dtype=torch.float64)
+    half = (n - 1) // 2
+    values[:half] = top * (1 - 1e-3 * torch.rand(half, generator=gen, dtype=torch.float64))
+    values[0] = top
+    rest = (u * values) @ u.T
+    d = torch.zeros(n, n, dtype=torch.float64)
+    d[1:, 1:] = (rest + rest.T) / 2
+    d[0, 0] = corner
+    return d
+
+
+@pytest.mark.parametrize("top", [1e-9, 3e-7, 8.6e-7, 2e-6, 1e-5, 1e-3])
+def test_defect_bound_is_above_lambda_max_and_within_tolerance(top):
+    d = _defect_with_top(96, top, corner=min(top, 2e-7) / 3, seed=int(top * 1e9))
+    exact = float(torch.linalg.eigvalsh(d)[-1])  # off by ~1e-19 here
+    bound = defect_max_eigenvalue_bound(d)
+    assert exact <= bound <= exact + DEFECT_TOLERANCE + 1e-15
+
+
+def test_defect_bound_mixes_passed_failed_and_eigenvalues(monkeypatch):
+    # a batch with the largest diagonal entry 1e-7 (shifts 2e-7, 5e-7, 1.7e-6): one matrix passes
+    # the first test, one the third, one none: each bounded, the max returned
+    tops = [1.5e-7, 1e-6, 5e-5]
+    batch = torch.stack([_defect_with_top(80, t, 1e-7, seed) for seed, t in enumerate(tops)])
+    assert float(batch.diagonal(dim1=-2, dim2=-1).max()) == 1e-7
+    exact = torch.linalg.eigvalsh(batch)[:, -1]
+    calls = _eigen_calls(monkeypatch)
+    assert float(exact[:2].max()) <= defect_max_eigenvalue_bound(batch[:2]) <= 1.8e-6
+    assert calls == []
+    assert defect_max_eigenvalue_bound(batch) >= float(exact.max())
+    assert calls == [1]  # only the third matrix got eigenvalues
+
+
+def test_defect_bound_is_exactly_above_every_eigenvalue(monkeypatch):
+    # rational check of bound I - D > 0 where lambda_max sits just above or below a shift, on
+    # 9 x 9 matrices (the Cholesky path forced below its size threshold)
+    monkeypatch.setattr(operator, "DEFECT_CHOLESKY_MIN_SIZE", 4)
+    corner = 1e-7
+    for trial in range(20):
+        for rung in (1, 4, 16):
+            for nudge in (-1e-15, 0.0, 1e-15):
+                top = corner * (1 + rung) * (1 + nudge * trial)
+                d = _defect_with_top(9, top, corner, seed=trial)
+                bound = defect_max_eigenvalue_bound(d)
+                level = Fraction(bound)
+                shifted = [
+                    [(level if i == j else 0) - Fraction(x) for j, x in enumerate(row)]
+                    for i, row in enumerate(d.tolist())
+                ]
+                assert positive_definite(shifted), (trial, rung, nudge, bound)
