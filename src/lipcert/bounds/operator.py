@@ -221,10 +221,11 @@ def gram_max_eigenvalue_bound(gram: Tensor) -> float:
 #: From this size on, :func:`defect_max_eigenvalue_bound` tries Cholesky tests before LAPACK's
 #: eigenvalues: at 1024 rows a factorization took 23 ms where the eigenvalues took 130 (one thread).
 DEFECT_CHOLESKY_MIN_SIZE = 64
-#: The most by which :func:`defect_max_eigenvalue_bound` may exceed lambda_max(D) where a
-#: Cholesky test passes: 2^-18 on sigma^2 = 1 + lambda_max(D), so the semi-unitary bound of sigma
-#: is at most ~2^-19 (1.9e-6) relative above sigma; float32 weights orthogonal to their precision
-#: have lambda_max(D) within ~1e-6 of the largest diagonal entry of D.
+#: The most by which :func:`defect_max_eigenvalue_bound` may exceed max_b lambda_max(D_b) where a
+#: Cholesky test passes, besides the test's slack (:func:`shifted_cholesky_bound`; at most
+#: ~16 n^2 u for D >= -I, 1.9e-9 at 1024 rows): 2^-18 on sigma^2 = 1 + lambda_max(D), so the
+#: semi-unitary bound of sigma is at most ~2^-19 (1.9e-6) relative above sigma; float32 weights
+#: orthogonal to their precision have lambda_max(D) within ~1e-6 of the largest diagonal entry of D.
 DEFECT_TOLERANCE = 2.0**-18
 
 
@@ -233,14 +234,16 @@ def defect_max_eigenvalue_bound(defect: Tensor) -> float:
     complex128) defects D_b = G_b - I of nearly semi-unitary matrices, finite.
 
     Below :data:`DEFECT_CHOLESKY_MIN_SIZE` rows: LAPACK's eigenvalues
-    (:func:`hermitian_max_eigenvalue_bound`, within ~1e-15 of lambda_max). From it on, the
-    Cholesky tests of :func:`shifted_cholesky_bound` at the shifts d + s, d + 4 s and d + 16 s
-    first, the rungs s, 4 s, 16 s at most :data:`DEFECT_TOLERANCE`: d the largest diagonal entry
-    of the batch (a lower bound of max_b lambda_max(D_b), as lambda_max(D) >= D_ii), s = d or n
-    eps if larger, the scale of the rounding noise at the top of D's spectrum (measured on trained
-    layers of float32 weights, 256 and 1024 wide, Björck and GNP: d 1e-7 to 7e-7, lambda_max(D)
-    5e-7 to 9e-7). A matrix that passes a test is bounded by that shift plus the test's slack, at
-    most the rung above lambda_max; the rest get LAPACK's eigenvalues.
+    (:func:`hermitian_max_eigenvalue_bound`, within 8 n^2 u ||D|| of lambda_max, 3.5e-15 for
+    ||D|| = 1e-3 at 63 rows). From it on, the Cholesky tests of :func:`shifted_cholesky_bound`
+    at the shifts d + s, d + 4 s and d + 16 s first, the rungs s, 4 s, 16 s at most
+    :data:`DEFECT_TOLERANCE`: d the largest diagonal entry of the batch (a lower bound of
+    max_b lambda_max(D_b), as lambda_max(D) >= D_ii), s = d or n eps if larger, the scale of the
+    rounding noise at the top of D's spectrum (measured on trained layers of float32 weights, 256
+    and 1024 wide, Björck and GNP: d 1e-7 to 7e-7, lambda_max(D) 5e-7 to 9e-7). A matrix that
+    passes a test is bounded by that shift plus the test's slack, whatever the shift (the
+    batch's d: at most the rung plus the slack above max_b lambda_max(D_b), not above the
+    matrix's own); the rest get LAPACK's eigenvalues.
     """
     n = defect.shape[-1]
     batch = defect.reshape(-1, n, n)
@@ -279,7 +282,7 @@ def semi_unitary_spectral_bound(q: Tensor) -> float:
     Falls back to :func:`eigen_spectral_bound` (which rescales) when D overflows or sigma_max is
     below 1/2, where 1 + lambda_max(D) cancels. From :data:`DEFECT_CHOLESKY_MIN_SIZE` rows on,
     lambda_max(D) comes from Cholesky tests where they pass (:func:`defect_max_eigenvalue_bound`),
-    within :data:`DEFECT_TOLERANCE` of it.
+    within :data:`DEFECT_TOLERANCE` of it (and the tests' slack, ~16 n^2 u).
     """
     q = q.detach().to(torch.complex128 if q.is_complex() else torch.float64)
     rows, cols = q.shape[-2:]
