@@ -279,3 +279,28 @@ def test_defect_bound_is_exactly_above_every_eigenvalue(monkeypatch):
                     for i, row in enumerate(d.tolist())
                 ]
                 assert positive_definite(shifted), (trial, rung, nudge, bound)
+
+
+@pytest.mark.parametrize(("n", "top"), [(16, 1e-3), (64, 8.6e-7)])
+def test_cholesky_factor_has_the_backward_error_the_test_allows(n, top):
+    # the LAPACK factor of a nearly singular fl(mu I - D): |R^T R - H| <= gamma |R^T| |R| entrywise
+    # exactly (Higham Thm. 10.3), gamma = 16 (n + 1) u as shifted_cholesky_bound allows
+    d = _defect_with_top(n, top, corner=top / 3, seed=n)
+    shift = float(torch.linalg.eigvalsh(d)[-1]) * (1 + 1e-6)
+    h = -d
+    h.diagonal().add_(shift)
+    factor, info = torch.linalg.cholesky_ex(h)
+    assert int(info) == 0
+    r = [[Fraction(v) for v in row] for row in factor.T.tolist()]  # upper, R^T R = H
+    target = [[Fraction(v) for v in row] for row in h.tolist()]
+    gamma = Fraction(16 * (n + 1)) * Fraction(2) ** -53
+    worst = Fraction(0)
+    for i in range(n):
+        for j in range(i + 1):  # H's lower triangle, the one LAPACK reads
+            products = [r[k][i] * r[k][j] for k in range(j + 1)]
+            residual = abs(sum(products) - target[i][j])
+            allowed = gamma * sum(abs(x) for x in products)
+            assert residual <= allowed, (i, j)
+            if allowed:
+                worst = max(worst, residual / allowed)
+    assert worst < 1

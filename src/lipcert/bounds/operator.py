@@ -176,16 +176,19 @@ def shifted_cholesky_bound(batch: Tensor, shift: float) -> tuple[Tensor, Tensor]
     eq. 2.8; sums are exact there), at most n + 1 of them per entry of dH (the quotient's times
     R_jj, inside gamma's margin where R_jj > 1), so n (n + 1) tiny more covers them: without it,
     8 x 8 Grams of integer multiples of 2^-1074 passed the test with lambda_max two units above
-    the bound. The bounds are float64 sums, each rounded once: round the largest one used up."""
+    the bound. The bounds are float64 sums, each rounded once: round the largest one used up.
+    The factorization runs on the CPU, whose LAPACK potrf the theorem covers (its exact residuals
+    in tests/test_operator_bounds.py); a GPU library's triangular solves may use inverted
+    blocks, whose error it does not. Results on ``batch``'s device."""
     n = batch.shape[-1]
-    shifted = -batch
+    shifted = -batch.cpu()
     shifted.diagonal(dim1=-2, dim2=-1).add_(shift)
     factor, info = torch.linalg.cholesky_ex(shifted)
     gamma = rounding_safety(torch.float64, 4 * (n + 1)) - 1
     diagonal = shifted.diagonal(dim1=-2, dim2=-1).real.amax(dim=-1)  # > 0 where it passed
     eps = torch.finfo(torch.float64).eps
     slack = gamma * _frobenius(factor).square() + diagonal * eps + n * (n + 1) * _TINY
-    return shift + slack, info != 0
+    return (shift + slack).to(batch.device), (info != 0).to(batch.device)
 
 
 def gram_max_eigenvalue_bound(gram: Tensor) -> float:
