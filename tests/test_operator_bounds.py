@@ -304,3 +304,25 @@ def test_cholesky_factor_has_the_backward_error_the_test_allows(n, top):
             if allowed:
                 worst = max(worst, residual / allowed)
     assert worst < 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bounds_factor_and_decompose_on_the_cpu(monkeypatch):
+    # the rounding arguments cover LAPACK's routines, not a GPU library's (Jacobi eigenvalues,
+    # inverted triangular blocks): on a CUDA batch both run on the CPU, the results as there
+    devices = []
+    for name in ("eigvalsh", "cholesky_ex"):
+        original = getattr(torch.linalg, name)
+
+        def spy(matrix, *args, original=original, **kwargs):
+            devices.append(matrix.device.type)
+            return original(matrix, *args, **kwargs)
+
+        monkeypatch.setattr(torch.linalg, name, spy)
+    q = torch.linalg.qr(torch.randn(4, 96, 80, dtype=torch.float64))[0].float()
+    gram = torch.randn(6, 16, 16, dtype=torch.complex128)
+    gram = gram @ gram.mH
+    cpu = (semi_unitary_spectral_bound(q), gram_max_eigenvalue_bound(gram))
+    cuda = (semi_unitary_spectral_bound(q.cuda()), gram_max_eigenvalue_bound(gram.cuda()))
+    assert cuda == pytest.approx(cpu, rel=1e-12)
+    assert set(devices) == {"cpu"}

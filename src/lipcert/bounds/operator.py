@@ -130,6 +130,14 @@ def moderate_spectral_bound(w: Tensor) -> Tensor:
     return squared.sqrt() * rounding_safety(torch.float64, 1)
 
 
+def lapack_eigenvalues(matrix: Tensor) -> Tensor:
+    """``torch.linalg.eigvalsh`` of a Hermitian matrix or batch computed on the CPU, whose LAPACK
+    (a tridiagonal reduction, then a symmetric tridiagonal solver) has the backward error the
+    bounds below rely on; a GPU library may take a Jacobi method (cuSOLVER's batched syevj for
+    small matrices), which stops at a tolerance of its own. On ``matrix``'s device."""
+    return torch.linalg.eigvalsh(matrix.cpu()).to(matrix.device)
+
+
 def hermitian_norm_bound(matrix: Tensor) -> Tensor:
     """Sound upper bound of ||H||_2 = max |lambda_i| for a Hermitian (float64 or complex128)
     matrix or batch H, of which LAPACK reads the lower triangle: its computed eigenvalues are
@@ -138,7 +146,7 @@ def hermitian_norm_bound(matrix: Tensor) -> Tensor:
     :func:`rounding_safety`. A computed Gram matrix need not be exactly symmetric: its lower
     triangle mirrored is as close to the exact Gram entrywise as the computed entries are."""
     n = matrix.shape[-1]
-    largest = torch.linalg.eigvalsh(matrix).abs().amax(dim=-1)
+    largest = lapack_eigenvalues(matrix).abs().amax(dim=-1)
     return largest * rounding_safety(torch.float64, n * n)
 
 
@@ -147,7 +155,7 @@ def hermitian_max_eigenvalue_bound(matrix: Tensor) -> Tensor:
     or batch: the largest computed eigenvalue plus the backward error of
     :func:`hermitian_norm_bound`, p u ||H|| <= (1 + 4 n^2 u - 1) max |computed| / (1 - p u)."""
     n = matrix.shape[-1]
-    eigenvalues = torch.linalg.eigvalsh(matrix)
+    eigenvalues = lapack_eigenvalues(matrix)
     backward = eigenvalues.abs().amax(dim=-1) * (2 * (rounding_safety(torch.float64, n * n) - 1))
     return eigenvalues[..., -1] + backward
 
