@@ -6,6 +6,7 @@ Power iteration converges to the spectral norm *from below*, so it is never used
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -208,9 +209,8 @@ def gram_max_eigenvalue_bound(gram: Tensor) -> float:
     The :data:`EIGEN_CANDIDATES` matrices of largest Frobenius norm (>= lambda_max, and close to
     it where one eigenvalue dominates: a ranking only) get
     :func:`hermitian_max_eigenvalue_bound`, whose largest value is the shift mu. Every matrix
-    then gets the Cholesky test of :func:`shifted_cholesky_bound` at mu; those whose
-    factorization fails (an eigenvalue at or above mu) get
-    :func:`hermitian_max_eigenvalue_bound`. Small matrices (below
+    then gets the Cholesky test at mu (:func:`tested_max_eigenvalue_bound`, rounded up); those whose
+    factorization fails (an eigenvalue at or above mu) get their eigenvalues. Small matrices (below
     :data:`CHOLESKY_TEST_MIN_SIZE` rows) and small batches get it directly, as do batches with a
     NaN or inf."""
     n = gram.shape[-1]
@@ -222,11 +222,26 @@ def gram_max_eigenvalue_bound(gram: Tensor) -> float:
         return float(hermitian_max_eigenvalue_bound(batch).max())
     candidates = batch[sizes.topk(EIGEN_CANDIDATES).indices]
     shift = float(hermitian_max_eigenvalue_bound(candidates).max())
-    bounds, failed = shifted_cholesky_bound(batch, shift)
-    bound = shift if bool(failed.all()) else float(bounds[~failed].max())
-    if bool(failed.any()):
-        bound = max(bound, float(hermitian_max_eigenvalue_bound(batch[failed]).max()))
-    return math.nextafter(bound, math.inf)  # the sum's rounding
+    return math.nextafter(tested_max_eigenvalue_bound(batch, (shift,)), math.inf)  # a sum
+
+
+def tested_max_eigenvalue_bound(batch: Tensor, shifts: Sequence[float]) -> float:
+    """max_b lambda_max(G_b) over a batch ``(B, n, n)`` of Hermitian (float64 / complex128)
+    matrices, bounded by the Cholesky tests of :func:`shifted_cholesky_bound` at ``shifts`` in
+    turn, each for the matrices no earlier one passed, then by
+    :func:`hermitian_max_eigenvalue_bound` for those that passed none. The tests' bounds are
+    float64 sums rounded to nearest: round the result up for a sound bound."""
+    largest = -math.inf
+    for shift in shifts:
+        if not len(batch):
+            break
+        bounds, failed = shifted_cholesky_bound(batch, shift)
+        if not bool(failed.all()):
+            largest = max(largest, float(bounds[~failed].max()))
+        batch = batch[failed]
+    if len(batch):
+        largest = max(largest, float(hermitian_max_eigenvalue_bound(batch).max()))
+    return largest
 
 
 #: From this size on, :func:`defect_max_eigenvalue_bound` tries Cholesky tests before LAPACK's
@@ -246,7 +261,7 @@ def defect_max_eigenvalue_bound(defect: Tensor) -> float:
 
     Below :data:`DEFECT_CHOLESKY_MIN_SIZE` rows: LAPACK's eigenvalues
     (:func:`hermitian_max_eigenvalue_bound`, within 8 n^2 u ||D|| of lambda_max, 3.5e-15 for
-    ||D|| = 1e-3 at 63 rows). From it on, the Cholesky tests of :func:`shifted_cholesky_bound`
+    ||D|| = 1e-3 at 63 rows). From it on, the Cholesky tests of :func:`tested_max_eigenvalue_bound`
     at the shifts d + s, d + 4 s and d + 16 s first, the rungs s, 4 s, 16 s at most
     :data:`DEFECT_TOLERANCE`: d the largest diagonal entry of the batch (a lower bound of
     max_b lambda_max(D_b), as lambda_max(D) >= D_ii), s = d or n eps if larger, the scale of the
@@ -262,17 +277,9 @@ def defect_max_eigenvalue_bound(defect: Tensor) -> float:
         return float(hermitian_max_eigenvalue_bound(batch).max())
     lowest = float(batch.diagonal(dim1=-2, dim2=-1).real.amax())
     step = max(lowest, n * torch.finfo(torch.float64).eps)
-    largest = -math.inf
-    for rung in (step, 4 * step, 16 * step):
-        if rung > DEFECT_TOLERANCE or not len(batch):
-            break
-        bounds, failed = shifted_cholesky_bound(batch, lowest + rung)
-        if not bool(failed.all()):
-            largest = max(largest, math.nextafter(float(bounds[~failed].max()), math.inf))
-        batch = batch[failed]
-    if len(batch):
-        largest = max(largest, float(hermitian_max_eigenvalue_bound(batch).max()))
-    return largest
+    rungs = [rung for rung in (step, 4 * step, 16 * step) if rung <= DEFECT_TOLERANCE]
+    bound = tested_max_eigenvalue_bound(batch, [lowest + rung for rung in rungs])
+    return math.nextafter(bound, math.inf)  # a sum
 
 
 def semi_unitary_spectral_bound(q: Tensor) -> float:
