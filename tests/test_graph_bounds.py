@@ -578,3 +578,29 @@ def test_a_model_that_runs_only_one_sample_at_a_time_is_checked_one_scale_at_a_t
 
     with pytest.raises(TypeError, match="moves, splits or merges the batch dimension"):
         lipcert.lipschitz_upper_bound(OneAtATime(), (4,))
+
+
+@pytest.mark.parametrize("user_setting", [True, False])
+def test_the_bound_runs_the_model_once_at_zero_and_restores_the_kernel_setting(
+    monkeypatch, user_setting
+):
+    """One run of the graph, at x = 0, gives both the shapes and the sizes of the rounding
+    allowance (no second, random probe), on ATen's kernels; the user's oneDNN setting is back
+    afterwards, also when the input shape does not fit."""
+    calls = []
+    conv2d = F.conv2d
+
+    def recorded(x, *args, **kwargs):
+        calls.append((float(x.abs().max()), torch.backends.mkldnn.enabled))
+        return conv2d(x, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", recorded)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", user_setting)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten()).eval()
+    bounds = graph_bound(model, (2, 5, 5))
+    assert calls == [(0.0, False)]
+    assert bounds.zero_input_scale > 0  # the bias's size at x = 0
+    assert torch.backends.mkldnn.enabled is user_setting
+    with pytest.raises(ValueError, match="does not fit"):
+        graph_bound(model, (4, 5, 5))
+    assert torch.backends.mkldnn.enabled is user_setting
