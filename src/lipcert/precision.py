@@ -16,7 +16,7 @@ instead of float32's 6e-8. Two things here must not see that:
 older PyTorch, the ``allow_tf32`` flags) and autocast off on the CPU and CUDA (under
 ``torch.autocast(bfloat16)`` a float32 model's products would run in bfloat16 while its logits
 came back float32: ``certify`` gave a float32 allowance to a bfloat16 computation, and a radius
-of 0.29 was broken at 0.05), and restores the user's settings on exit.
+of 0.29 was broken at 0.05), and restores the user's settings when the last thread inside leaves.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import torch
+
+from lipcert.switches import SharedSwitches
 
 
 def _backends() -> list[tuple[object, str, object]]:
@@ -39,19 +41,17 @@ def _backends() -> list[tuple[object, str, object]]:
 AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
+#: The TF32 switches, held off while any thread computes under :func:`ieee_float32`.
+TF32_OFF = SharedSwitches(_backends)
+
+
 @contextmanager
 def ieee_float32() -> Iterator[None]:
     """Run the block with TF32 off for float32 matrix products and convolutions (CUDA) and
-    autocast off (every tensor computes in its own dtype)."""
-    switches = _backends()
-    saved = [getattr(obj, name) for obj, name, _ in switches]
-    try:
-        for obj, name, value in switches:
-            setattr(obj, name, value)
-        with ExitStack() as autocast_off:
-            for device in AUTOCAST_DEVICES:
-                autocast_off.enter_context(torch.autocast(device, enabled=False))
-            yield
-    finally:
-        for (obj, name, _), value in zip(switches, saved, strict=True):
-            setattr(obj, name, value)
+    autocast off (every tensor computes in its own dtype). The TF32 switches are process-wide:
+    they stay off until the last thread inside leaves (:class:`~lipcert.switches.SharedSwitches`);
+    autocast is per thread."""
+    with TF32_OFF.held(), ExitStack() as autocast_off:
+        for device in AUTOCAST_DEVICES:
+            autocast_off.enter_context(torch.autocast(device, enabled=False))
+        yield

@@ -51,7 +51,6 @@ import functools
 import math
 import operator
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -89,6 +88,7 @@ from lipcert.bounds.rules import conv_bound, pad_factor
 from lipcert.nn.constrained import ConstrainedLinear
 from lipcert.nn.constraint import LipschitzLayer
 from lipcert.nn.residual import Residual, sll_form
+from lipcert.switches import SharedSwitches
 
 #: Containers traced through rather than bounded by their own rule: the trace then bounds their
 #: children at their own input shapes (a convolution inside gets its size-aware bound).
@@ -334,20 +334,13 @@ class _ZeroProbe(_Probe):
         return result
 
 
-@contextmanager
-def _aten_kernels() -> Iterator[None]:
-    """ATen's own CPU convolutions instead of oneDNN's for the probe's batch of one and the
-    trace check's three samples: oneDNN prepares every call (its primitive, the weights' layout),
-    122 and 160 us for the LMT CNN's two convolutions at batch one on two threads, against 34 and
-    71 us (a forward 416 against 187 us). The same arithmetic but for its rounding, which these
-    runs' uses absorb (shapes; sizes for the rounding allowance; a trace check to 1e-4). The
-    user's setting is restored on exit."""
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
+#: oneDNN switched off for the probe's batch of one and the trace check's three samples: it
+#: prepares every call (its primitive, the weights' layout), 122 and 160 us for the LMT CNN's two
+#: convolutions at batch one on two threads, against 34 and 71 us for ATen's own kernels (a
+#: forward 416 against 187 us). The same arithmetic but for its rounding, which these runs' uses
+#: absorb (shapes; sizes for the rounding allowance; a trace check to 1e-4). Process-wide: held
+#: until the last thread inside leaves, then the user's setting is back.
+ATEN_KERNELS = SharedSwitches(lambda: [(torch.backends.mkldnn, "enabled", False)])
 
 
 def check_input_fits(model: nn.Module, input_shape: tuple[int, ...], example: Tensor) -> None:
@@ -1153,7 +1146,7 @@ def graph_bound(
     check_in_place(gm, _describe)  # before running anything: no write to the model's tensors
     probe = _ZeroProbe(gm, tuple(input_shape), name, norm)
     x = _probe_input(model, tuple(input_shape), input_dtype)
-    with torch.no_grad(), _aten_kernels():
+    with torch.no_grad(), ATEN_KERNELS.held():
         output_value = probe.run(torch.zeros_like(x))
         if is_chain:  # the Sequential's own calls (~1 ms of a ~15 ms bound for the LMT CNN)
             _check_one_tensor(model, output_value)
