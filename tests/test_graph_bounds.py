@@ -585,8 +585,9 @@ def test_the_bound_runs_the_model_once_at_zero_and_restores_the_kernel_setting(
     monkeypatch, user_setting
 ):
     """One run of the graph, at x = 0, gives both the shapes and the sizes of the rounding
-    allowance (no second, random probe), on ATen's kernels; the user's oneDNN setting is back
-    afterwards, also when the input shape does not fit."""
+    allowance (no second, random probe), on the user's kernels (those of the certificate's
+    forward, which the constants the rules read must come from: tests/test_review16.py); the
+    user's oneDNN setting is never changed, also when the input shape does not fit."""
     calls = []
     conv2d = F.conv2d
 
@@ -598,7 +599,7 @@ def test_the_bound_runs_the_model_once_at_zero_and_restores_the_kernel_setting(
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", user_setting)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten()).eval()
     bounds = graph_bound(model, (2, 5, 5))
-    assert calls == [(0.0, False)]
+    assert calls == [(0.0, user_setting)]
     assert bounds.zero_input_scale > 0  # the bias's size at x = 0
     assert torch.backends.mkldnn.enabled is user_setting
     with pytest.raises(ValueError, match="does not fit"):

@@ -101,11 +101,3 @@ def test_overlapping_certificates_keep_tf32_off_and_give_the_users_setting_back(
         assert _tf32() == ("tf32", "tf32")
     finally:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
-
-
-def test_the_bounds_kernel_switch_is_shared_the_same_way():
-    from lipcert.bounds.graph import ATEN_KERNELS
-
-    user = torch.backends.mkldnn.enabled
-    assert _overlap(ATEN_KERNELS.held, lambda: torch.backends.mkldnn.enabled) is False
-    assert torch.backends.mkldnn.enabled is user

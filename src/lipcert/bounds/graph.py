@@ -88,7 +88,6 @@ from lipcert.bounds.rules import conv_bound, pad_factor
 from lipcert.nn.constrained import ConstrainedLinear
 from lipcert.nn.constraint import LipschitzLayer
 from lipcert.nn.residual import Residual, sll_form
-from lipcert.switches import SharedSwitches
 
 #: Containers traced through rather than bounded by their own rule: the trace then bounds their
 #: children at their own input shapes (a convolution inside gets its size-aware bound).
@@ -322,9 +321,14 @@ class _ZeroProbe(_Probe):
         super().__init__(gm, input_shape, model_name)
         self.norm = norm
         self.magnitudes: dict[Node, float] = {}
+        self.failed: Node | None = None
 
     def run_node(self, n: Node) -> Any:
-        result = super().run_node(n)
+        try:
+            result = super().run_node(n)
+        except Exception:
+            self.failed = n  # named by graph_bound where only x = 0 fails
+            raise
         size = magnitude(result, self.norm)
         source = n.args[0] if n.op == "call_module" and n.args else None
         if isinstance(source, Node) and isinstance(self.env.get(source), Tensor):
@@ -334,13 +338,39 @@ class _ZeroProbe(_Probe):
         return result
 
 
-#: oneDNN switched off for the probe's batch of one and the trace check's three samples: it
-#: prepares every call (its primitive, the weights' layout), 122 and 160 us for the LMT CNN's two
-#: convolutions at batch one on two threads, against 34 and 71 us for ATen's own kernels (a
-#: forward 416 against 187 us). The same arithmetic but for its rounding, which these runs' uses
-#: absorb (shapes; sizes for the rounding allowance; a trace check to 1e-4). Process-wide: held
-#: until the last thread inside leaves, then the user's setting is back.
-ATEN_KERNELS = SharedSwitches(lambda: [(torch.backends.mkldnn, "enabled", False)])
+def _probe_at_zero(probe: _ZeroProbe, x: Tensor) -> tuple[_Probe, Any, ValueError | None]:
+    """The probe, its output and None after ``probe`` ran at x = 0. Where the graph fails at 0
+    but not at the random probe ``x`` (``torch.linalg.inv`` of the input, an assertion that
+    x != 0), a :class:`_Probe` run at ``x``, its output and a ValueError naming the failure at
+    0, for :func:`graph_bound` to raise once the rules have run: a rule's refusal names the
+    operation's problem, where the failure at 0 read as 'does not fit' or came as a raw
+    AssertionError. A failure at ``x`` too is raised as the probe raises it.
+
+    The probe runs on the kernels the user's settings pick, as the certificate's forward does:
+    the rules read the constants it computes (a weight or a scale computed from parameters), and
+    oneDNN and ATen sum a convolution in different orders (a scale conv2d(a, k) that cancels to
+    0.001 on ATen's and 1.001 on oneDNN's was bounded 1000 times too small, radius 532 broken at
+    1.5, while the probe ran with oneDNN off). No switch either: torch's are process-wide, so a
+    bound holding one would change the kernels of another thread's probe or forward."""
+    try:
+        return probe, probe.run(torch.zeros_like(x)), None
+    except Exception as err:
+        failure = _zero_failure(probe, err)
+    fallback = _Probe(probe.module, probe.input_shape, probe.model_name)
+    return fallback, fallback.run(x.clone()), failure  # in-place layers may write x
+
+
+def _zero_failure(probe: _ZeroProbe, err: Exception) -> ValueError:
+    """The ValueError for a graph that fails at x = 0 (``err``) but not at a random input."""
+    where = f"{_describe(probe.failed)} (node '{probe.failed.name}')" if probe.failed else "it"
+    cause = err.__cause__ if isinstance(err, ValueError) and err.__cause__ else err
+    error = ValueError(
+        f"{probe.model_name} fails at the input 0, where the bound measures the sizes of its "
+        f"intermediate values for the rounding allowance: {where} raised "
+        f"{type(cause).__name__}: {cause}"
+    )
+    error.__cause__ = cause
+    return error
 
 
 def check_input_fits(model: nn.Module, input_shape: tuple[int, ...], example: Tensor) -> None:
@@ -1144,10 +1174,10 @@ def graph_bound(
     check_finite(_read_tensors(gm))
     _check_single_input(gm, name)
     check_in_place(gm, _describe)  # before running anything: no write to the model's tensors
-    probe = _ZeroProbe(gm, tuple(input_shape), name, norm)
     x = _probe_input(model, tuple(input_shape), input_dtype)
-    with torch.no_grad(), ATEN_KERNELS.held():
-        output_value = probe.run(torch.zeros_like(x))
+    probe = _ZeroProbe(gm, tuple(input_shape), name, norm)
+    with torch.no_grad():
+        probe, output_value, zero_failure = _probe_at_zero(probe, x)
         if is_chain:  # the Sequential's own calls (~1 ms of a ~15 ms bound for the LMT CNN)
             _check_one_tensor(model, output_value)
         else:
@@ -1168,6 +1198,8 @@ def graph_bound(
             ctx.bounds[node] = step.bound
             if node in needed and node.op != "placeholder":
                 records.append(_record(ctx, node, step))
+    if zero_failure is not None:
+        raise zero_failure
     rounding_terms = (
         zero_input_scale(ctx, probe.magnitudes, result),
         underflow_error(ctx, result),
