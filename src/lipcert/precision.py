@@ -12,8 +12,9 @@ instead of float32's 6e-8. Two things here must not see that:
 * the forward pass of :func:`lipcert.certify`, whose float-rounding safety assumes float32
   (``certify.ROUNDING_REL_FLOAT32``).
 
-:func:`ieee_float32` switches TF32 off (both the current ``fp32_precision`` settings and, on an
-older PyTorch, the ``allow_tf32`` flags) and autocast off on the CPU and CUDA (under
+:func:`ieee_float32` switches TF32 off (both the current ``fp32_precision`` settings, oneDNN's
+for the CPU included, which ``torch.set_float32_matmul_precision("medium")`` sets to bfloat16,
+and, on an older PyTorch, the ``allow_tf32`` flags) and autocast off on the CPU and CUDA (under
 ``torch.autocast(bfloat16)`` a float32 model's products would run in bfloat16 while its logits
 came back float32: ``certify`` gave a float32 allowance to a bfloat16 computation, and a radius
 of 0.29 was broken at 0.05), and restores the user's settings when the last thread inside leaves.
@@ -30,10 +31,17 @@ from lipcert.switches import SharedSwitches
 
 
 def _backends() -> list[tuple[object, str, object]]:
-    """(object, attribute, IEEE value) for each TF32 switch this PyTorch has."""
+    """(object, attribute, IEEE value) for each TF32 switch this PyTorch has, oneDNN's CPU
+    matrix products and convolutions included (``torch.set_float32_matmul_precision("medium")``
+    sets its matmul to bfloat16, which CPUs with AVX512-BF16 or AMX then run)."""
     matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
     if conv is not None and hasattr(conv, "fp32_precision") and hasattr(matmul, "fp32_precision"):
-        return [(matmul, "fp32_precision", "ieee"), (conv, "fp32_precision", "ieee")]
+        onednn = [getattr(torch.backends.mkldnn, op, None) for op in ("matmul", "conv")]
+        return [
+            (matmul, "fp32_precision", "ieee"),
+            (conv, "fp32_precision", "ieee"),
+            *((op, "fp32_precision", "ieee") for op in onednn if hasattr(op, "fp32_precision")),
+        ]
     return [(matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", False)]
 
 

@@ -1,17 +1,16 @@
 """Process-wide torch switches that lipcert sets for a block of work and gives back afterwards.
 
 torch keeps some settings per process, not per thread: the TF32 switches of matrix products and
-convolutions (:mod:`lipcert.precision`) and whether oneDNN runs the CPU's convolutions
-(:mod:`lipcert.bounds.graph`). A context manager that saves, sets and restores such a switch on
-its own breaks when two threads overlap: thread A saves the user's value and sets lipcert's,
-thread B then saves lipcert's value, A's exit restores the user's value while B still computes
-(B's certificate forward would then run in TF32 on a GPU, outside the float32 rounding it
-allows for), and B's exit leaves lipcert's value in place of the user's for good.
+convolutions (:mod:`lipcert.precision`). A context manager that saves, sets and restores such a
+switch on its own breaks when two threads overlap: thread A saves the user's value and sets
+lipcert's, thread B then saves lipcert's value, A's exit restores the user's value while B still
+computes (B's certificate forward would then run in TF32 on a GPU, outside the float32 rounding
+it allows for), and B's exit leaves lipcert's value in place of the user's for good.
 
 :class:`SharedSwitches` counts its holders instead: the first thread in saves the user's values
-and sets the switches, later ones (and nested blocks) only count, and the last one out restores
-them. A thread outside lipcert that changes a switch while it is held has its change undone at
-the restore, as with a single holder.
+and sets the switches, later ones (and nested blocks) set them again and count, and the last one
+out restores them. A thread outside lipcert that changes a switch while it is held has its change
+undone at the next entry and at the restore, as with a single holder.
 """
 
 from __future__ import annotations
@@ -39,8 +38,7 @@ class SharedSwitches:
     def held(self) -> Iterator[None]:
         """Hold the switches for the block."""
         with self._lock:
-            if self._holders == 0:
-                self._set()
+            self._set()
             self._holders += 1
         try:
             yield
@@ -51,14 +49,20 @@ class SharedSwitches:
                     _assign(self._saved)
 
     def _set(self) -> None:
-        """Save the current values and set the switches; on an error (a switch torch refuses to
-        change) those already set are restored before it propagates."""
+        """Set the switches, the first holder saving the current values first; on an error (a
+        switch torch refuses to change) the first holder restores those already set before it
+        propagates. Later holders set them again: a thread outside lipcert may have changed one
+        since the first came in (``torch.set_float32_matmul_precision("high")`` in a training
+        thread), and a holder that only counted would then certify in TF32."""
         switches = self._switches()
-        self._saved = [(obj, name, getattr(obj, name)) for obj, name, _ in switches]
+        first = self._holders == 0
+        if first:
+            self._saved = [(obj, name, getattr(obj, name)) for obj, name, _ in switches]
         try:
             _assign(switches)
         except BaseException:
-            _assign(self._saved)
+            if first:
+                _assign(self._saved)
             raise
 
 
