@@ -581,9 +581,7 @@ def test_a_model_that_runs_only_one_sample_at_a_time_is_checked_one_scale_at_a_t
 
 
 @pytest.mark.parametrize("user_setting", [True, False])
-def test_the_bound_runs_the_model_once_at_zero_and_restores_the_kernel_setting(
-    monkeypatch, user_setting
-):
+def test_the_bound_runs_the_model_once_at_zero_on_the_users_kernels(monkeypatch, user_setting):
     """One run of the graph, at x = 0, gives both the shapes and the sizes of the rounding
     allowance (no second, random probe), on the user's kernels (those of the certificate's
     forward, which the constants the rules read must come from: tests/test_review16.py); the
