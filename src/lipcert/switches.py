@@ -26,7 +26,7 @@ Switch = tuple[object, str, object]
 class SharedSwitches:
     """Switches set while at least one thread holds them (:meth:`held`), restored to the values
     they had when the first holder came in once the last one leaves. ``switches`` lists them,
-    called at each first entry (which switches exist may depend on the torch version)."""
+    called at each entry (which switches exist may depend on the torch version)."""
 
     def __init__(self, switches: Callable[[], list[Switch]]) -> None:
         self._switches = switches
