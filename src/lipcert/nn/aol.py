@@ -128,8 +128,9 @@ def _part(buffer: Tensor | None, rows: slice) -> Tensor | None:
 #: kh kw sqrt(corr_ii(0) corr_jj(0)) >= S_ij, per entry. The rounding noise measured at exact
 #: zeros of corr (AOL's init, zero taps, zero corners, columns scaled by 1e-3; kernels 3 x 3 to
 #: 11 x 11, 3 to 512 channels, float32 and float64, the CPU and an H200) is <= 0.42 of that
-#: unit: 38x below the zone.
-NOISE_EPS = 16
+#: unit: 9.5x below the zone. A wider zone costs more genuine correlations (below): at 16 units,
+#: random 64 -> 64 kernels' float32 gradients were 2.1% (L2) off the float64 ones, at 4 units 0.95%.
+NOISE_EPS = 4
 
 
 def _signs_beyond_noise(corr: Tensor, taps: int, out: Tensor | None = None) -> Tensor:
@@ -142,16 +143,22 @@ def _signs_beyond_noise(corr: Tensor, taps: int, out: Tensor | None = None) -> T
     but the centre) the computed one is rounding noise whose sign depends on the device and the
     order of the sums: the CPU's float32 and float64 gradients differed by more than their size,
     the CPU's and an H200's by 664. Sign 0 there is the subgradient of |.| at 0 that exact
-    arithmetic gives, the same on every device. The zone is per entry: one zone for all, from the
-    largest corr_ii(0), swallowed correlations of a column 100x smaller than the largest (float32
-    gradients 10-31% off the float64 ones; the computed signs: 2e-7) and all of one 1000x smaller,
-    its own corr_ii(0) included (19-77% off). As sign(trunc(corr / noise)): two passes over corr,
-    where a mask and a fill took five times as long; where the noise underflows to 0 it is
-    sign(corr), and NaN (0 / 0 on a zero column, a NaN corr) gets sign 0, as from torch.sign.
-    Half precision keeps the computed signs: its noise (eps 1e-3, 8e-3) is a good part of the
-    correlations themselves, and a zone over it took 88-100% of the gradient of 3 x 3 to 7 x 7
-    kernels away (20-80% of 1 x 1 ones), where the computed signs are within 0.05-12% of the
-    float64 gradient.
+    arithmetic gives, the same on every device.
+
+    The zone is per entry: one zone for all, from the largest corr_ii(0), swallowed the
+    correlations of a column 100x smaller than the largest (float32 gradients 10-31% off the
+    float64 ones) and all of one 1000x smaller, its own corr_ii(0) included (19-77% off). A
+    genuine correlation inside the zone loses its sign too: random float32 kernels of 64 to 128
+    channels (8 seeds each) get gradients 0.95-1.6% (L2; largest entry 3.1-3.9%) off the float64
+    ones, where the plain signs were within 2e-7 (a few of their ~10^5 correlations fall inside
+    the zone, each a term of ~3% of the entries it feeds); a 16 x 8 kernel, none (2e-7).
+
+    As sign(trunc(corr / noise)): two passes over corr, where a mask and a fill took five times
+    as long; where the noise underflows to 0 it is sign(corr), and NaN (0 / 0 on a zero column, a
+    NaN corr) gets sign 0, as from torch.sign. Half precision keeps the computed signs: its noise
+    (eps 1e-3, 8e-3) is a good part of the correlations themselves, and a zone over it took
+    88-100% of the gradient of 3 x 3 to 7 x 7 kernels away (20-80% of 1 x 1 ones), where the
+    computed signs are within 0.05-12% of the float64 gradient.
     """
     finfo = torch.finfo(corr.dtype)
     if finfo.bits < 32:
