@@ -384,6 +384,49 @@ def test_correlation_sums_gradient_at_init_does_not_depend_on_the_summation_orde
     assert grads[0].abs().max() > 0.1
 
 
+def test_row_sum_jacobians_under_vmap_match_autograd():
+    """vmap(jacrev(...)) over a batch of kernels (per-kernel Jacobians of the row sums) equals
+    the Jacobian autograd gives one output at a time. It raised before: the backward added its
+    products in place (``baddbmm_``), which vmap refuses for operands of different levels."""
+    torch.manual_seed(0)
+    kernels = torch.randn(2, 4, 3, 3, 2, dtype=torch.float64)
+    jacobians = torch.func.vmap(torch.func.jacrev(correlation_row_sums))(kernels)
+    for kernel, jacobian in zip(kernels, jacobians, strict=True):
+        kernel = kernel.clone().requires_grad_()
+        rows = correlation_row_sums(kernel)
+        for i in range(len(rows)):
+            (expected,) = torch.autograd.grad(rows[i], kernel, retain_graph=True)
+            torch.testing.assert_close(jacobian[i], expected)
+
+
+@pytest.mark.parametrize("rescale", ["input", "output"])
+def test_a_backward_run_inside_autocast_gives_the_gradient_of_one_run_outside(rescale):
+    """Training code that calls backward() inside ``torch.autocast`` (bfloat16 on the CPU): the
+    row sums' backward runs with autocast off, as their forward does, and the weights' gradient
+    is the one of a backward outside it. It raised a RuntimeError before (bfloat16 products into
+    the float32 buffers)."""
+    torch.manual_seed(0)
+    layer = AOLConv2d(3, 5, 3, rescale=rescale).train()
+    with torch.no_grad():
+        original(layer).add_(0.1 * torch.randn_like(original(layer)))
+    x = torch.randn(2, 3, 6, 6)
+    grads = []
+    for backward_inside in (False, True):
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = layer(x).float().square().sum()
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        grads.append(original(layer).grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = abs_correlation_sums(original(layer).detach())
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, abs_correlation_sums(original(layer).detach()))
+
+
 def test_train_mode_layers_work_under_vmap():
     """torch.func.vmap over the batch (per-sample gradients and the like) in train mode."""
     torch.manual_seed(0)

@@ -20,6 +20,7 @@ only reverses the offsets and leaves the absolute row sums unchanged). That corr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -124,6 +125,25 @@ def _part(buffer: Tensor | None, rows: slice) -> Tensor | None:
     return None if buffer is None else buffer[rows]
 
 
+def _add_products(total: Tensor, a: Tensor, b: Tensor, alpha: float, in_place: bool) -> Tensor:
+    """total + alpha (a @ b), batched: into ``total`` where buffers may be written
+    (:func:`_writes_in_place`), else a new tensor (vmap has no batching rule for ``baddbmm_``,
+    and ``vmap(jacrev(...))`` refused it: its operands sit at different levels)."""
+    if in_place:
+        return total.baddbmm_(a, b, alpha=alpha)
+    return torch.baddbmm(total, a, b, alpha=alpha)
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off for ``device``'s type where it is on, else nothing (entering the
+    context costs more than the row sums of a tiny kernel). The row sums' products write into
+    float32 buffers, which autocast's bfloat16 products refused (a backward run inside
+    ``torch.autocast`` raised), and the constraint's slack is for the kernel's own dtype."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 #: Half-width of the dead zone of :func:`_signs_beyond_noise`, in units of the dtype's eps times
 #: kh kw sqrt(corr_ii(0) corr_jj(0)) >= S_ij, per entry. The rounding noise measured at exact
 #: zeros of corr (AOL's init, zero taps, zero corners, columns scaled by 1e-3; kernels 3 x 3 to
@@ -213,9 +233,9 @@ class _AbsCorrelationSums(torch.autograd.Function):
         spatial = kernel.new_empty(m, c_in, c_in) if in_place else None  # X, then corr
         cross = torch.bmm(real[1:].mT, imag, out=_part(spatial, slice(0, m - 1)))  # X
         gram = torch.bmm(real.mT, real, out=_part(parts, slice(0, m)))
-        gram[1:].baddbmm_(imag.mT, imag)  # P
+        gram_tail = _add_products(gram[1:], imag.mT, imag, 1.0, in_place)  # P, w != 0
         skew = torch.sub(cross, cross.mT, out=_part(parts, slice(m, None)))  # Q
-        stacked = parts if in_place else torch.cat([gram, skew])
+        stacked = parts if in_place else torch.cat([gram[:1], gram_tail, skew])
         corr_out = None if spatial is None else spatial.flatten(1)
         corr = torch.mm(inverse[:m], stacked.flatten(1), out=corr_out).view(m, c_in, c_in)
         corr[0] = (corr[0] + corr[0].mT) / 2  # C_0
@@ -236,7 +256,7 @@ class _AbsCorrelationSums(torch.autograd.Function):
         if grad is None:
             return None
         kernel, symbols, signs = ctx.saved_tensors
-        with torch.no_grad():
+        with torch.no_grad(), _autocast_off(grad.device):  # a backward run inside autocast
             result = _correlation_sums_gradient(grad, symbols, signs, kernel.shape)
         if torch.is_grad_enabled():  # create_graph: a second derivative must raise, not read 0
             return _DifferentiableOnce.apply(result, kernel, grad)
@@ -266,11 +286,11 @@ def _correlation_sums_gradient(
     real, imag = symbols[:m], symbols[m:]
     grad_symbols = symbols.new_empty(symbols.shape) if in_place else None
     grad_real = torch.bmm(real, sym, out=_part(grad_symbols, slice(0, m)))
-    grad_real[1:].baddbmm_(imag, skew, alpha=-1)  # A Hs - B dX
+    real_tail = _add_products(grad_real[1:], imag, skew, -1.0, in_place)  # A Hs - B dX
     grad_imag = torch.bmm(imag, sym[1:], out=_part(grad_symbols, slice(m, None)))
-    grad_imag.baddbmm_(real[1:], skew)  # B Hs + A dX
+    grad_imag = _add_products(grad_imag, real[1:], skew, 1.0, in_place)  # B Hs + A dX
     if not in_place:
-        grad_symbols = torch.cat([grad_real, grad_imag])
+        grad_symbols = torch.cat([grad_real[:1], real_tail, grad_imag])
     flat = dft.T @ grad_symbols.flatten(1)  # (kh kw, c_out c_in)
     return flat.view(kh, kw, c_out, c_in).permute(2, 3, 0, 1)
 
@@ -321,7 +341,8 @@ def abs_correlation_sums(kernel: Tensor) -> Tensor:
     side), 0.83x for 128 -> 128, 0.90x for 64 -> 64, 1.08x for 3 -> 64 (more operations on tiny
     arrays); 0.76x for 64 -> 64 at 5 x 5, 0.71x for 128 -> 128 at 7 x 7. Differentiable once.
     """
-    return _AbsCorrelationSums.apply(kernel)[0]
+    with _autocast_off(kernel.device):
+        return _AbsCorrelationSums.apply(kernel)[0]
 
 
 def _weighted_row_sums(abs_gram: Tensor, weights: Tensor | None) -> Tensor:
@@ -340,7 +361,7 @@ def correlation_row_sums(kernel: Tensor, weights: Tensor | None = None) -> Tenso
     and ROW_SUM_MARGIN absorbs the difference); in the kernel's dtype with autocast disabled, so
     mixed precision never lowers the precision of the constraint.
     """
-    with torch.autocast(kernel.device.type, enabled=False):
+    with _autocast_off(kernel.device):
         return _weighted_row_sums(abs_correlation_sums(kernel), weights)
 
 
