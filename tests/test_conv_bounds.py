@@ -17,6 +17,7 @@ from lipcert.bounds.conv import (
     conv2d_operator_bound,
     grid_factor,
     grid_size,
+    grid_twiddles,
     polyphase_kernel,
 )
 
@@ -179,3 +180,16 @@ def test_one_by_one_kernel_is_the_matrix_norm():
 def test_bad_arguments_raise(kwargs, name):
     with pytest.raises(ValueError, match=name):
         conv2d_operator_bound(**{"kernel": torch.ones(2, 2, 3, 3), **kwargs})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grid_twiddles_are_a_new_tensor_each_call(dtype):
+    """The angles are computed once per shape and cached: each call hands out its own copy, so a
+    caller writing into one cannot change the bound of the next."""
+    kernel = torch.zeros(1, dtype=dtype)
+    first = grid_twiddles((3, 3), (8, 8), kernel, origin=(1, 1))
+    expected = first.clone()
+    first.fill_(7.0)
+    again = grid_twiddles((3, 3), (8, 8), kernel, origin=(1, 1))
+    assert again.dtype == dtype
+    assert torch.equal(again, expected)

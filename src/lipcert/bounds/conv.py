@@ -73,6 +73,7 @@ It grows as c^3 / grid_slack (128 -> 128 channels: ~2 s at 0.02).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -135,12 +136,23 @@ def grid_twiddles(
     origin: tuple[int, int] = (0, 0),
 ) -> Tensor:
     """Angles w.a of the half-spectrum grid, as (cos, sin) in the kernel's dtype: (2, taps, F),
-    the taps a numbered from ``origin`` (a tap's position minus it, per axis).
+    the taps a numbered from ``origin`` (a tap's position minus it, per axis). A new tensor each
+    call, from float64 values computed once per shape (:func:`_float64_twiddles`)."""
+    cached = _float64_twiddles(tuple(kernel_size), tuple(grid), tuple(origin))
+    return cached.to(kernel.device, kernel.dtype, copy=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _float64_twiddles(
+    kernel_size: tuple[int, int], grid: tuple[int, int], origin: tuple[int, int]
+) -> Tensor:
+    """:func:`grid_twiddles` in float64 on the CPU (kept by the cache: never handed out itself).
 
     The phase a.j / N is reduced modulo 1 exactly in integers, so each float64 angle lies in
     [0, 2 pi) within 20 units of roundoff of the exact one (covered by :func:`symbol_rounding`).
     The integer part runs in NumPy (a dozen operations on small arrays: ~0.2 ms less than in
-    torch, the same angles bit for bit).
+    torch, the same angles bit for bit); computed once per shape (0.2 ms a call of the LMT CNN's
+    bound, two convolutions).
     """
     n1, n2 = grid
     taps = np.indices(kernel_size).reshape(2, -1).T - np.array(origin)  # (taps, 2)
@@ -153,7 +165,7 @@ def grid_twiddles(
     phase2 = (taps[:, 1:] * freqs[:, 1]) % n2
     phase = (phase1 * n2 + phase2 * n1) % (n1 * n2)  # the angle is 2 pi phase / (n1 n2), exactly
     angles = torch.from_numpy(phase).double() * (2 * math.pi / (n1 * n2))
-    return torch.stack((angles.cos(), angles.sin())).to(kernel.device, kernel.dtype)
+    return torch.stack((angles.cos(), angles.sin()))
 
 
 def kernel_symbol(kernel: Tensor, twiddles: Tensor) -> Tensor:
