@@ -151,7 +151,7 @@ def _float64_twiddles(
     The phase a.j / N is reduced modulo 1 exactly in integers, so each float64 angle lies in
     [0, 2 pi) within 20 units of roundoff of the exact one (covered by :func:`symbol_rounding`).
     The integer part runs in NumPy (a dozen operations on small arrays: ~0.2 ms less than in
-    torch, the same angles bit for bit); computed once per shape (0.2 ms a call of the LMT CNN's
+    torch, the same angles bit for bit); computed once per shape (~0.4 ms a call of the LMT CNN's
     bound, two convolutions).
     """
     n1, n2 = grid
