@@ -68,8 +68,18 @@ def kernel_self_correlation(kernel: Tensor) -> Tensor:
     return tap_pair_correlation(kernel[None])[0]
 
 
-@functools.cache
 def _fourier_matrices(kh: int, kw: int, device: torch.device, dtype: torch.dtype) -> tuple:
+    """:func:`_built_fourier_matrices`, kept only where they are real tensors: traced under
+    ``torch.export`` (fake tensors) first, the cache handed every later forward the fake
+    matrices, whose values are garbage (NaN outputs)."""
+    matrices = _built_fourier_matrices(kh, kw, device, dtype)
+    if type(matrices[0]) is not torch.Tensor:  # a tracer's tensor subclass: not kept
+        _built_fourier_matrices.cache_clear()
+    return matrices
+
+
+@functools.cache
+def _built_fourier_matrices(kh: int, kw: int, device: torch.device, dtype: torch.dtype) -> tuple:
     """The real DFT matrices of :class:`_AbsCorrelationSums` for a kh x kw kernel.
 
     Torus: n = (2kh - 1)(2kw - 1) points, so that corr(d), d in [-(kh-1), kh-1] x [-(kw-1), kw-1],
@@ -139,7 +149,8 @@ def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     context costs more than the row sums of a tiny kernel). The row sums' products write into
     float32 buffers, which autocast's bfloat16 products refused (a backward run inside
     ``torch.autocast`` raised), and the constraint's slack is for the kernel's own dtype."""
-    if torch.is_autocast_enabled(device.type):
+    available = torch.amp.is_autocast_available(device.type)  # not for 'meta' (it raised)
+    if available and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 

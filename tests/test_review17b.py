@@ -1,0 +1,68 @@
+"""Review of the seventeenth session's row-sum and grid-angle changes: the row sums on a 'meta'
+kernel, a dense layer's backward inside autocast, and the caches of the DFT matrices and grid
+angles against tracers' fake tensors and integer types that share a cache key."""
+
+from __future__ import annotations
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from lipcert.nn import aol
+from lipcert.nn.aol import AOLConv2d, AOLLinear, abs_correlation_sums, correlation_row_sums
+from lipcert.nn.constraint import original
+
+
+def _clear_cache(module: object, *names: str) -> None:
+    """Empty the first of the named functools caches that ``module`` has (the names changed)."""
+    for name in names:
+        cached = getattr(module, name, None)
+        if cached is not None and hasattr(cached, "cache_clear"):
+            cached.cache_clear()
+            return
+
+
+def test_row_sums_of_a_meta_kernel_give_their_shapes():
+    """A kernel on the 'meta' device (shapes only) has no autocast: the row sums and an AOL
+    layer give their shapes. abs_correlation_sums raised at the autocast check."""
+    kernel = torch.empty(6, 4, 3, 3, device="meta", requires_grad=True)
+    assert abs_correlation_sums(kernel).shape == (4, 4)
+    rows = correlation_row_sums(kernel)
+    rows.sum().backward()
+    assert rows.shape == (4,) and kernel.grad.shape == kernel.shape
+    layer = AOLConv2d(3, 5, 3, device="meta")
+    assert layer(torch.empty(2, 3, 6, 6, device="meta")).shape == (2, 5, 6, 6)
+
+
+def test_a_dense_layer_backward_inside_autocast_gives_the_gradient_of_one_outside():
+    """AOLLinear's row sums (the 1 x 1 path, no buffers): backward inside torch.autocast gives
+    the weights' gradient bit for bit. Its products ran in bfloat16 before, silently (2% off)."""
+    torch.manual_seed(0)
+    layer = AOLLinear(6, 4).train()
+    with torch.no_grad():
+        original(layer).add_(0.3 * torch.randn_like(original(layer)))
+    x = torch.randn(5, 6)
+    grads = []
+    for backward_inside in (False, True):
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = layer(x).float().square().sum()
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        grads.append(original(layer).grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_row_sums_traced_with_fake_tensors_leave_later_row_sums_real():
+    """torch.export traces with fake tensors: the cached DFT matrices made there were handed to
+    every later forward, whose row sums (and AOL outputs) came out NaN."""
+    _clear_cache(aol, "_built_fourier_matrices", "_fourier_matrices")
+    torch.manual_seed(0)
+    kernel = torch.randn(5, 4, 3, 3)
+    with FakeTensorMode() as mode:
+        abs_correlation_sums(mode.from_tensor(kernel))
+    sums = abs_correlation_sums(kernel)
+    _clear_cache(aol, "_built_fourier_matrices", "_fourier_matrices")
+    assert type(sums) is torch.Tensor
+    assert torch.equal(sums, abs_correlation_sums(kernel))
