@@ -4,9 +4,13 @@ angles against tracers' fake tensors and integer types that share a cache key.""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from lipcert.bounds import conv
+from lipcert.bounds.conv import conv2d_operator_bound, grid_twiddles
 from lipcert.nn import aol
 from lipcert.nn.aol import AOLConv2d, AOLLinear, abs_correlation_sums, correlation_row_sums
 from lipcert.nn.constraint import original
@@ -66,3 +70,34 @@ def test_row_sums_traced_with_fake_tensors_leave_later_row_sums_real():
     _clear_cache(aol, "_built_fourier_matrices", "_fourier_matrices")
     assert type(sums) is torch.Tensor
     assert torch.equal(sums, abs_correlation_sums(kernel))
+
+
+def test_grid_angles_traced_with_fake_tensors_leave_later_bounds_real():
+    """A SpectralConv2d exported with torch.export (fake tensors) filled the angles' cache with a
+    fake tensor: every later bound of that shape raised."""
+    _clear_cache(conv, "_float64_twiddles")
+    torch.manual_seed(0)
+    kernel = torch.randn(3, 2, 3, 3)
+    with FakeTensorMode() as mode:
+        grid_twiddles((3, 3), (32, 17), mode.from_tensor(kernel))
+    twiddles = grid_twiddles((3, 3), (32, 17), kernel)
+    assert type(twiddles) is torch.Tensor
+    bound = conv2d_operator_bound(kernel)
+    _clear_cache(conv, "_float64_twiddles")
+    assert torch.equal(twiddles, grid_twiddles((3, 3), (32, 17), kernel))
+    assert torch.equal(bound, conv2d_operator_bound(kernel))
+
+
+def test_grid_angles_of_numpy_integer_or_float_sizes_share_no_cache_entry():
+    """NumPy integers hash like ints but their products wrap (int8: 16 * 16 = 0), and floats are
+    refused: as the cache key, an int8 grid's angles (NaN) were handed to the int grid, and a
+    float grid got the int grid's angles once those were cached (it raises, as before)."""
+    _clear_cache(conv, "_float64_twiddles")
+    kernel = torch.zeros(1, dtype=torch.float64)
+    narrow = grid_twiddles((3, 3), (np.int8(16), np.int8(16)), kernel, origin=(np.int8(1), 1))
+    plain = grid_twiddles((3, 3), (16, 16), kernel, origin=(1, 1))
+    _clear_cache(conv, "_float64_twiddles")
+    assert torch.equal(plain, grid_twiddles((3, 3), (16, 16), kernel, origin=(1, 1)))
+    assert torch.equal(narrow, plain)
+    with pytest.raises(TypeError):
+        grid_twiddles((3, 3), (16.0, 16.0), kernel, origin=(1, 1))

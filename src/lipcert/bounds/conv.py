@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import numpy as np
 import torch
@@ -138,15 +139,25 @@ def grid_twiddles(
     """Angles w.a of the half-spectrum grid, as (cos, sin) in the kernel's dtype: (2, taps, F),
     the taps a numbered from ``origin`` (a tap's position minus it, per axis). A new tensor each
     call, from float64 values computed once per shape (:func:`_float64_twiddles`)."""
-    cached = _float64_twiddles(tuple(kernel_size), tuple(grid), tuple(origin))
+    cached = _float64_twiddles(_int_pair(kernel_size), _int_pair(grid), _int_pair(origin))
+    if type(cached) is not torch.Tensor:  # a tracer's tensor subclass (torch.export): not kept
+        _float64_twiddles.cache_clear()
     return cached.to(kernel.device, kernel.dtype, copy=True)
+
+
+def _int_pair(pair: tuple[int, int]) -> tuple[int, int]:
+    """``pair`` as Python ints, the cache key of :func:`_float64_twiddles`: NumPy integers (of
+    equal hash, but products that wrap around) or floats (which NumPy refuses) shared an entry."""
+    first, second = pair
+    return operator.index(first), operator.index(second)
 
 
 @functools.lru_cache(maxsize=64)
 def _float64_twiddles(
     kernel_size: tuple[int, int], grid: tuple[int, int], origin: tuple[int, int]
 ) -> Tensor:
-    """:func:`grid_twiddles` in float64 on the CPU (kept by the cache: never handed out itself).
+    """:func:`grid_twiddles` in float64 on the CPU (kept by the cache: never handed out itself;
+    made under ``torch.export``, a fake tensor, it is dropped: every later bound raised).
 
     The phase a.j / N is reduced modulo 1 exactly in integers, so each float64 angle lies in
     [0, 2 pi) within 20 units of roundoff of the exact one (covered by :func:`symbol_rounding`).
