@@ -21,6 +21,7 @@ from lipcert.nn.aol import (
     AOLConv2d,
     AOLLinear,
     abs_correlation_sums,
+    as_kernel,
     correlation_row_sums,
     kernel_self_correlation,
     orthogonal_centre_,
@@ -399,17 +400,25 @@ def test_row_sum_jacobians_under_vmap_match_autograd():
             torch.testing.assert_close(jacobian[i], expected)
 
 
-@pytest.mark.parametrize("rescale", ["input", "output"])
-def test_a_backward_run_inside_autocast_gives_the_gradient_of_one_run_outside(rescale):
+@pytest.mark.parametrize(
+    ("make", "input_shape"),
+    [
+        (lambda: AOLConv2d(3, 5, 3, rescale="input"), (2, 3, 6, 6)),
+        (lambda: AOLConv2d(3, 5, 3, rescale="output"), (2, 3, 6, 6)),
+        (lambda: AOLLinear(6, 4), (5, 6)),
+    ],
+)
+def test_a_backward_run_inside_autocast_gives_the_gradient_of_one_run_outside(make, input_shape):
     """Training code that calls backward() inside ``torch.autocast`` (bfloat16 on the CPU): the
     row sums' backward runs with autocast off, as their forward does, and the weights' gradient
-    is the one of a backward outside it. It raised a RuntimeError before (bfloat16 products into
-    the float32 buffers)."""
+    is the one of a backward outside it, bit for bit. Before, the convolutions' backward raised
+    a RuntimeError (bfloat16 products into float32 buffers) and the dense layer's products ran
+    in bfloat16, silently (2% off)."""
     torch.manual_seed(0)
-    layer = AOLConv2d(3, 5, 3, rescale=rescale).train()
+    layer = make().train()
     with torch.no_grad():
-        original(layer).add_(0.1 * torch.randn_like(original(layer)))
-    x = torch.randn(2, 3, 6, 6)
+        original(layer).add_(0.3 * torch.randn_like(original(layer)))
+    x = torch.randn(input_shape)
     grads = []
     for backward_inside in (False, True):
         layer.zero_grad()
@@ -421,10 +430,11 @@ def test_a_backward_run_inside_autocast_gives_the_gradient_of_one_run_outside(re
             loss.backward()
         grads.append(original(layer).grad.clone())
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    kernel = as_kernel(original(layer).detach())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        inside = abs_correlation_sums(original(layer).detach())
+        inside = abs_correlation_sums(kernel)
     assert inside.dtype == torch.float32
-    torch.testing.assert_close(inside, abs_correlation_sums(original(layer).detach()))
+    torch.testing.assert_close(inside, abs_correlation_sums(kernel))
 
 
 def test_train_mode_layers_work_under_vmap():

@@ -1,6 +1,6 @@
 """Review of the seventeenth session's row-sum and grid-angle changes: the row sums on a 'meta'
-kernel, a dense layer's backward inside autocast, and the caches of the DFT matrices and grid
-angles against tracers' fake tensors and integer types that share a cache key."""
+kernel, and the caches of the DFT matrices and grid angles against tracers' fake tensors and
+integer types that share a cache key."""
 
 from __future__ import annotations
 
@@ -12,17 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from lipcert.bounds import conv
 from lipcert.bounds.conv import conv2d_operator_bound, grid_twiddles
 from lipcert.nn import aol
-from lipcert.nn.aol import AOLConv2d, AOLLinear, abs_correlation_sums, correlation_row_sums
-from lipcert.nn.constraint import original
-
-
-def _clear_cache(module: object, *names: str) -> None:
-    """Empty the first of the named functools caches that ``module`` has (the names changed)."""
-    for name in names:
-        cached = getattr(module, name, None)
-        if cached is not None and hasattr(cached, "cache_clear"):
-            cached.cache_clear()
-            return
+from lipcert.nn.aol import AOLConv2d, abs_correlation_sums, correlation_row_sums
 
 
 def test_row_sums_of_a_meta_kernel_give_their_shapes():
@@ -37,37 +27,16 @@ def test_row_sums_of_a_meta_kernel_give_their_shapes():
     assert layer(torch.empty(2, 3, 6, 6, device="meta")).shape == (2, 5, 6, 6)
 
 
-def test_a_dense_layer_backward_inside_autocast_gives_the_gradient_of_one_outside():
-    """AOLLinear's row sums (the 1 x 1 path, no buffers): backward inside torch.autocast gives
-    the weights' gradient bit for bit. Its products ran in bfloat16 before, silently (2% off)."""
-    torch.manual_seed(0)
-    layer = AOLLinear(6, 4).train()
-    with torch.no_grad():
-        original(layer).add_(0.3 * torch.randn_like(original(layer)))
-    x = torch.randn(5, 6)
-    grads = []
-    for backward_inside in (False, True):
-        layer.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = layer(x).float().square().sum()
-            if backward_inside:
-                loss.backward()
-        if not backward_inside:
-            loss.backward()
-        grads.append(original(layer).grad.clone())
-    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
-
-
 def test_row_sums_traced_with_fake_tensors_leave_later_row_sums_real():
     """torch.export traces with fake tensors: the cached DFT matrices made there were handed to
     every later forward, whose row sums (and AOL outputs) came out NaN."""
-    _clear_cache(aol, "_built_fourier_matrices", "_fourier_matrices")
+    aol._fourier_matrices.cache_clear()
     torch.manual_seed(0)
     kernel = torch.randn(5, 4, 3, 3)
     with FakeTensorMode() as mode:
         abs_correlation_sums(mode.from_tensor(kernel))
     sums = abs_correlation_sums(kernel)
-    _clear_cache(aol, "_built_fourier_matrices", "_fourier_matrices")
+    aol._fourier_matrices.cache_clear()
     assert type(sums) is torch.Tensor
     assert torch.equal(sums, abs_correlation_sums(kernel))
 
@@ -75,7 +44,7 @@ def test_row_sums_traced_with_fake_tensors_leave_later_row_sums_real():
 def test_grid_angles_traced_with_fake_tensors_leave_later_bounds_real():
     """A SpectralConv2d exported with torch.export (fake tensors) filled the angles' cache with a
     fake tensor: every later bound of that shape raised."""
-    _clear_cache(conv, "_float64_twiddles")
+    conv._float64_twiddles.cache_clear()
     torch.manual_seed(0)
     kernel = torch.randn(3, 2, 3, 3)
     with FakeTensorMode() as mode:
@@ -83,7 +52,7 @@ def test_grid_angles_traced_with_fake_tensors_leave_later_bounds_real():
     twiddles = grid_twiddles((3, 3), (32, 17), kernel)
     assert type(twiddles) is torch.Tensor
     bound = conv2d_operator_bound(kernel)
-    _clear_cache(conv, "_float64_twiddles")
+    conv._float64_twiddles.cache_clear()
     assert torch.equal(twiddles, grid_twiddles((3, 3), (32, 17), kernel))
     assert torch.equal(bound, conv2d_operator_bound(kernel))
 
@@ -92,11 +61,11 @@ def test_grid_angles_of_numpy_integer_or_float_sizes_share_no_cache_entry():
     """NumPy integers hash like ints but their products wrap (int8: 16 * 16 = 0), and floats are
     refused: as the cache key, an int8 grid's angles (NaN) were handed to the int grid, and a
     float grid got the int grid's angles once those were cached (it raises, as before)."""
-    _clear_cache(conv, "_float64_twiddles")
+    conv._float64_twiddles.cache_clear()
     kernel = torch.zeros(1, dtype=torch.float64)
     narrow = grid_twiddles((3, 3), (np.int8(16), np.int8(16)), kernel, origin=(np.int8(1), 1))
     plain = grid_twiddles((3, 3), (16, 16), kernel, origin=(1, 1))
-    _clear_cache(conv, "_float64_twiddles")
+    conv._float64_twiddles.cache_clear()
     assert torch.equal(plain, grid_twiddles((3, 3), (16, 16), kernel, origin=(1, 1)))
     assert torch.equal(narrow, plain)
     with pytest.raises(TypeError):

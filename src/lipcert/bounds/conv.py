@@ -73,7 +73,6 @@ It grows as c^3 / grid_slack (128 -> 128 channels: ~2 s at 0.02).
 
 from __future__ import annotations
 
-import functools
 import math
 import operator
 
@@ -83,6 +82,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lipcert.bounds.operator import gram_spectral_bound, power_of_two_scale, rounding_safety
+from lipcert.caching import shape_cache
 
 #: Default relative slack of the grid step: 1 / (1 - s^2 / 2) <= 1.02, a 32 x 17 half-spectrum for
 #: a 3 x 3 kernel (tightness and cost: "Measured" in the module docstring).
@@ -140,8 +140,6 @@ def grid_twiddles(
     the taps a numbered from ``origin`` (a tap's position minus it, per axis). A new tensor each
     call, from float64 values computed once per shape (:func:`_float64_twiddles`)."""
     cached = _float64_twiddles(_int_pair(kernel_size), _int_pair(grid), _int_pair(origin))
-    if type(cached) is not torch.Tensor:  # a tracer's tensor subclass (torch.export): not kept
-        _float64_twiddles.cache_clear()
     return cached.to(kernel.device, kernel.dtype, copy=True)
 
 
@@ -152,12 +150,11 @@ def _int_pair(pair: tuple[int, int]) -> tuple[int, int]:
     return operator.index(first), operator.index(second)
 
 
-@functools.lru_cache(maxsize=64)
+@shape_cache
 def _float64_twiddles(
     kernel_size: tuple[int, int], grid: tuple[int, int], origin: tuple[int, int]
 ) -> Tensor:
-    """:func:`grid_twiddles` in float64 on the CPU (kept by the cache: never handed out itself;
-    made under ``torch.export``, a fake tensor, it is dropped: every later bound raised).
+    """:func:`grid_twiddles` in float64 on the CPU (kept by the cache: never handed out itself).
 
     The phase a.j / N is reduced modulo 1 exactly in integers, so each float64 angle lies in
     [0, 2 pi) within 20 units of roundoff of the exact one (covered by :func:`symbol_rounding`).

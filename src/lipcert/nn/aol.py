@@ -21,7 +21,6 @@ only reverses the offsets and leaves the absolute row sums unchanged). That corr
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 
 import torch
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 
 from lipcert.bounds.conv import tap_pair_correlation
 from lipcert.bounds.operator import rounding_safety
+from lipcert.caching import shape_cache
 from lipcert.nn.constrained import (
     BoundedWeightConstraint,
     ConstrainedConv2d,
@@ -68,18 +68,8 @@ def kernel_self_correlation(kernel: Tensor) -> Tensor:
     return tap_pair_correlation(kernel[None])[0]
 
 
+@shape_cache
 def _fourier_matrices(kh: int, kw: int, device: torch.device, dtype: torch.dtype) -> tuple:
-    """:func:`_built_fourier_matrices`, kept only where they are real tensors: traced under
-    ``torch.export`` (fake tensors) first, the cache handed every later forward the fake
-    matrices, whose values are garbage (NaN outputs)."""
-    matrices = _built_fourier_matrices(kh, kw, device, dtype)
-    if type(matrices[0]) is not torch.Tensor:  # a tracer's tensor subclass: not kept
-        _built_fourier_matrices.cache_clear()
-    return matrices
-
-
-@functools.cache
-def _built_fourier_matrices(kh: int, kw: int, device: torch.device, dtype: torch.dtype) -> tuple:
     """The real DFT matrices of :class:`_AbsCorrelationSums` for a kh x kw kernel.
 
     Torus: n = (2kh - 1)(2kw - 1) points, so that corr(d), d in [-(kh-1), kh-1] x [-(kw-1), kw-1],
