@@ -55,8 +55,8 @@ class Counterfactuals:
     """Counterfactuals of a batch: per sample, the point x' found and what it tells.
 
     ``points`` (B, ...): x', where the decision changed (the bisection's outer end, next to the
-    boundary; where no step changed it, the last iterate). ``gradients``
-    (B, ...): grad m at x. ``classes`` / ``new_classes`` (B,): the decision at x / at x'.
+    boundary; where no step changed it, the last iterate). ``gradients`` (B, ...): grad m at x.
+    ``classes`` / ``new_classes`` (B,): the decision at x / at x'.
     ``distances`` (B,): ||x' - x||_2, inf where the decision did not change. ``radii`` (B,): the
     certified l2 radius of the prediction at x (NaN when the model has no sound bound).
     """
