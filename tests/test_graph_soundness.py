@@ -804,3 +804,40 @@ def test_all_finite_reads_entries_when_the_norm_overflows():
     assert all_finite(torch.full((4,), 6e4, dtype=torch.float16))  # sum of squares overflows
     assert all_finite(torch.full((4,), 1e300, dtype=torch.float64))
     assert all_finite(torch.empty(0))
+
+
+def test_the_input_passed_again_as_another_argument_is_refused():
+    """F.linear(x, W, x) adds x itself as the bias: the second use of the source node was not
+    counted as another input-dependent argument, and the bound ||W|| = 0.72 stood for an exact
+    constant of 1.65 (||W + I||)."""
+    model = _BufferNet(lambda m, x: F.linear(x, m.c, x), torch.randn(4, 4)).double()
+    with pytest.raises(TypeError, match="several input-dependent"):
+        lipcert.lipschitz_upper_bound(model, (4,))
+    same_shape = _BufferNet(lambda m, x: (2 * x).view_as(x), torch.zeros(1)).double()
+    assert lipcert.lipschitz_upper_bound(same_shape, (4,)) == 2.0  # only x's shape is read
+
+
+def test_a_module_called_with_more_than_its_input_is_refused():
+    """ConvTranspose1d(x, output_size=[3]) adds an output its rule (the default output size)
+    did not see: bound 0.379 against an exact 0.535."""
+    torch.manual_seed(224)
+    model = Lambda(lambda m, x: m.up(x, output_size=[3]))
+    model.up = nn.ConvTranspose1d(1, 1, 4, stride=3, padding=1, bias=False)
+    model.double()
+    with pytest.raises(TypeError, match="output_size"):
+        lipcert.lipschitz_upper_bound(model, (1, 1))
+    model.fn = lambda m, x: m.up(x)
+    assert lipcert.lipschitz_upper_bound(model, (1, 1)) >= exact_norm(model, (1, 1), "l2")
+
+
+def test_batch_norm_is_bounded_as_its_float32_forward_adds_eps():
+    """The float32 kernel computes 1 / sqrt(var + float32(eps)): with running_var just above
+    -float32(1e-5) the sum cancels to 2^-40 where the float64 rule read 2^-40 + 2.5e-13 (slope
+    1048576 against a bound of 927631)."""
+    bn = nn.BatchNorm1d(1).eval()
+    eps32 = torch.tensor(bn.eps, dtype=torch.float32)
+    bn.running_var.copy_(torch.nextafter(-eps32, torch.tensor(0.0)))
+    with torch.no_grad():
+        slope = float(bn(torch.tensor([[2.0]])) - bn(torch.tensor([[1.0]])))
+    assert slope == 2.0**20
+    assert lipcert.lipschitz_upper_bound(bn, (1,)) >= slope

@@ -479,11 +479,18 @@ def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+#: Methods whose second argument gives only a shape: its values are not read.
+SHAPE_ARGUMENTS = frozenset({"view_as", "reshape_as"})
+
+
 def _unary(ctx: _Context, node: Node, factor: float) -> Step:
-    """``factor`` times the bound of the node's first argument, its only input-dependent one."""
+    """``factor`` times the bound of the node's first argument, its only input-dependent one:
+    no other argument may depend on the input, that first argument passed again included
+    (``F.linear(x, W, x)`` adds x as its bias: ||W + I||, not ||W||)."""
     source = node.args[0]
-    others = [n for n in node.all_input_nodes if ctx.is_dependent(n) and n is not source]
-    if others:
+    shape_only = node.op == "call_method" and node.target in SHAPE_ARGUMENTS
+    rest = () if shape_only else (node.args[1:], node.kwargs)
+    if any(ctx.is_dependent(n) for n in _nodes_in(rest)):
         raise TypeError(
             f"{_describe(node)} (node '{node.name}') combines several input-dependent tensors; "
             "no rule bounds that: wrap it in a module and register a rule for it"
@@ -933,7 +940,14 @@ def _module_step(ctx: _Context, node: Node) -> Step:
             "wrap it in supported modules or register a rule with "
             "lipcert.bounds.network.register_bound_rule"
         )
-    source = node.args[0]
+    source, *extra = node.args
+    if extra or node.kwargs:
+        given = ", ".join([*map(str, extra), *(f"{k}={v}" for k, v in node.kwargs.items())])
+        raise TypeError(
+            f"{_describe(node)} (node '{node.name}') is called with more than its input "
+            f"({given}): its rule bounds module(x) alone (ConvTranspose's output_size adds "
+            "outputs; set output_padding on the module instead)"
+        )
     if isinstance(module, nn.Flatten | nn.Unflatten):
         ndim = len(ctx.shapes[source])
         if isinstance(module, nn.Flatten):

@@ -6,7 +6,8 @@
   (span - 1) / 2). l_inf: the largest row l1 norm of the operator, at most the largest
   sum_{i, a} |K[o, i, a]| (exact when one output sees all taps).
 * **Batch norm** in eval mode is y = gamma (x - mu) / sqrt(var + eps) + beta, a per-channel scale:
-  max |gamma| / sqrt(var + eps) in every l_p (instance norm with running statistics likewise).
+  max |gamma| / sqrt(var + eps) in every l_p (instance norm with running statistics likewise),
+  var + eps taken as the forward's float32 or half-type sum may round it (they can cancel).
   Training mode, or no running statistics, normalizes by the input's own statistics: refused,
   like LayerNorm / GroupNorm / RMSNorm, whose x / std(x) is not Lipschitz near constant inputs.
 * **Activations** act coordinate-wise, so their constant sup |g'| holds in every l_p norm
@@ -183,10 +184,22 @@ def _batch_norm(module: nn.Module, norm: str) -> float:
             f"{name} without running statistics normalizes by its input's own statistics, "
             "which is not Lipschitz; use track_running_stats=True"
         )
-    scale = (module.running_var.detach().double() + module.eps).rsqrt()
+    return float(_batch_norm_scale(module).max()) * rounding_safety(torch.float64, 4)
+
+
+def _batch_norm_scale(module: nn.Module) -> Tensor:
+    """|gamma| / sqrt(var + eps) per channel (float64), at the smallest var + eps among the
+    float64 sum and the sums in the buffer's type and in float32, which torch's kernels compute
+    (float32(eps) added to a float32 var): a var of -float32(1e-5) + 2^-40 cancels there to
+    2^-40, where the float64 sum is 2^-40 + 2.5e-13 (slope 1048576, bound 927631). After the
+    sum the forward's roundings are relative, within the rounding allowance."""
+    var = module.running_var.detach()
+    types = {torch.float64, var.dtype, torch.promote_types(var.dtype, torch.float32)}
+    sums = [var.to(t) + torch.tensor(module.eps, dtype=t) for t in types]
+    scale = torch.stack([total.double() for total in sums]).amin(dim=0).rsqrt()
     if module.weight is not None:
         scale = scale * module.weight.detach().double().abs()
-    return float(scale.max()) * rounding_safety(torch.float64, 4)  # add, sqrt, divide, multiply
+    return scale
 
 
 @register_internal_size(
@@ -199,9 +212,7 @@ def _batch_norm_internal_size(module: nn.Module, x: Tensor, norm: str) -> float:
     if module.running_mean is None:
         return 0.0  # refused by the bound rule
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    scale = (module.running_var.detach().double() + module.eps).rsqrt()
-    if module.weight is not None:
-        scale = scale * module.weight.detach().double().abs()
+    scale = _batch_norm_scale(module)
     centred = x.detach().double() - module.running_mean.detach().double().view(shape)
     return magnitude(centred * scale.view(shape), norm)
 
