@@ -431,8 +431,9 @@ def _write_past_a_threshold(m, x):
 
 def test_a_lost_in_place_write_is_caught_beyond_the_first_probe():
     """The write above is zero on a randn probe: the trace was checked at that one input and the
-    bound ignored the write (radius 0.354 broken at 0.02). Scaled probes catch it."""
-    with pytest.raises(TypeError, match="does not reproduce its output"):
+    bound ignored the write (radius 0.354 broken at 0.02). Scaled probes caught it; the tracer
+    now records h += ... as an in-place write, refused before any probe (h has a view)."""
+    with pytest.raises(TypeError, match="writes in place"):
         lipcert.lipschitz_upper_bound(Lambda(_write_past_a_threshold), (4,))
 
 
@@ -841,3 +842,38 @@ def test_batch_norm_is_bounded_as_its_float32_forward_adds_eps():
         slope = float(bn(torch.tensor([[2.0]])) - bn(torch.tensor([[1.0]])))
     assert slope == 2.0**20
     assert lipcert.lipschitz_upper_bound(bn, (1,)) >= slope
+
+
+def _tent(z: torch.Tensor) -> torch.Tensor:
+    """Height 1 on [0.25, 0.252], 0 elsewhere (slope 1000): away from every probe of the trace."""
+    u = (z - 0.25) / 1e-3
+    return F.relu(u) - 2 * F.relu(u - 1) + F.relu(u - 2)
+
+
+def _aliased_augmented_assignment(m, x):
+    h = m.fc(x)
+    g = h
+    g += 10 * _tent(x)  # writes h too: torch.fx traced it as g = g + ..., read by nothing
+    return h
+
+
+def test_an_augmented_assignment_through_another_name_is_not_lost():
+    """fx has no Proxy.__iadd__, so g += t was traced as g = g + t and h kept fc's value: the
+    bound read fc alone (1.0) and certify gave radius 0.141 at a point whose class flips at
+    0.051. Augmented assignments are now in-place writes, refused where another name reads the
+    tensor; on sizes they stay arithmetic, and a write only its own name sees stays bounded."""
+    model = Lambda(_aliased_augmented_assignment).double()
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.eye(4))
+    with pytest.raises(TypeError, match="writes in place"):
+        lipcert.lipschitz_upper_bound(model, (4,))
+
+    def accumulate(m, x):
+        h = m.fc(x)
+        h += 2 * x
+        half = x.shape[1]
+        half //= 2
+        return h[:, :half]
+
+    model.fn = accumulate
+    assert lipcert.lipschitz_upper_bound(model, (4,)) >= exact_norm(model, (4,), "l2")

@@ -18,9 +18,8 @@ always allocates a new tensor (:data:`ALLOCATING_MODULES`, :data:`ALLOCATING_FUN
 accepted write to a fresh tensor), and the writing node is its only user: then nothing else can
 observe the old value, and the write is just the operation applied to it (bounded by its rule).
 ``nn.ReLU(inplace=True)`` right after a convolution, linear layer or batch norm stays accepted;
-anything else is refused with the out-of-place form suggested. (torch.fx traces ``x += y`` on a
-tensor as ``x = x + y``, losing the aliasing: only the check that the trace reproduces the
-model's output, to a relative 1e-4, catches a difference there.)
+anything else is refused with the out-of-place form suggested. (torch.fx alone traces ``x += y``
+as ``x = x + y``, losing the aliasing; lipcert's tracer records ``operator.iadd``, checked here.)
 """
 
 from __future__ import annotations
