@@ -857,12 +857,20 @@ def _aliased_augmented_assignment(m, x):
     return h
 
 
-def test_an_augmented_assignment_through_another_name_is_not_lost():
+def _aliased_through_an_attribute(m, x):
+    h = m.fc(x).view(-1, 2, 2) * 1.0
+    t = h.mT  # an attribute of a proxy: fx gives it a Proxy class of its own
+    t += 10 * _tent(x).view(-1, 2, 2)
+    return h.flatten(1)
+
+
+@pytest.mark.parametrize("fn", [_aliased_augmented_assignment, _aliased_through_an_attribute])
+def test_an_augmented_assignment_through_another_name_is_not_lost(fn):
     """fx has no Proxy.__iadd__, so g += t was traced as g = g + t and h kept fc's value: the
     bound read fc alone (1.0) and certify gave radius 0.141 at a point whose class flips at
     0.051. Augmented assignments are now in-place writes, refused where another name reads the
     tensor; on sizes they stay arithmetic, and a write only its own name sees stays bounded."""
-    model = Lambda(_aliased_augmented_assignment).double()
+    model = Lambda(fn).double()
     with torch.no_grad():
         model.fc.weight.copy_(torch.eye(4))
     with pytest.raises(TypeError, match="writes in place"):

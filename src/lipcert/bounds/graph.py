@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import Graph, GraphModule, Interpreter, Node, Proxy, Tracer
 from torch.fx.node import map_arg
+from torch.fx.proxy import Attribute
 
 # A graph module that generates its forward's code at its first call, not when built: the bound
 # of a chain never calls it (~0.5 ms of ~12). Private to torch (2.2 and later), hence the fallback.
@@ -169,7 +170,15 @@ class _AugmentedProxy(Proxy):
     has no ``__iadd__``, so Python ran ``x = x + y``: a tensor that another name still held lost
     the write (``h = fc(x); g = h; g += bump(x); return h`` was bounded as fc alone, and
     certified at 0.141 where the class flips at 0.051). Sizes (``n = x.size(1); n //= 2``) stay
-    arithmetic: an int is not written in place."""
+    arithmetic: an int is not written in place. An attribute (``t = h.mT; t += ...``) is one of
+    these proxies too."""
+
+    def __getattr__(self, name: str) -> Attribute:
+        return _AugmentedAttribute(self, name)
+
+
+class _AugmentedAttribute(Attribute, _AugmentedProxy):
+    """fx's lazy attribute proxy, with the augmented assignments of :class:`_AugmentedProxy`."""
 
 
 def _augmented_assignment(name: str) -> Callable[[Proxy, Any], Proxy]:
