@@ -885,3 +885,18 @@ def test_an_augmented_assignment_through_another_name_is_not_lost(fn):
 
     model.fn = accumulate
     assert lipcert.lipschitz_upper_bound(model, (4,)) >= exact_norm(model, (4,), "l2")
+
+
+@pytest.mark.parametrize(
+    ("pad", "shape"),
+    [(nn.ZeroPad2d((0, 0, 1, -1)), (3,)), (nn.ConstantPad1d((1, -1), 5.0), ()),
+     (nn.ConstantPad2d((1, 1, 1, -1), 0.0), (3,))],
+)  # fmt: skip
+def test_a_padding_module_that_reaches_the_batch_dimension_is_refused(pad, shape):
+    """ZeroPad2d pads the last two dimensions: on (B, n) inputs, (0, 0, 1, -1) shifts every
+    sample's row into the next sample's place (bound 1.0, checked only for F.pad). With a
+    head whose bias favours class 0 at 0, certify gave the second sample class 1 with a positive
+    radius, while the model on that sample alone says class 0."""
+    with pytest.raises(TypeError, match="batch"):
+        lipcert.lipschitz_upper_bound(nn.Sequential(pad), shape)
+    assert lipcert.lipschitz_upper_bound(nn.Sequential(pad), (2, *shape)) == 1.0

@@ -85,7 +85,7 @@ from lipcert.bounds.network import (
     sqrt_up,
 )
 from lipcert.bounds.padded_conv import conv_geometry
-from lipcert.bounds.rules import conv_bound, pad_factor
+from lipcert.bounds.rules import COPYING_PADS, conv_bound, pad_factor
 from lipcert.nn.constrained import ConstrainedLinear
 from lipcert.nn.constraint import LipschitzLayer
 from lipcert.nn.residual import Residual, sll_form
@@ -93,6 +93,8 @@ from lipcert.nn.residual import Residual, sll_form
 #: Containers traced through rather than bounded by their own rule: the trace then bounds their
 #: children at their own input shapes (a convolution inside gets its size-aware bound).
 TRACED_CONTAINERS = (nn.Sequential, Residual)
+#: Modules that pad the last len(padding) / 2 dimensions of their input.
+PADDING_MODULES = (nn.ConstantPad1d, nn.ConstantPad2d, *COPYING_PADS)
 #: Tensor queries whose results (sizes, dtypes) do not depend on the input's values.
 SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel"})
 SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
@@ -997,15 +999,22 @@ def _module_step(ctx: _Context, node: Node) -> Step:
             f"({given}): its rule bounds module(x) alone (ConvTranspose's output_size adds "
             "outputs; set output_padding on the module instead)"
         )
-    if isinstance(module, nn.Flatten | nn.Unflatten):
-        ndim = len(ctx.shapes[source])
-        if isinstance(module, nn.Flatten):
-            keeps = module.start_dim % ndim != 0 or module.end_dim % ndim == 0
-        else:
-            keeps = module.dim % ndim != 0
-        if not keeps:
-            raise _batch_error(node, "flattens or splits the batch dimension")
+    if not _module_keeps_batch(module, len(ctx.shapes[source])):
+        raise _batch_error(node, "flattens, splits or pads the batch dimension")
     return _unary(ctx, node, module_bound(module, ctx.norm, ctx.sample_shape(source)))
+
+
+def _module_keeps_batch(module: nn.Module, ndim: int) -> bool:
+    """Whether ``module`` leaves dimension 0 of an ``ndim``-D input alone. A padding module pads
+    the last len(padding) / 2 dimensions whatever the input's rank: ZeroPad2d((0, 0, 1, -1)) on
+    (B, n) inputs shifts each sample into the next one's place."""
+    if isinstance(module, nn.Flatten):
+        return module.start_dim % ndim != 0 or module.end_dim % ndim == 0
+    if isinstance(module, nn.Unflatten):
+        return module.dim % ndim != 0
+    if isinstance(module, PADDING_MODULES):
+        return len(module.padding) // 2 < ndim
+    return True
 
 
 def _check_batch_size_free(ctx: _Context, node: Node) -> None:
