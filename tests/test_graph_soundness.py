@@ -375,12 +375,20 @@ def test_subclasses_redefining_a_method_do_not_get_the_parent_bound():
             assert bound >= exact_norm(nn.Sequential(layer), (4,), "l2")
 
 
+def _batch_size_twice(m, x):
+    """b = x.size(0) as a view's first size and again: (b, b, -1) puts each sample's entries in
+    b rows, which the sum adds (bound 1 at a batch of one; certify on four (4,) inputs summed
+    all 4 entries, radius 4.0 where the sign of the sum flips at 2.0)."""
+    b = x.size(0)
+    return x.view(b, b, -1).sum(1)
+
+
 def test_batch_size_constants_are_refused_and_the_flatten_idiom_is_not():
     """Bug 4: ``fc(x) * x.shape[0]`` was bounded at a batch of one."""
     torch.manual_seed(0)
     for fn in (lambda m, x: m.fc(x) * x.shape[0], lambda m, x: m.fc(x) / x.size(0),
                lambda m, x: m.fc(x) * x.numel(),
-               lambda m, x: x.narrow(1, 0, x.shape[0]).sum(1)):  # fmt: skip
+               lambda m, x: x.narrow(1, 0, x.shape[0]).sum(1), _batch_size_twice):  # fmt: skip
         with pytest.raises(TypeError, match="depends on the batch size"):
             lipcert.lipschitz_upper_bound(Lambda(fn), (4,))
     for fn in (lambda m, x: m.fc(x.view(x.size(0), -1)), lambda m, x: x.reshape(x.shape[0], -1),

@@ -1019,9 +1019,12 @@ def _module_keeps_batch(module: nn.Module, ndim: int) -> bool:
 
 def _check_batch_size_free(ctx: _Context, node: Node) -> None:
     """The bound is computed at a batch of one and must hold at every batch size, so no constant
-    derived from the batch size may reach an input-dependent op (except a view's first size)."""
-    allowed = _batch_size_arguments(ctx, node)
-    used = [a for a in node.all_input_nodes if a in ctx.batch_sized and a not in allowed]
+    derived from the batch size may reach an input-dependent op (except a view's first size,
+    once: ``b = x.size(0); x.view(b, b, -1)`` spreads each sample over b rows)."""
+    used = _nodes_in((node.args, node.kwargs))  # with repeats
+    for first_size in _batch_size_arguments(ctx, node):
+        used.remove(first_size)
+    used = [a for a in used if a in ctx.batch_sized]
     if used:
         raise TypeError(
             f"{_describe(node)} (node '{node.name}') uses {_describe(used[0])} (node "
