@@ -418,6 +418,9 @@ def test_python_constants_are_bounded_as_the_tensor_type_rounds_them():
     factor = 1.6 * 2.0**-149  # float32 rounds it to 2^-148
     scaled = Lambda(lambda m, x: x * factor).float()
     assert lipcert.lipschitz_upper_bound(scaled, (4,)) >= 2.0**-148
+    added = Lambda(lambda m, x: torch.add(torch.zeros(4), x, alpha=factor)).float()  # alpha too
+    assert float(added(torch.ones(1, 4))[0, 0]) == 2.0**-148
+    assert lipcert.lipschitz_upper_bound(added, (4,)) >= 2.0**-148
 
 
 def test_bounding_leaves_the_model_unchanged():

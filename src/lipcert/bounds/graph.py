@@ -826,10 +826,11 @@ def _check_same_rank(ctx: _Context, node: Node, *operands: Any) -> None:
 @_rule(operator.add, operator.iadd, torch.add, "add", "add_", operator.sub, operator.isub,
        torch.sub, "sub", "sub_")  # fmt: skip
 def _add(ctx: _Context, node: Node) -> Step:
-    """a + alpha b (or minus): L(a) + |alpha| L(b), each with its broadcast repeats."""
+    """a + alpha b (or minus): L(a) + |alpha| L(b), each with its broadcast repeats; alpha as the
+    result's type may round it (like a constant factor, :func:`_as_applied`)."""
     a, b = node.args[0], _arg(node, 1, "other")
     _check_same_rank(ctx, node, a, b)
-    alpha = abs(ctx.value(node.kwargs.get("alpha", 1)))
+    alpha = _largest_abs(ctx.value(node.kwargs.get("alpha", 1)), ctx.dtypes.get(node))
     return Step(None, add_up(ctx.term(a, node), mul_up(alpha, ctx.term(b, node))))
 
 
