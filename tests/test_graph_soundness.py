@@ -659,6 +659,16 @@ def test_a_nan_bound_is_refused_by_name():
         lipcert.lipschitz_upper_bound(model, (3,))
 
 
+@pytest.mark.parametrize("act", [nn.LeakyReLU(math.nan), nn.ELU(math.nan), nn.PReLU(init=math.nan)])
+def test_a_nan_slope_is_refused_by_name(act):
+    """max(1.0, abs(nan)) is 1.0 in Python: LeakyReLU / ELU with a NaN slope (NaN outputs below 0)
+    were bounded by 1, and certify gave radius 1.41 where at 1.01 the logits are NaN, argmax 0
+    for a certified class 1. A PReLU's NaN weight is refused even without an input shape."""
+    with pytest.raises(ValueError, match="has no bound"):
+        lipcert.lipschitz_upper_bound(nn.Sequential(nn.Linear(2, 2), act), (2,))
+    assert math.isnan(module_bound(act))
+
+
 def test_a_0dim_float64_constant_is_rounded_as_the_float32_forward_rounds_it():
     """A 0-dim tensor does not set the result's type: x / tensor(1 + 2^-30, float64) runs in
     float32, dividing by 1.0, and the bound (which read the divisor exactly) was 1 - 2^-30 against

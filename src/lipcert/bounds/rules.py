@@ -104,14 +104,21 @@ for _type, _constant in ACTIVATION_CONSTANTS.items():
     register_bound_rule(_type)(_constant_rule(_constant))
 
 
+def _slopes_bound(slope: float) -> float:
+    """max(1, |slope|): the larger slope of a map with slope 1 above 0. NaN stays NaN (Python's
+    max(1.0, nan) is 1.0, and a NaN slope gives NaN outputs: no bound)."""
+    slope = abs(float(slope))
+    return slope if math.isnan(slope) or slope > 1 else 1.0
+
+
 @register_bound_rule(nn.LeakyReLU)
 def _leaky_relu(module: nn.LeakyReLU, norm: str) -> float:
-    return max(1.0, abs(module.negative_slope))
+    return _slopes_bound(module.negative_slope)
 
 
 @register_bound_rule(nn.ELU)
 def _elu(module: nn.ELU, norm: str) -> float:
-    return max(1.0, abs(module.alpha))  # alpha e^x below 0
+    return _slopes_bound(module.alpha)  # alpha e^x below 0
 
 
 @register_bound_rule(nn.CELU)
@@ -149,7 +156,7 @@ def _gelu(module: nn.GELU, norm: str) -> float:
 
 @register_bound_rule(nn.PReLU)
 def _prelu(module: nn.PReLU, norm: str) -> float:
-    return max(1.0, float(module.weight.detach().abs().max()))
+    return _slopes_bound(module.weight.detach().abs().max())
 
 
 @register_bound_rule(nn.RReLU)
