@@ -921,3 +921,29 @@ def test_a_padding_module_that_reaches_the_batch_dimension_is_refused(pad, shape
     with pytest.raises(TypeError, match="batch"):
         lipcert.lipschitz_upper_bound(nn.Sequential(pad), shape)
     assert lipcert.lipschitz_upper_bound(nn.Sequential(pad), (2, *shape)) == 1.0
+
+
+class _CallsMoreThanForward(nn.Module):
+    """A model whose class's __call__ adds a bump (slope 1e4) to what its forward computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return super().__call__(x) + 10 * _tent(x)
+
+
+def test_a_model_whose_class_redefines_its_call_is_refused():
+    """Tracing reads the root's forward only: the bump its __call__ adds (zero at every probe of
+    the trace check) was not bounded (bound 1.0, radius 0.141 broken at 0.051). A submodule's
+    __call__ is traced (fx calls it), and a GraphModule's own wrapper changes nothing."""
+    with pytest.raises(TypeError, match="__call__"):
+        lipcert.lipschitz_upper_bound(_CallsMoreThanForward(), (4,))
+    inside = nn.Sequential(nn.Identity(), _CallsMoreThanForward()).double()
+    assert lipcert.lipschitz_upper_bound(inside, (4,)) >= 1e4
+    traced = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    assert lipcert.lipschitz_upper_bound(traced, (4,)) > 0

@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import Graph, GraphModule, Interpreter, Node, Proxy, Tracer
+from torch.fx.graph_module import _WrappedCall
 from torch.fx.node import map_arg
 from torch.fx.proxy import Attribute
 
@@ -1135,6 +1136,33 @@ def _check_no_hooks(model: nn.Module) -> None:
             )
 
 
+#: What ``module(x)`` runs around ``forward``.
+CALL_METHODS = ("__call__", "_wrapped_call_impl", "_call_impl")
+
+
+def _check_own_call(model: nn.Module) -> None:
+    """TypeError when the model's class redefines what ``model(x)`` runs around its forward
+    (a ``__call__`` adding a bump that no probe of the trace sees was left unbounded: bound 1.0,
+    radius 0.141 broken at 0.051). Tracing reads the root's forward alone; a submodule's call is
+    traced through, and a GraphModule's wrapper of its parent's call changes nothing."""
+    for name in CALL_METHODS:
+        if _called_method(type(model), name) is not getattr(nn.Module, name):
+            raise TypeError(
+                f"{type(model).__name__} redefines {name}, which runs around the forward that the "
+                "bound traces: move what it adds into forward"
+            )
+
+
+def _called_method(cls: type, name: str) -> Any:
+    """The method ``name`` that calling an instance of ``cls`` runs, past the wrapper a
+    GraphModule's class puts around its parent's ``__call__`` (``_WrappedCall`` with no call of
+    its own runs ``super(cls, self).__call__``)."""
+    wrapped = vars(cls).get("_wrapped_call")
+    if name == "__call__" and isinstance(wrapped, _WrappedCall) and wrapped.cls_call is None:
+        return _called_method(cls.__mro__[1], name)
+    return getattr(cls, name)
+
+
 def _check_trace(model: nn.Module, gm: GraphModule, x: Tensor) -> None:
     """The traced graph must compute what the model computes (in-place updates seen through other
     references, for instance, are lost by tracing) at each of :data:`TRACE_CHECK_SCALES` times
@@ -1245,6 +1273,7 @@ def graph_bound(
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     name = type(model).__name__
     _check_no_hooks(model)
+    _check_own_call(model)
     check_finite((f"parameter {key}", p) for key, p in model.named_parameters())
     gm, is_chain = _trace(model, norm)
     check_finite(_read_tensors(gm))
