@@ -145,49 +145,6 @@ def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-#: Half-width of the dead zone of :func:`_signs_beyond_noise`, in units of the dtype's eps times
-#: kh kw sqrt(corr_ii(0) corr_jj(0)) >= S_ij, per entry. The rounding noise measured at exact
-#: zeros of corr (AOL's init, zero taps, zero corners, columns scaled by 1e-3; kernels 3 x 3 to
-#: 11 x 11, 3 to 512 channels, float32 and float64, the CPU and an H200) is <= 0.42 of that
-#: unit: 9.5x below the zone. A wider zone costs more genuine correlations (below): at 16 units,
-#: random 64 -> 64 kernels' float32 gradients were 2.1% (L2) off the float64 ones, at 4 units 0.95%.
-NOISE_EPS = 4
-
-
-def _signs_beyond_noise(corr: Tensor, taps: int, out: Tensor | None = None) -> Tensor:
-    """The signs of ``corr`` (corr(d) of a kernel of ``taps`` spatial positions, the centre
-    offset first), 0 where |corr_ij(d)| is within the rounding noise of 0.
-
-    Each corr_ij(d) sums products K_oia K_ojb, so its computed value is off by a few eps times
-    S_ij = sum_o (sum_a |K_oia|)(sum_b |K_ojb|) <= taps sqrt(corr_ii(0) corr_jj(0)) (Cauchy-
-    Schwarz over the taps a, then over o). Where corr is exactly 0 (at AOL's init, every offset
-    but the centre) the computed one is rounding noise whose sign depends on the device and the
-    order of the sums: the CPU's float32 and float64 gradients differed by more than their size,
-    the CPU's and an H200's by 664. Sign 0 there is the subgradient of |.| at 0 that exact
-    arithmetic gives, the same on every device.
-
-    The zone is per entry: one zone for all, from the largest corr_ii(0), swallowed the
-    correlations of a column 100x smaller than the largest (float32 gradients 10-31% off the
-    float64 ones) and all of one 1000x smaller, its own corr_ii(0) included (19-77% off). A
-    genuine correlation inside the zone loses its sign too: random float32 kernels of 64 to 128
-    channels (8 seeds each) get gradients 0.95-1.6% (L2; largest entry 3.1-3.9%) off the float64
-    ones, where the plain signs were within 2e-7 (a few of their ~10^5 correlations fall inside
-    the zone, each a term of ~3% of the entries it feeds); a 16 x 8 kernel, none (2e-7).
-
-    As sign(trunc(corr / noise)): two passes over corr, where a mask and a fill took five times
-    as long; where the noise underflows to 0 it is sign(corr), and NaN (0 / 0 on a zero column, a
-    NaN corr) gets sign 0, as from torch.sign. Half precision keeps the computed signs: its noise
-    (eps 1e-3, 8e-3) is a good part of the correlations themselves, and a zone over it took
-    88-100% of the gradient of 3 x 3 to 7 x 7 kernels away (20-80% of 1 x 1 ones), where the
-    computed signs are within 0.05-12% of the float64 gradient.
-    """
-    finfo = torch.finfo(corr.dtype)
-    if finfo.bits < 32:
-        return torch.sign(corr, out=out)
-    root = corr[0].diagonal().sqrt() * math.sqrt(NOISE_EPS * finfo.eps * taps)
-    return torch.div(corr, root[:, None] * root, rounding_mode="trunc", out=out).sign_()
-
-
 class _AbsCorrelationSums(torch.autograd.Function):
     """:func:`abs_correlation_sums` through the kernel's discrete Fourier transform.
 
@@ -204,8 +161,12 @@ class _AbsCorrelationSums(torch.autograd.Function):
     dX = dL/dX = dL/dQ - dL/dQ^T in one product, the inverse DFT's columns being even (P) or odd
     (Q) in d. The signs of d and -d are those of one computed value, so the gradient is a
     subgradient of the sums also where corr is ~0 (every offset but the centre at AOL's init, where
-    the DFT's rounding gives the two offsets of a pair signs that need not match), and a sign
-    within the rounding noise of 0 is 0 (:func:`_signs_beyond_noise`). Then
+    the DFT's rounding gives the two offsets of a pair signs that need not match). Where corr is
+    exactly 0 in exact arithmetic the computed one is rounding noise, and its sign (any sign is a
+    subgradient of |.| at 0) depends on the device and the order of the sums. A dead zone (sign 0
+    within 4 eps of the noise bound) was tried and dropped: the sums act as an l1 penalty that
+    drives correlations to 0, and on a trained SLL net the zone held up to 12% of them, so the
+    gradient was up to 123% off the computed function's (docs/results.md). Then
     dL/dA = A Hs - B dX, dL/dB = B Hs + A dX (four batched products) and dL/dK by the DFT's
     adjoint.
     Memory: outside function transforms the intermediate results go into two buffers, one of
@@ -223,8 +184,7 @@ class _AbsCorrelationSums(torch.autograd.Function):
         if kh * kw == 1:  # a dense layer: corr = K^T K, one offset
             symbols = kernel.reshape(1, c_out, c_in)
             corr = torch.bmm(symbols.mT, symbols)
-            signs = _signs_beyond_noise(corr, 1)
-            return corr.abs_().sum(dim=0), symbols, signs
+            return corr.abs().sum(dim=0), symbols, corr.sign()
         dft, inverse, m = _fourier_matrices(kh, kw, kernel.device, kernel.dtype)
         flat = kernel.permute(2, 3, 0, 1).reshape(kh * kw, c_out * c_in)
         symbols = (dft @ flat).view(-1, c_out, c_in)  # [A (m); B (m - 1)]
@@ -240,7 +200,7 @@ class _AbsCorrelationSums(torch.autograd.Function):
         corr_out = None if spatial is None else spatial.flatten(1)
         corr = torch.mm(inverse[:m], stacked.flatten(1), out=corr_out).view(m, c_in, c_in)
         corr[0] = (corr[0] + corr[0].mT) / 2  # C_0
-        signs = _signs_beyond_noise(corr, kh * kw, out=_part(parts, slice(0, m)))
+        signs = torch.sign(corr, out=_part(parts, slice(0, m)))
         corr = corr.abs_()
         half = corr[1:].sum(dim=0)  # T
         return corr[0] + half + half.mT, symbols, signs
