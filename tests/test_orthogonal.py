@@ -21,7 +21,12 @@ from test_spectral import (
 from tiny_run import write_tiny_config
 from torch import nn
 
-from lipcert.bounds.operator import gram_spectral_bound, semi_unitary_spectral_bound
+from lipcert.bounds.operator import (
+    DEFECT_CHOLESKY_MIN_SIZE,
+    DEFECT_TOLERANCE,
+    gram_spectral_bound,
+    semi_unitary_spectral_bound,
+)
 from lipcert.config import load_config
 from lipcert.nn.constraint import original
 from lipcert.nn.orthogonal import (
@@ -233,7 +238,11 @@ def test_wrong_input_shape_names_the_layer_and_both_shapes():
 @pytest.mark.parametrize("noise", [1e-7, 1e-5, 1e-2])
 def test_near_orthogonal_bound_of_real_matrices_is_sound_and_tight(rows, cols, noise):
     # Real Q takes the float64 path (complex128 before): each bound is >= the exact float64 norm
-    # of the float32 matrix, at most sqrt(1 + ||Q^T Q - I||_F), and tight near orthogonality.
+    # of the float32 matrix, at most sqrt(1 + ||Q^T Q - I||_F), and tight near orthogonality:
+    # LAPACK's eigenvalues (below DEFECT_CHOLESKY_MIN_SIZE rows) to 1e-6, the Cholesky ladder's
+    # shifts (from it on) within DEFECT_TOLERANCE of sigma^2, as documented. At 64 x 64 and noise
+    # 1e-7 the ladder's first rung fails (lambda_max(D) 2.3e-6, d + s 1.8e-6) and the next passes:
+    # sigma + 1.1e-6 on two threads, + 0.99e-6 on one (QR's rounding moves d).
     gen = torch.Generator().manual_seed(rows + cols)
     q = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols), generator=gen))[0]
     q = q if rows >= cols else q.T
@@ -243,5 +252,7 @@ def test_near_orthogonal_bound_of_real_matrices_is_sound_and_tight(rows, cols, n
     defect = float(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype)))
     bound = semi_unitary_spectral_bound(q)
     assert exact <= bound <= math.sqrt(1 + defect) * (1 + 1e-12)
-    if noise == 1e-7:
+    if noise == 1e-7 and min(rows, cols) < DEFECT_CHOLESKY_MIN_SIZE:
         assert bound <= exact + 1e-6
+    elif noise == 1e-7:
+        assert bound**2 <= exact**2 + DEFECT_TOLERANCE + 1e-9  # + the tests' slack, 16 n^2 u
