@@ -947,3 +947,37 @@ def test_a_model_whose_class_redefines_its_call_is_refused():
     assert lipcert.lipschitz_upper_bound(inside, (4,)) >= 1e4
     traced = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
     assert lipcert.lipschitz_upper_bound(traced, (4,)) > 0
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [lambda m, x: m.fc(x).abs() + x,
+     lambda m, x: torch.abs(m.fc(x) * 3),
+     lambda m, x: m.fc(x).clamp(-0.2, 0.3) + m.fc(x),
+     lambda m, x: torch.clip(3 * m.fc(x), min=-1.0),
+     lambda m, x: torch.clamp(m.fc(x), max=torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=x.dtype)),
+     lambda m, x: torch.flip(m.fc(x), dims=(1,)) + m.fc(x),
+     lambda m, x: m.fc(x).view(-1, 2, 2).flip(1, 2).reshape(x.size(0), -1) - x,
+     lambda m, x: torch.roll(m.fc(x), 1, 1) + 2 * m.fc(x),
+     lambda m, x: m.fc(x).view(-1, 2, 2).roll(shifts=(1, -1), dims=(-1, 1)).flatten(1)],
+)  # fmt: skip
+def test_entrywise_contractions_and_permutations_are_bounded(fn):
+    """abs and clamp (to constant bounds) are 1-Lipschitz in each entry, flip and roll permute a
+    sample's entries: bounded by 1 in every l_p, each >= the exact float64 Jacobian norm."""
+    assert_sound(Lambda(fn), (4,))
+
+
+@pytest.mark.parametrize(
+    ("fn", "match"),
+    [(lambda m, x: m.fc(x).roll(1), "batch"),
+     (lambda m, x: torch.roll(m.fc(x), 1, 0), "batch"),
+     (lambda m, x: m.fc(x).flip(0), "batch"),
+     (lambda m, x: torch.flip(m.fc(x), dims=(1, 0)), "batch"),
+     (lambda m, x: torch.clamp(x, min=m.fc(x)), "several input-dependent"),
+     (lambda m, x: m.fc(x).abs_(), "abs_")],
+)  # fmt: skip
+def test_flips_and_rolls_across_the_batch_and_input_dependent_bounds_are_refused(fn, match):
+    """roll without dims rolls the flattened batch; dim 0 moves samples; a clamp to bounds that
+    depend on the input is max(x, g(x)), no longer a contraction of x alone."""
+    with pytest.raises(TypeError, match=match):
+        lipcert.lipschitz_upper_bound(Lambda(fn).eval(), (4,))

@@ -18,7 +18,9 @@ node's value, in graph order:
 * c * a and a / c with a constant c: max |c| L(a) and L(a) / min |c|;
 * reshapes, permutations, slicing, chunks: L unchanged (each output entry is an input entry, once);
 * sum / mean of groups of n entries: sqrt(n) / (1 / sqrt(n)) in l2 (Cauchy-Schwarz), n / 1 in
-  l_inf; amax / amin: 1.
+  l_inf; amax / amin: 1;
+* abs, clamp to constant bounds: 1 (|g(a) - g(b)| <= |a - b| in each entry); flip, roll of a
+  sample's entries: 1 (a permutation).
 
 Anything else raises a TypeError naming the operation: nothing is assumed to be 1-Lipschitz, and
 the product of two input-dependent tensors is refused (it is not globally Lipschitz). Every node
@@ -931,6 +933,26 @@ def _sum_or_mean(ctx: _Context, node: Node) -> Step:
 def _extreme(ctx: _Context, node: Node) -> Step:
     """|max_g x - max_g x'| <= max_g |x - x'| <= ||(x - x')_g||: 1 in every l_p."""
     _dims(ctx, node, _arg(node, 1, "dim"), len(ctx.shapes[node.args[0]]))
+    return _unary(ctx, node, 1.0)
+
+
+@_rule(torch.abs, torch.absolute, "abs", "absolute", torch.clamp, torch.clip, "clamp", "clip")
+def _entrywise_contraction(ctx: _Context, node: Node) -> Step:
+    """|g(a) - g(b)| <= |a - b| in every entry (the absolute value; a clamp to bounds that do not
+    depend on the input): 1 in every l_p. Both are exact in floating point (no rounding)."""
+    return _unary(ctx, node, 1.0)
+
+
+@_rule(torch.flip, "flip", torch.roll, "roll")
+def _entry_permutation(ctx: _Context, node: Node) -> Step:
+    """A permutation of each sample's entries (exact in floating point): an isometry in every
+    l_p. Never along the batch; ``roll`` without ``dims`` rolls the flattened batch: refused."""
+    if node.target in (torch.roll, "roll"):
+        dims = _arg(node, 2, "dims")
+    else:  # torch.flip(x, dims), x.flip(dims) or x.flip(*dims)
+        rest = node.args[1:]
+        dims = rest[0] if len(rest) == 1 else list(rest) or node.kwargs.get("dims")
+    _dims(ctx, node, dims, len(ctx.shapes[node.args[0]]))
     return _unary(ctx, node, 1.0)
 
 
