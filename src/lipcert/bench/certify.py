@@ -40,7 +40,12 @@ def _eval_pass(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> None
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
-    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    """First and third quartiles, interpolated between the measured values ("inclusive"): the
+    default "exclusive" method extrapolates beyond them, and two ratios of 0.5 and 5 gave a first
+    quartile below 0."""
+    if len(values) == 1:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return q1, q3
 
 
