@@ -490,3 +490,18 @@ def test_aol_on_a_gpu_matches_the_cpu(rescale):
     scale = float(grad_cpu.abs().max())
     torch.testing.assert_close(grad_gpu, grad_cpu, rtol=1e-4, atol=1e-5 * scale)
     assert gpu.eval().lipschitz_bound() <= 1.0
+
+
+@pytest.mark.parametrize("rescale", RESCALE_SIDES)
+@pytest.mark.parametrize("conv", [False, True])
+def test_the_bound_covers_float64_weights_whose_gram_underflows(rescale, conv):
+    """Raw float64 weights ~1e-300: every product of the constrained weight's Gram underflowed
+    and the bound was 0.0 against an exact norm of 1e-294."""
+    torch.manual_seed(0)
+    layer = AOLConv2d(3, 4, 3, rescale=rescale) if conv else AOLLinear(6, 5, rescale=rescale)
+    layer = layer.double()
+    with torch.no_grad():
+        original(layer).mul_(1e-300)
+    shape = (3, 5, 5) if conv else (6,)
+    exact = max_jacobian_norm(layer, shape)
+    assert 0 < exact <= layer.lipschitz_bound()

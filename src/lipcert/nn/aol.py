@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lipcert.bounds.conv import tap_pair_correlation
-from lipcert.bounds.operator import rounding_safety
+from lipcert.bounds.operator import power_of_two_scale, rounding_safety
 from lipcert.caching import shape_cache
 from lipcert.nn.constrained import (
     BoundedWeightConstraint,
@@ -373,7 +373,11 @@ class AOLConstraint(BoundedWeightConstraint):
     ``operator_bound`` is the weighted Schur test (weights p_j = 1/d_j, the scales the
     forward uses) on the float64 values of the constrained weight W' itself, on the same side's
     Gram (W'^T W' or W' W'^T, both of norm ||W'||^2), with the rounding of that float64
-    computation covered by :func:`sound_row_sums`: sqrt(max_i sum_j |Gram_ij| p_j/p_i).
+    computation covered by :func:`sound_row_sums`: sqrt(max_i sum_j |Gram_ij| p_j/p_i). W' is
+    first divided by :func:`~lipcert.bounds.operator.power_of_two_scale` (exact): its largest
+    entry in [1, 2) keeps the largest row sum >= 1, so products that underflow (all of them for
+    float64 weights ~1e-300, which gave a bound of 0.0 against a norm of 1e-294) stay far inside
+    the rounding slack, and no square overflows.
     """
 
     def __init__(self, rescale: str = "input") -> None:
@@ -407,8 +411,9 @@ class AOLConstraint(BoundedWeightConstraint):
             weights = 1 / schur_scales(self.gram_kernel(original(layer).detach()))
         if not (torch.isfinite(weight).all() and torch.isfinite(weights).all()):
             return math.inf
-        rows = sound_row_sums(self.gram_kernel(weight), weights.double())
-        return math.sqrt(float(rows.max())) * rounding_safety(torch.float64, 1)
+        power = power_of_two_scale(weight.double())  # exact; the bound is homogeneous in W'
+        rows = sound_row_sums(self.gram_kernel(weight.double() / power), weights.double())
+        return math.sqrt(float(rows.max())) * float(power) * rounding_safety(torch.float64, 1)
 
 
 def partial_isometry_(matrix: Tensor) -> Tensor:
