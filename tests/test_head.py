@@ -57,6 +57,23 @@ def test_rows_have_unit_norm_and_the_layer_can_exceed_one():
     assert layer.lipschitz_bound() >= math.sqrt(8)
 
 
+@pytest.mark.parametrize("magnitude", [1e-23, 1e-20, 1e20])
+def test_rows_of_extreme_magnitude_still_have_unit_norm(magnitude):
+    """float32 rows ~1e-23 had norm 5.9e14 (their squares underflowed), ~1e20 norm 0 (overflow);
+    the gradient stays that of w / ||w|| (the map is scale-invariant)."""
+    layer = _head(6, 4)
+    raw = layer.parametrizations.weight.original
+    with torch.no_grad():
+        raw[1:].mul_(magnitude)
+    norms = layer.weight.double().norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones(4, dtype=torch.float64), rtol=1e-6, atol=0)
+    (layer.weight * torch.arange(24.0).view(4, 6)).sum().backward()
+    exact = raw.detach().double().requires_grad_()
+    (exact / exact.norm(dim=1, keepdim=True) * torch.arange(24.0).view(4, 6)).sum().backward()
+    for got, want in zip(raw.grad.double(), exact.grad, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
 @given(features, features, st.integers(0, 1000))
 def test_pairwise_bounds_cover_the_exact_row_distances(n_in, n_out, seed):
     layer = _head(n_in, n_out, seed=seed)
