@@ -99,3 +99,33 @@ def test_building_a_layer_does_not_evaluate_its_constraint(build, monkeypatch):
     assert calls == []
     weight = layer.weight
     assert calls and weight.shape == original(layer).shape and weight.dtype == original(layer).dtype
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW])
+@pytest.mark.parametrize("layer_class", [lnn.AOLLinear, lnn.SLLLinear])
+def test_eval_cache_sees_a_fused_optimizer_step(optimizer, layer_class):
+    """A fused step bumps no version counter: the eval forward after it kept the constrained
+    weights of the pre-step values (off by 0.8 to 4.3), which the bound and export also read."""
+    torch.manual_seed(0)
+    layer, x = layer_class(6, 5).eval(), torch.randn(4, 6)
+    with torch.no_grad():
+        layer(x)  # fills the cache
+    step = optimizer(layer.parameters(), lr=0.5, fused=True)
+    layer.train()(x).square().sum().backward()
+    step.step()
+    fresh = layer_class(6, 5)
+    fresh.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x), fresh.eval()(x))
+    assert layer.lipschitz_bound() == fresh.lipschitz_bound()
+
+
+def test_a_fused_step_bumps_the_version_once_like_an_unfused_one():
+    weight = torch.nn.Parameter(torch.ones(3))
+    weight.grad = torch.ones(3)
+    versions = []
+    for kwargs in ({"foreach": False}, {"fused": True}):
+        before = weight._version
+        torch.optim.SGD([weight], lr=0.1, **kwargs).step()
+        versions.append(weight._version - before)
+    assert versions == [1, 1]

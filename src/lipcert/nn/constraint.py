@@ -5,6 +5,8 @@
   tensor's identity (a weak reference), storage and autograd version counter, which every in-place
   update bumps: optimizer steps, ``load_state_dict`` (``copy_``), ``module.to(...)``, and through
   the owner's plain attributes (:func:`plain_settings`: AOL's ``rescale``, a Cayley layer's grid).
+  Fused optimizer steps (``fused=True``) bump no version counter either (torch 2.13):
+  :func:`_mark_fused_steps`, a global optimizer post-step hook, bumps them for those optimizers.
   In-place writes through the legacy ``tensor.data`` alias bypass the version counter: the
   layer then keeps computing with its cached values under ``torch.no_grad`` (its bound and
   ``export`` describe those) while a forward with gradients computes afresh; call
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lipcert.precision import ieee_float32
 
@@ -36,6 +39,22 @@ def _version_key(tensors: Sequence[Tensor]) -> tuple | None:
         return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors)
     except RuntimeError:  # functorch-wrapped or storage-less tensors: never cache them
         return None
+
+
+def _mark_fused_steps(optimizer: torch.optim.Optimizer, *_args: Any) -> None:
+    """Bump the version counter of every parameter a fused optimizer step just updated: its
+    single kernel writes them without doing so (torch 2.13), so an :class:`EvalCache` filled
+    before the step kept handing back weights constrained from the old values (an AOL layer
+    after one fused SGD step: outputs off by 2.1 in eval mode, its bound and export also of the
+    old weights)."""
+    for group in optimizer.param_groups:
+        if group.get("fused"):
+            torch.autograd.graph.increment_version(
+                [p for p in group["params"] if not p.is_inference()]
+            )
+
+
+register_optimizer_step_post_hook(_mark_fused_steps)
 
 
 #: Attribute values :func:`plain_settings` keeps (compared by value).
