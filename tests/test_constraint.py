@@ -129,3 +129,28 @@ def test_a_fused_step_bumps_the_version_once_like_an_unfused_one():
         torch.optim.SGD([weight], lr=0.1, **kwargs).step()
         versions.append(weight._version - before)
     assert versions == [1, 1]
+
+
+@pytest.mark.parametrize("layer_class", [lnn.AOLLinear, lnn.SpectralLinear, lnn.SLLLinear])
+def test_eval_cache_sees_weights_given_new_data(layer_class):
+    """``param.data = ...`` bumps no version. A transposed view of a square weight kept its address
+    and shape (stale outputs off by 2.0); ``.half()`` then ``.double()`` freed the old storage
+    and the new one could come back at its address (11 of 55 round trips in one run), the layer
+    then computing with the weights constrained before the rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, dtype=torch.float64)
+
+    def fresh_output(layer):
+        fresh = layer_class(5, 5).double().eval()
+        fresh.load_state_dict(layer.state_dict())
+        return fresh(x)
+
+    with torch.no_grad():
+        for _ in range(20):
+            layer = layer_class(5, 5).double().eval()
+            layer(x)  # fills the cache
+            layer.half().double()
+            torch.testing.assert_close(layer(x), fresh_output(layer), rtol=0, atol=1e-12)
+        raw = original(layer)
+        raw.data = raw.data.t()
+        torch.testing.assert_close(layer(x), fresh_output(layer), rtol=0, atol=1e-12)

@@ -5,6 +5,9 @@
   tensor's identity (a weak reference), storage and autograd version counter, which every in-place
   update bumps: optimizer steps, ``load_state_dict`` (``copy_``), ``module.to(...)``, and through
   the owner's plain attributes (:func:`plain_settings`: AOL's ``rescale``, a Cayley layer's grid).
+  A tensor whose storage is replaced (``module.to(...)`` and ``.half()`` assign ``param.data``,
+  which bumps no version) is seen by its storage address and strides: the cache holds the old
+  storage alive, so that a new one cannot come back at its address.
   Fused optimizer steps (``fused=True``) bump no version counter either (torch 2.13):
   :func:`_mark_fused_steps`, a global optimizer post-step hook, bumps them for those optimizers.
   In-place writes through the legacy ``tensor.data`` alias bypass the version counter: the
@@ -33,10 +36,14 @@ from lipcert.precision import ieee_float32
 
 
 def _version_key(tensors: Sequence[Tensor]) -> tuple | None:
-    """The storage, version counter, dtype, device and shape of each of ``tensors``: a key that
-    changes whenever one is modified in place (their identity is checked apart, by reference)."""
+    """The storage, version counter, dtype, device, shape and strides of each of ``tensors``: a
+    key that changes whenever one is modified in place or given other data (their identity is
+    checked apart, by reference)."""
     try:
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors)
+        return tuple(
+            (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), t.stride())
+            for t in tensors
+        )
     except RuntimeError:  # functorch-wrapped or storage-less tensors: never cache them
         return None
 
@@ -79,11 +86,16 @@ class EvalCache:
 
     The sources are held by weak reference and compared by identity: a freed tensor's id and
     address can be reused by a new one at the same version (``torch.func.functional_call`` with
-    fresh parameters each call), which an id in the key would take for the old tensor.
+    fresh parameters each call), which an id in the key would take for the old tensor. Their
+    storages are held (detached aliases): a source given new data in place of the old
+    (``param.data = ...``, as ``module.half()`` then ``.double()`` does) had the old one freed,
+    and the new one came back at its address, version, dtype and shape (11 of 55 round trips
+    here), its constrained weight then taken from the values before the rounding.
     """
 
     def __init__(self) -> None:
         self._sources: tuple[weakref.ref, ...] = ()
+        self._storages: tuple[Tensor, ...] = ()
         self._key: tuple | None = None
         self._value: Any = None
 
@@ -110,6 +122,7 @@ class EvalCache:
         if key != self._key or not self._same_sources(sources):
             with torch.inference_mode(False), torch.no_grad():
                 self._value = compute()
+                self._storages = tuple(t.detach() for t in sources)
             self._sources, self._key = tuple(weakref.ref(t) for t in sources), key
         return self._value
 
@@ -119,7 +132,7 @@ class EvalCache:
         )
 
     def clear(self) -> None:
-        self._sources, self._key, self._value = (), None, None
+        self._sources, self._storages, self._key, self._value = (), (), None, None
 
 
 class WeightConstraint(nn.Module):
