@@ -1,8 +1,11 @@
 import pytest
 import torch
+from lipschitz import max_jacobian_norm
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
 from lipcert import nn as lnn
+from lipcert.bounds.network import lipschitz_upper_bound
 from lipcert.nn.constraint import EvalCache, original
 
 
@@ -154,3 +157,18 @@ def test_eval_cache_sees_weights_given_new_data(layer_class):
         raw = original(layer)
         raw.data = raw.data.t()
         torch.testing.assert_close(layer(x), fresh_output(layer), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("leave_parametrized", [True, False])
+def test_a_layer_whose_constraint_was_removed_is_refused_by_name(leave_parametrized):
+    """After ``remove_parametrizations`` the forward uses a plain weight (the raw one, norm 5.0
+    here, with ``leave_parametrized=False``); the bound raised "no attribute 'constraint'"."""
+    torch.manual_seed(0)
+    layer = lnn.AOLConv2d(3, 4, 3).double()
+    with torch.no_grad():
+        original(layer).mul_(5)
+    parametrize.remove_parametrizations(layer, "weight", leave_parametrized=leave_parametrized)
+    with pytest.raises(ValueError, match="AOLConv2d has no weight constraint"):
+        lipschitz_upper_bound(torch.nn.Sequential(layer), (3, 5, 5))
+    plain = layer.export()
+    assert lipschitz_upper_bound(plain, (3, 5, 5)) >= max_jacobian_norm(plain, (3, 5, 5))

@@ -48,6 +48,15 @@ class _ConstrainedMixin(LipschitzLayer):
 
     @property
     def constraint(self) -> BoundedWeightConstraint:
+        """The weight's constraint; a ValueError once ``remove_parametrizations`` took it off (an
+        AttributeError here would reach the caller as "no attribute 'constraint'"): the layer
+        then computes with a plain weight (the raw one with ``leave_parametrized=False``: an
+        AOL layer at norm 5.0) that no family bound covers."""
+        if not parametrize.is_parametrized(self, "weight"):
+            raise ValueError(
+                f"{layer_name(self)} has no weight constraint (removed by "
+                "remove_parametrizations?): bound its export() instead"
+            )
         return self.parametrizations.weight[0]
 
     def init_weight(self, weight: Tensor) -> None:
