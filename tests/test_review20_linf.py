@@ -1,0 +1,44 @@
+"""Review of the twentieth session: l_inf-distance nets under unusual weights and calls.
+
+A bias that cancels the distances hid them from the rounding allowance (a certified radius broken
+at a tenth of it); an ONNX file of a float64 net took float32 inputs; an empty training batch set
+the running mean to NaN; finite-p distances of subnormal differences were NaN; the exported layer
+and a p loaded from a state dict failed or were bounded without naming the problem.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lipcert
+from lipcert.bounds.graph import graph_bound
+from lipcert.nn.linf import LinfDist, Negate
+
+
+def _bias_cancelling(p: float) -> nn.Module:
+    """Logits (x, 0.45 - |x|) for x in [0, 1] in exact arithmetic; the first is computed as
+    |x - 1e6| - 1e6, whose float32 subtraction rounds to multiples of 2^-4."""
+    layer = LinfDist(1, 2, p=p)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1e6], [0.0]]))
+        layer.bias.copy_(torch.tensor([-1e6, -0.45]))
+    return nn.Sequential(layer, Negate()).eval()
+
+
+@pytest.mark.parametrize("p", [math.inf, 8.0])
+@pytest.mark.parametrize("exported", [False, True])
+def test_distances_that_the_bias_cancels_are_allowed_for(p, exported):
+    """The internal size of a LinfDist was its output plus bias: distances ~1e6 that a bias of
+    -1e6 cancels counted as ~0, and x = 0.2190 (exact margin -0.012, computed +0.019) was
+    certified to 0.00915 while x = 0.2185, 5e-4 away, is classified 1."""
+    model = _bias_cancelling(p)
+    model = lipcert.export(model) if exported else model
+    assert graph_bound(model, (1,), "linf").zero_input_scale >= 1e6
+    x, near = torch.tensor([[0.2190]]), torch.tensor([[0.2185]])
+    assert int(model(near).argmax()) == 1
+    radius = lipcert.certify(model, x, torch.tensor([0]), norm="linf")
+    assert float(radius) < float((x - near).abs())
