@@ -42,3 +42,21 @@ def test_distances_that_the_bias_cancels_are_allowed_for(p, exported):
     assert int(model(near).argmax()) == 1
     radius = lipcert.certify(model, x, torch.tensor([0]), norm="linf")
     assert float(radius) < float((x - near).abs())
+
+
+def test_onnx_of_a_float64_linf_net_takes_float64_inputs(tmp_path):
+    """write_onnx took the example input's dtype from the parameters, and an exported pure
+    l_inf-distance net has none (PlainLinfDist holds buffers): its ONNX input was float32, which
+    refused float64 inputs and rounded them."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = nn.Sequential(LinfDist(6, 8, bias=False, mean_shift=True), LinfDist(8, 3), Negate())
+    model = model.double().train()
+    model(torch.rand(16, 6, dtype=torch.float64))
+    model.eval()
+    lipcert.export(model, onnx_path=tmp_path / "linf.onnx", input_shape=(6,))
+    session = onnxruntime.InferenceSession(str(tmp_path / "linf.onnx"))
+    assert session.get_inputs()[0].type == "tensor(double)"
+    x = torch.rand(5, 6, dtype=torch.float64) + 1e-9
+    (out,) = session.run(None, {"input": x.numpy()})
+    assert (torch.from_numpy(out) - model(x).detach()).abs().max() <= 1e-12

@@ -11,6 +11,7 @@ computes with the cached ones). The result is in eval mode and computes the same
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 
 import torch
@@ -74,9 +75,12 @@ def export(
 
 
 def write_onnx(plain: nn.Module, path: Path, input_shape: tuple[int, ...]) -> None:
-    """Write ``plain`` as ONNX (batch dimension dynamic), atomically."""
-    param = next(plain.parameters(), None)
-    example = torch.zeros((2, *input_shape), dtype=param.dtype if param is not None else None)
+    """Write ``plain`` as ONNX (batch dimension dynamic), atomically. The input takes the dtype
+    of the first floating parameter or buffer (an exported l_inf-distance net holds buffers only:
+    a float64 one took float32 inputs)."""
+    tensors = itertools.chain(plain.parameters(), plain.buffers())
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), None)
+    example = torch.zeros((2, *input_shape), dtype=dtype)
     check_input_fits(plain, input_shape, example)
     with output_file(path, "the ONNX path") as tmp:
         torch.onnx.export(
