@@ -60,3 +60,13 @@ def test_onnx_of_a_float64_linf_net_takes_float64_inputs(tmp_path):
     x = torch.rand(5, 6, dtype=torch.float64) + 1e-9
     (out,) = session.run(None, {"input": x.numpy()})
     assert (torch.from_numpy(out) - model(x).detach()).abs().max() <= 1e-12
+
+
+def test_an_empty_training_batch_keeps_the_running_mean():
+    """The mean of zero rows is NaN: one empty batch in training made the running mean NaN for
+    good (every later eval output NaN). BatchNorm1d leaves its statistics unchanged."""
+    layer = LinfDist(4, 3, bias=False, mean_shift=True).train()
+    layer(torch.randn(8, 4))
+    before = layer.running_mean.clone()
+    assert layer(torch.randn(0, 4)).shape == (0, 3)
+    assert torch.equal(layer.running_mean, before)

@@ -157,12 +157,14 @@ class LinfDist(LipschitzLayer, nn.Module):
         return out.reshape(*input.shape[:-1], self.out_features)
 
     def _shift(self, out: Tensor) -> Tensor:
-        """The batch mean (training; it updates the running mean) or the running mean (eval)."""
+        """The batch mean (training; it updates the running mean) or the running mean (eval). An
+        empty batch keeps the running mean (its mean is NaN), as ``nn.BatchNorm1d`` does."""
         if not self.training:
             return self.running_mean
         mean = out.mean(dim=0)
-        with torch.no_grad():
-            self.running_mean.lerp_(mean.detach(), self.momentum)
+        if len(out):
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach(), self.momentum)
         return mean
 
     def lipschitz_bound(self) -> float:
