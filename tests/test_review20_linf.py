@@ -17,6 +17,7 @@ from torch import nn
 import lipcert
 from lipcert.bounds.graph import graph_bound
 from lipcert.nn.linf import LinfDist, Negate
+from lipcert.nn.linf_kernel import lp_distance
 
 
 def _bias_cancelling(p: float) -> nn.Module:
@@ -70,3 +71,19 @@ def test_an_empty_training_batch_keeps_the_running_mean():
     before = layer.running_mean.clone()
     assert layer(torch.randn(0, 4)).shape == (0, 3)
     assert torch.equal(layer.running_mean, before)
+
+
+@pytest.mark.parametrize("p", [8.0, 7.3, 2.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_p_distances_of_subnormal_differences(p, dtype):
+    """max |d| below the smallest normal float has no float reciprocal (1 / 1e-40 overflows
+    float32): the scaled terms were inf * 0 = NaN, value and gradients."""
+    tiny = torch.finfo(dtype).tiny
+    x = torch.tensor([[tiny / 2**10, 0.0, tiny / 2**12]], dtype=dtype, requires_grad=True)
+    w = torch.zeros(2, 3, dtype=dtype, requires_grad=True)
+    out = lp_distance(x, w, p)
+    exact = torch.linalg.vector_norm(x.detach().double() * 2.0**200, ord=p) / 2.0**200
+    assert torch.isfinite(out).all()
+    assert float((out.double() - exact).abs().max()) <= 3 * tiny
+    grads = torch.autograd.grad(out.sum(), (x, w))
+    assert all(bool(torch.isfinite(g).all()) for g in grads)

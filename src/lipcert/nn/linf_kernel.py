@@ -291,6 +291,9 @@ def _pow_forward(x: Tensor, w: Tensor, p: float, plan: _Tiling):
     """||x_b - w_m||_p (B, M), and the (B, M) tensors the backward needs."""
     exponent = _exponent(p, x)
     scale, _ = _inf_forward(x, w, plan, with_index=False)  # m = max_n |d_n|: the top term is 1
+    # Below the smallest normal float 1 / m overflows (inf * 0 = NaN terms): there m is raised to
+    # it, the terms stay <= 1 and S may fall below 1 (absolute error < tiny, as any underflow).
+    scale = torch.where(scale > 0, scale.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
     inv_scale = torch.where(scale > 0, scale.reciprocal(), 0.0)  # (B, M); 0 where x = w
     xp, wp = plan.pad(x, plan.x_rows), plan.pad(w, plan.w_rows)
     inv_padded = _pad_pairs(inv_scale, xp.shape[0], wp.shape[0])
@@ -298,10 +301,10 @@ def _pow_forward(x: Tensor, w: Tensor, p: float, plan: _Tiling):
     kernel = plan.kernel(pow_sum_kernel)
     for rows, cols in plan.tiles(xp, wp):
         total[rows, cols] = kernel(xp[rows], wp[cols], inv_padded[rows, cols], exponent)
-    total = total[: x.shape[0], : w.shape[0]]  # in [1, N] (0 where x = w)
-    norm = total.pow(1.0 / p)  # (B, M), in [1, N^(1/p)]
+    total = total[: x.shape[0], : w.shape[0]]  # in [1, N] (0 where x = w; below 1 if m < tiny)
+    norm = total.pow(1.0 / p)  # (B, M), in [1, N^(1/p)] (idem)
     # du/dd_n = sign(d_n) (|d_n| / m)^(p - 1) S^(1/p - 1); at x = w, 0 is a subgradient
-    factor = torch.where(total > 0, norm / total.clamp_min(1.0), 0.0)
+    factor = torch.where(total > 0, norm / total, 0.0)
     return scale * norm, inv_scale, factor
 
 
