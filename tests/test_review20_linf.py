@@ -16,6 +16,7 @@ from torch import nn
 
 import lipcert
 from lipcert.bounds.graph import graph_bound
+from lipcert.bounds.network import module_bound
 from lipcert.nn.linf import LinfDist, Negate
 from lipcert.nn.linf_kernel import lp_distance
 
@@ -87,3 +88,28 @@ def test_finite_p_distances_of_subnormal_differences(p, dtype):
     assert float((out.double() - exact).abs().max()) <= 3 * tiny
     grads = torch.autograd.grad(out.sum(), (x, w))
     assert all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def test_the_exported_layer_refuses_a_wrong_input_size_by_name():
+    """PlainLinfDist reshaped any input to rows of in_features: (2, 8) failed deep in a reshape
+    ("shape '[2, 3]' is invalid for input of size 12") where LinfDist names the sizes."""
+    plain = LinfDist(4, 3).export()
+    for shape in ((2, 8), (2, 5), (3, 2, 2)):
+        with pytest.raises(ValueError, match=r"PlainLinfDist expects input \(\*, 4\), got"):
+            plain(torch.randn(shape))
+
+
+@pytest.mark.parametrize("p", [0.5, -1.0, math.nan, -math.inf])
+def test_a_p_below_one_from_a_state_dict_is_refused_by_name(p):
+    """p is a buffer: a tampered checkpoint (or a write through .data) sets it unchecked, and
+    lipschitz_bound() then returned N^(1/p) for a map that is no norm (36 at p = 0.5, 1/6 at
+    p = -1, NaN), while the forward failed without naming the layer."""
+    layer = LinfDist(6, 3)
+    state = layer.state_dict()
+    state["p"] = torch.tensor(p, dtype=torch.float64)
+    layer.load_state_dict(state)
+    for call in (layer.lipschitz_bound, lambda: module_bound(nn.Sequential(layer), "linf")):
+        with pytest.raises(ValueError, match=r"LinfDist: p must be a number >= 1"):
+            call()
+    with pytest.raises(ValueError, match=r"LinfDist: p must be a number >= 1"):
+        layer(torch.randn(2, 6))

@@ -38,7 +38,7 @@ from lipcert.bounds.network import (
     register_internal_size,
 )
 from lipcert.bounds.operator import rounding_safety
-from lipcert.nn.constrained import check_input_shape
+from lipcert.nn.constrained import check_input_shape, layer_name
 from lipcert.nn.constraint import LipschitzLayer
 from lipcert.nn.linf_kernel import lp_distance
 
@@ -54,6 +54,17 @@ def _check_p(p: float) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not p >= 1:
         raise ValueError(f"p must be a number >= 1 or math.inf, got {p!r}")
     return float(p)
+
+
+def _layer_p(layer: nn.Module) -> float:
+    """``layer.p`` as a float, checked (a ValueError naming the layer): p is a buffer of
+    :class:`LinfDist` (an attribute of :class:`PlainLinfDist`) that a state dict, a tampered
+    checkpoint or a write through ``.data`` sets unchecked, and below 1 ||.||_p is no norm, nor
+    N^(1/p) a bound (36 at p = 0.5 for N = 6, 1/6 at p = -1)."""
+    try:
+        return _check_p(float(layer.p))
+    except ValueError as err:
+        raise ValueError(f"{layer_name(layer)}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -149,9 +160,8 @@ class LinfDist(LipschitzLayer, nn.Module):
     allocates_output = True  # the distances
 
     def forward(self, input: Tensor) -> Tensor:
-        ok = input.dim() >= 1 and input.shape[-1] == self.in_features
-        check_input_shape(self, input, f"(*, {self.in_features})", ok)
-        out = biased_distances(input, self.weight, self.bias, float(self.p))  # (B, M)
+        _check_features(self, input, self.in_features)
+        out = biased_distances(input, self.weight, self.bias, _layer_p(self))  # (B, M)
         if self.mean_shift:
             out = out - self._shift(out)
         return out.reshape(*input.shape[:-1], self.out_features)
@@ -170,7 +180,7 @@ class LinfDist(LipschitzLayer, nn.Module):
     def lipschitz_bound(self) -> float:
         """l_inf -> l_inf bound: :func:`distance_bound`; x2 for the batch map of training-mode
         mean shift (module docstring)."""
-        bound = distance_bound(self.in_features, float(self.p))
+        bound = distance_bound(self.in_features, _layer_p(self))
         if self.mean_shift and self.training:
             bound *= MEAN_SHIFT_TRAIN_FACTOR
         return bound
@@ -178,13 +188,19 @@ class LinfDist(LipschitzLayer, nn.Module):
     def export(self) -> PlainLinfDist:
         with torch.no_grad():
             shift = self.running_mean if self.mean_shift else None
-            return PlainLinfDist(self.weight, self.bias, shift, float(self.p))
+            return PlainLinfDist(self.weight, self.bias, shift, _layer_p(self))
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, p={float(self.p)}, mean_shift={self.mean_shift}"
         )
+
+
+def _check_features(layer: nn.Module, input: Tensor, features: int) -> None:
+    """ValueError naming ``layer`` unless ``input`` is (*, ``features``)."""
+    ok = input.dim() >= 1 and input.shape[-1] == features
+    check_input_shape(layer, input, f"(*, {features})", ok)
 
 
 def biased_distances(input: Tensor, weight: Tensor, bias: Tensor | None, p: float) -> Tensor:
@@ -221,10 +237,11 @@ class PlainLinfDist(nn.Module):
         self.register_buffer("shift", None if shift is None else shift.detach().clone())
 
     def forward(self, input: Tensor) -> Tensor:
-        if torch.onnx.is_in_onnx_export():
+        if torch.onnx.is_in_onnx_export():  # the input shape was checked before tracing
             out = self._onnx_distances(input)
         else:
-            out = biased_distances(input, self.weight, self.bias, self.p)  # (B, M)
+            _check_features(self, input, self.weight.shape[1])
+            out = biased_distances(input, self.weight, self.bias, _layer_p(self))  # (B, M)
         if self.shift is not None:
             out = out - self.shift
         return out.reshape(*input.shape[:-1], self.weight.shape[0])
@@ -233,10 +250,10 @@ class PlainLinfDist(nn.Module):
         """:func:`biased_distances` with the plain ops ONNX has (the same scaling)."""
         flat = input.reshape(-1, self.weight.shape[1]).to(self.weight.dtype)  # (B, N)
         diff = (flat[:, None, :] - self.weight[None]).abs()  # (B, M, N)
-        out = diff.amax(dim=-1)
-        if not math.isinf(self.p):
+        out, p = diff.amax(dim=-1), _layer_p(self)
+        if not math.isinf(p):
             scale = out.clamp_min(torch.finfo(out.dtype).tiny)[..., None]
-            out = (diff / scale).pow(self.p).sum(dim=-1).pow(1.0 / self.p) * scale[..., 0]
+            out = (diff / scale).pow(p).sum(dim=-1).pow(1.0 / p) * scale[..., 0]
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
@@ -250,7 +267,7 @@ def _plain_linf_dist(module: nn.Module, norm: str) -> float:
     """The exported layer's bound, as :meth:`LinfDist.lipschitz_bound` in eval mode (l_inf only)."""
     if norm != "linf":
         raise UnsupportedNorm(f"PlainLinfDist is Lipschitz in linf, not {norm}")
-    return distance_bound(module.weight.shape[1], module.p)
+    return distance_bound(module.weight.shape[1], _layer_p(module))
 
 
 @register_internal_size(LinfDist, PlainLinfDist)
@@ -259,7 +276,7 @@ def _distances_internal_size(module: nn.Module, x: Tensor, norm: str) -> float:
     that either cancels round at their own size. With the bias added first, distances ~1e6 that
     a bias of -1e6 cancels counted as ~0: a radius of 0.00915 was broken 5e-4 away."""
     with torch.no_grad():
-        distances = biased_distances(x, module.weight, None, float(module.p))
+        distances = biased_distances(x, module.weight, None, _layer_p(module))
     return magnitude(distances, norm)
 
 
