@@ -39,6 +39,47 @@ def max_jacobian_norm(module: nn.Module, input_shape: tuple[int, ...], n_points:
     )
 
 
+#: Random points and gradient-ascent starts per soundness check, and the ascent's steps.
+POINTS, STARTS, ASCENT_STEPS = 6, 2, 8
+
+
+def jacobian_norm(model: nn.Module, x: torch.Tensor, norm: str) -> torch.Tensor:
+    """Exact operator norm of the Jacobian at x (float64): spectral, or largest row l1 sum."""
+    jac = jacobian_matrix(model, x)
+    return torch.linalg.matrix_norm(jac, ord=2) if norm == "l2" else jac.abs().sum(dim=1).max()
+
+
+def worst_points(model: nn.Module, shape: tuple[int, ...], norm: str, seed: int = 0):
+    """Exact Jacobian norms at random points of several scales, then along an ascent of it:
+    gradient steps, or random steps kept when they help where the gradient is zero or missing
+    (piecewise-linear layers; ops without second derivatives)."""
+    gen = torch.Generator().manual_seed(seed)
+    points = [s * torch.randn(shape, generator=gen, dtype=torch.float64)
+              for s in (0.3, 1.0, 3.0) for _ in range(POINTS // 3)]  # fmt: skip
+    norms = [float(jacobian_norm(model, x, norm)) for x in points]
+    for x in points[:STARTS]:
+        best = float(jacobian_norm(model, x, norm))
+        for _ in range(ASCENT_STEPS):
+            step = _ascent_direction(model, x, norm)
+            if step is None:
+                step = torch.randn(shape, generator=gen, dtype=torch.float64)
+            candidate = x + 0.3 * step / step.norm()
+            value = float(jacobian_norm(model, candidate, norm))
+            norms.append(value)
+            if value > best:
+                x, best = candidate, value
+    return norms
+
+
+def _ascent_direction(model: nn.Module, x: torch.Tensor, norm: str) -> torch.Tensor | None:
+    x = x.detach().requires_grad_(True)
+    try:
+        (grad,) = torch.autograd.grad(jacobian_norm(model, x, norm), x, allow_unused=True)
+    except RuntimeError:  # an op without a second derivative
+        return None
+    return grad if grad is not None and bool(grad.any()) else None
+
+
 def adversarial_steps(
     module: nn.Module, input_shape: tuple[int, ...], steps: int = 3, lr: float = 10.0
 ) -> None:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from lipschitz import jacobian_matrix
+from lipschitz import jacobian_norm, worst_points
 from torch import nn
 
 import lipcert
@@ -18,46 +18,6 @@ from lipcert.bounds.network import BOUND_RULES, module_bound, register_bound_rul
 from lipcert.bounds.rules import ACTIVATION_CONSTANTS, GELU_LIPSCHITZ, GELU_TANH_LIPSCHITZ
 from lipcert.certify import certify, radii_from_logits, summarize
 from lipcert.nn import Residual
-
-#: Random points and gradient-ascent starts per soundness check, and the ascent's steps.
-POINTS, STARTS, ASCENT_STEPS = 6, 2, 8
-
-
-def exact_norm(model: nn.Module, x: torch.Tensor, norm: str) -> torch.Tensor:
-    """Exact operator norm of the Jacobian at x (float64): spectral, or largest row l1 sum."""
-    jac = jacobian_matrix(model, x)
-    return torch.linalg.matrix_norm(jac, ord=2) if norm == "l2" else jac.abs().sum(dim=1).max()
-
-
-def worst_points(model: nn.Module, shape: tuple[int, ...], norm: str, seed: int = 0):
-    """Exact Jacobian norms at random points of several scales, then along an ascent of it:
-    gradient steps, or random steps kept when they help where the gradient is zero or missing
-    (piecewise-linear layers; ops without second derivatives)."""
-    gen = torch.Generator().manual_seed(seed)
-    points = [s * torch.randn(shape, generator=gen, dtype=torch.float64)
-              for s in (0.3, 1.0, 3.0) for _ in range(POINTS // 3)]  # fmt: skip
-    norms = [float(exact_norm(model, x, norm)) for x in points]
-    for x in points[:STARTS]:
-        best = float(exact_norm(model, x, norm))
-        for _ in range(ASCENT_STEPS):
-            step = _ascent_direction(model, x, norm)
-            if step is None:
-                step = torch.randn(shape, generator=gen, dtype=torch.float64)
-            candidate = x + 0.3 * step / step.norm()
-            value = float(exact_norm(model, candidate, norm))
-            norms.append(value)
-            if value > best:
-                x, best = candidate, value
-    return norms
-
-
-def _ascent_direction(model: nn.Module, x: torch.Tensor, norm: str) -> torch.Tensor | None:
-    x = x.detach().requires_grad_(True)
-    try:
-        (grad,) = torch.autograd.grad(exact_norm(model, x, norm), x, allow_unused=True)
-    except RuntimeError:  # an op without a second derivative
-        return None
-    return grad if grad is not None and bool(grad.any()) else None
 
 
 def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -216,7 +176,7 @@ def test_graph_rules_are_exact_on_linear_graphs(name):
     if exact_l2 is None:  # the matrix's spectral norm
         exact_l2 = float(torch.linalg.matrix_norm(model.matrix.detach(), ord=2))
     for norm, exact in (("l2", exact_l2), ("linf", exact_linf)):
-        assert float(exact_norm(model, x, norm)) == pytest.approx(exact, rel=1e-12)
+        assert float(jacobian_norm(model, x, norm)) == pytest.approx(exact, rel=1e-12)
         assert lipcert.lipschitz_upper_bound(model, shape, norm) == pytest.approx(exact, rel=1e-9)
 
 
@@ -262,14 +222,14 @@ def test_overlapping_max_pool_attains_sqrt_uses():
     constant is sqrt(2), not 1."""
     pool = nn.MaxPool1d(2, stride=1)
     x = torch.tensor([[0.0, 1.0] * 4], dtype=torch.float64)  # (1, 8): channels x length
-    exact = float(exact_norm(pool, x, "l2"))
+    exact = float(jacobian_norm(pool, x, "l2"))
     assert exact == pytest.approx(math.sqrt(2), rel=1e-12)
     assert module_bound(pool, "l2") == pytest.approx(math.sqrt(2))
 
 
 def test_batch_norm_bound_is_exact():
     bn = randomize_batch_norms(nn.BatchNorm2d(5)).double().eval()
-    exact = float(exact_norm(bn, torch.randn(5, 2, 2, dtype=torch.float64), "l2"))
+    exact = float(jacobian_norm(bn, torch.randn(5, 2, 2, dtype=torch.float64), "l2"))
     assert module_bound(bn, "l2") == pytest.approx(exact, rel=1e-12)
     with pytest.raises(ValueError, match="training mode"):
         module_bound(bn.train(), "l2")
@@ -297,7 +257,7 @@ def test_transposed_convolution_bounds_are_sound(kwargs, norm):
     torch.manual_seed(0)
     conv = nn.ConvTranspose2d(4, 6, 3, **kwargs).double().eval()
     x = torch.randn(4, 5, 4, dtype=torch.float64)
-    assert module_bound(conv, norm, (4, 5, 4)) >= float(exact_norm(conv, x, norm))
+    assert module_bound(conv, norm, (4, 5, 4)) >= float(jacobian_norm(conv, x, norm))
 
 
 def test_average_pool_bounds_are_sound_and_exact_for_global_pooling():
@@ -306,8 +266,8 @@ def test_average_pool_bounds_are_sound_and_exact_for_global_pooling():
                         (nn.AdaptiveAvgPool2d((2, 3)), (1, 5, 7)),
                         (nn.AdaptiveAvgPool2d(1), (1, 4, 4))]:  # fmt: skip
         x = torch.zeros(shape, dtype=torch.float64)
-        assert float(exact_norm(pool, x, "l2")) <= module_bound(pool, "l2", shape)
-        assert float(exact_norm(pool, x, "linf")) <= module_bound(pool, "linf", shape)
+        assert float(jacobian_norm(pool, x, "l2")) <= module_bound(pool, "l2", shape)
+        assert float(jacobian_norm(pool, x, "linf")) <= module_bound(pool, "linf", shape)
     assert module_bound(nn.AdaptiveAvgPool2d(1), "l2", (3, 4, 4)) == pytest.approx(0.25)
 
 
