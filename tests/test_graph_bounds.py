@@ -327,7 +327,7 @@ class PoolIndices(nn.Module):
     ("model", "match"),
     [
         (Unknown(), r"torch\.sin"),
-        (nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=1)), "Softmax"),
+        (nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=0)), "Softmax normalizes.*the batch"),
         (nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), "LayerNorm.*not Lipschitz"),
         (Square(), "multiplies two input-dependent"),
         (WholeSum(), "batch dimension"),

@@ -19,6 +19,11 @@ node's value, in graph order:
 * reshapes, permutations, slicing, chunks: L unchanged (each output entry is an input entry, once);
 * sum / mean of groups of n entries: sqrt(n) / (1 / sqrt(n)) in l2 (Cauchy-Schwarz), n / 1 in
   l_inf; amax / amin: 1;
+* softmax / softmin 1/2, log-softmax sqrt(n) in l2 and 2 in l_inf, over groups of n entries
+  (:func:`lipcert.bounds.rules.softmax_bound`), LP pools and the other functional forms of
+  modules with a rule: the module's rule;
+* ``F.interpolate`` (nearest, nearest-exact, (bi/tri)linear, area; not bicubic): the Schur test
+  of a nonnegative matrix at the input size (:func:`lipcert.bounds.rules.interpolation_bound`);
 * abs, clamp to constant bounds: 1 (|g(a) - g(b)| <= |a - b| in each entry); flip, roll of a
   sample's entries: 1 (a permutation).
 
@@ -88,7 +93,13 @@ from lipcert.bounds.network import (
     sqrt_up,
 )
 from lipcert.bounds.padded_conv import conv_geometry
-from lipcert.bounds.rules import COPYING_PADS, conv_bound, pad_factor
+from lipcert.bounds.rules import (
+    COPYING_PADS,
+    conv_bound,
+    interpolation_bound,
+    output_root,
+    pad_factor,
+)
 from lipcert.nn.constrained import ConstrainedLinear
 from lipcert.nn.constraint import LipschitzLayer
 from lipcert.nn.residual import Residual, sll_form
@@ -103,6 +114,9 @@ SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel"})
 SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
 #: The shape queries that never read the batch size.
 BATCH_FREE_QUERIES = frozenset({"dim", "ndimension", "ndim", "dtype", "device"})
+#: Roundings within tiny per input entry of a p-th root of p-th powers: the power, the sum and
+#: (an LP pool) the average's division (:func:`underflow_error`).
+ROOT_ROUNDINGS = 3
 #: Relative tolerance of the check that the traced graph computes what the model computes.
 TRACE_CHECK_RTOL = 1e-4
 #: Scales of the random probe at which the trace must reproduce the model: behaviour that only
@@ -117,6 +131,8 @@ class Step:
 
     factor: float | None
     bound: float
+    #: p when the output is a p-th root of sums of p-th powers (:func:`underflow_error`)
+    root: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -479,6 +495,7 @@ class _Context:
     depends: set[Node]
     batch_sized: set[Node]
     bounds: dict[Node, float] = field(default_factory=dict)
+    roots: dict[Node, float] = field(default_factory=dict)  # the roots of Step.root != 1
 
     def is_dependent(self, arg: Any) -> bool:
         return isinstance(arg, Node) and arg in self.depends
@@ -537,7 +554,7 @@ def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
 SHAPE_ARGUMENTS = frozenset({"view_as", "reshape_as"})
 
 
-def _unary(ctx: _Context, node: Node, factor: float) -> Step:
+def _unary(ctx: _Context, node: Node, factor: float, root: float = 1.0) -> Step:
     """``factor`` times the bound of the node's first argument, its only input-dependent one:
     no other argument may depend on the input, that first argument passed again included
     (``F.linear(x, W, x)`` adds x as its bias: ||W + I||, not ||W||)."""
@@ -549,7 +566,7 @@ def _unary(ctx: _Context, node: Node, factor: float) -> Step:
             f"{_describe(node)} (node '{node.name}') combines several input-dependent tensors; "
             "no rule bounds that: wrap it in a module and register a rule for it"
         )
-    return Step(factor, mul_up(factor, ctx.bound(source)))
+    return Step(factor, mul_up(factor, ctx.bound(source)), root)
 
 
 def _batch_error(node: Node, what: str) -> TypeError:
@@ -797,6 +814,11 @@ FUNCTIONAL_MODULES: dict[Any, tuple[type[nn.Module], tuple[str, ...]]] = {
     F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, ("output_size",)),
     F.adaptive_max_pool1d: (nn.AdaptiveMaxPool1d, ("output_size", "return_indices")),
     F.adaptive_max_pool2d: (nn.AdaptiveMaxPool2d, ("output_size", "return_indices")),
+    **dict.fromkeys((F.softmax, torch.softmax, "softmax"), (nn.Softmax, ("dim",))),
+    F.softmin: (nn.Softmin, ("dim",)),
+    **dict.fromkeys((F.log_softmax, torch.log_softmax, "log_softmax"), (nn.LogSoftmax, ("dim",))),
+    F.lp_pool1d: (nn.LPPool1d, ("norm_type", "kernel_size", "stride", "ceil_mode")),
+    F.lp_pool2d: (nn.LPPool2d, ("norm_type", "kernel_size", "stride", "ceil_mode")),
 }  # fmt: skip
 
 
@@ -804,11 +826,33 @@ FUNCTIONAL_MODULES: dict[Any, tuple[type[nn.Module], tuple[str, ...]]] = {
 def _as_module(ctx: _Context, node: Node) -> Step:
     """The rule of the equivalent module, built from the call's arguments."""
     module_type, names = FUNCTIONAL_MODULES[node.target]
+    module = module_type(**_named_arguments(ctx, node, names)).eval()
+    input_shape = ctx.sample_shape(node.args[0])
+    return _unary(ctx, node, module_bound(module, ctx.norm, input_shape), output_root(module))
+
+
+def _named_arguments(ctx: _Context, node: Node, names: tuple[str, ...]) -> dict[str, Any]:
+    """The constant arguments ``names`` that follow the input, given by position or keyword."""
     given = dict(zip(names, node.args[1:], strict=False))
     given.update({k: v for k, v in node.kwargs.items() if k in names})
-    module = module_type(**ctx.value(given)).eval()
-    input_shape = ctx.sample_shape(node.args[0])
-    return _unary(ctx, node, module_bound(module, ctx.norm, input_shape))
+    return ctx.value(given)
+
+
+#: F.interpolate's arguments after the input.
+INTERPOLATE_ARGUMENTS = (
+    "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias"
+)  # fmt: skip
+
+
+@_rule(F.interpolate)
+def _interpolate(ctx: _Context, node: Node) -> Step:
+    """A linear map of each channel with nonnegative weights, bounded at the input's size by
+    :func:`~lipcert.bounds.rules.interpolation_bound`. Dimensions 0 and 1 are always the batch
+    and the channels, never mixed."""
+    settings = _named_arguments(ctx, node, INTERPOLATE_ARGUMENTS)
+    resize = functools.partial(F.interpolate, **settings)
+    mode, shape = settings.get("mode", "nearest"), ctx.sample_shape(node.args[0])
+    return _unary(ctx, node, interpolation_bound(resize, mode, shape, ctx.norm))
 
 
 @_rule(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
@@ -1025,7 +1069,8 @@ def _module_step(ctx: _Context, node: Node) -> Step:
         )
     if not _module_keeps_batch(module, len(ctx.shapes[source])):
         raise _batch_error(node, "flattens, splits or pads the batch dimension")
-    return _unary(ctx, node, module_bound(module, ctx.norm, ctx.sample_shape(source)))
+    bound = module_bound(module, ctx.norm, ctx.sample_shape(source))
+    return _unary(ctx, node, bound, output_root(module))
 
 
 def _module_keeps_batch(module: nn.Module, ndim: int) -> bool:
@@ -1323,6 +1368,8 @@ def graph_bound(
                 where = f"{_describe(node)} (node '{node.name}')"
                 raise ValueError(f"{where} has no bound: {step.bound}")
             ctx.bounds[node] = step.bound
+            if step.root != 1:
+                ctx.roots[node] = step.root
             if node in needed and node.op != "placeholder":
                 records.append(_record(ctx, node, step))
     if zero_failure is not None:
@@ -1398,7 +1445,14 @@ def underflow_error(ctx: _Context, output: Any) -> float:
     :func:`zero_input_scale`). Negligible for ordinary nets (~1e-30); a layer of weights ~1e-43
     whose outputs later layers scale back up by 1e43 was certified at 0.0097 and broken at
     0.0055 without it, and x * 2^-120 * 2^120 under flush-to-zero at 0.0186 and 0.005 with the
-    subnormal resolution. inf when an operation with L_n = 0 is followed by a nonzero bound."""
+    subnormal resolution. inf when an operation with L_n = 0 is followed by a nonzero bound.
+
+    An output that is the p-th root of a sum of p-th powers (a vector norm, an LP pool: the
+    node's ``root``) is resolved far more coarsely: |x|^p underflows for |x| < tiny^(1/p) (the
+    l2 norm of (1e-25, 0) is 0 in float32), each power, sum and scaling rounds within tiny
+    (:data:`ROOT_ROUNDINGS` N_in of them per output entry, as the pool's average then times k
+    computes it) and |s^(1/p) - s'^(1/p)| <= |s - s'|^(1/p): N_n (ROOT_ROUNDINGS N_in tiny)^(1/p)
+    for its N_n output entries."""
     bound, total = ctx.bound(output), 0.0
     if bound == 0:
         return total
@@ -1409,10 +1463,15 @@ def underflow_error(ctx: _Context, output: Any) -> float:
         if not dtype.is_floating_point:
             continue
         inputs = sum(_entries(ctx.shapes[a]) for a in node.all_input_nodes if ctx.is_dependent(a))
-        roundings = _entries(ctx.shapes[node]) * max(1, inputs)
-        if roundings == 0:  # an empty tensor rounds nothing
+        outputs, tiny = _entries(ctx.shapes[node]), torch.finfo(dtype).tiny
+        if outputs == 0:  # an empty tensor rounds nothing
             continue
-        total += roundings * torch.finfo(dtype).tiny * _carried(ctx, node, bound)
+        root = ctx.roots.get(node, 1.0)
+        if root == 1:
+            error = outputs * max(1, inputs) * tiny
+        else:
+            error = outputs * (ROOT_ROUNDINGS * max(1, inputs) * tiny) ** (1 / root)
+        total += error * _carried(ctx, node, bound)
     return total
 
 

@@ -26,6 +26,16 @@
 * **Padding** with zeros/constants is 1-Lipschitz; reflect/replicate/circular padding copies
   pixels: sqrt(max copies) per axis in l2 (:func:`~lipcert.bounds.padded_conv.max_copies`), 1 in
   l_inf.
+* **Softmax** (Softmax, Softmin, Softmax2d) over a dimension other than the batch: 1/2 in l2 and
+  in l_inf; **LogSoftmax**: sqrt(n) in l2 over groups of n entries, 2 in l_inf
+  (:func:`softmax_bound`, with the proofs). Over dimension 0, or torch's implicit dim 0 (3-D
+  inputs with ``dim=None``): refused.
+* **Upsample** (nearest, nearest-exact, linear, bilinear, trilinear, area): a nonnegative matrix,
+  the Schur test at the input size as for average pooling (nearest: sqrt(most copies) in l2,
+  exact; 1 in l_inf); bicubic (negative weights): refused (:func:`interpolation_bound`).
+* **LPPool** (1-D, 2-D): the windows' l_p norms for an even p (sqrt(most windows per entry) in l2,
+  k^(1/p) in l_inf), a sum pool for p = 1, a max pool of |x| for p = +-inf; odd or fractional p
+  and ceil_mode with an even p: refused (:func:`_lp_pool`).
 
 Constants round up: a square root or quotient computed here is checked in exact arithmetic and
 raised to the next float when below (:func:`~lipcert.bounds.network.round_up`,
@@ -36,6 +46,7 @@ raised to the next float when below (:func:`~lipcert.bounds.network.round_up`,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from fractions import Fraction
 
 import torch
@@ -46,6 +57,7 @@ from lipcert.bounds.conv import conv2d_operator_bound
 from lipcert.bounds.network import (
     magnitude,
     matrix_operator_bound,
+    module_bound,
     register_bound_rule,
     register_internal_size,
     round_up,
@@ -363,11 +375,21 @@ def _avg_pool_at_size(module: nn.Module, norm: str, input_shape: tuple[int, ...]
     """Schur test (module docstring) with the exact row and column sums at this input size; the
     entries share the sign of the divisor, so absolute values give the sums of |A|."""
     axes = 1 if isinstance(module, nn.AvgPool1d | nn.AdaptiveAvgPool1d) else 2
-    ones = torch.ones((1, 1, *input_shape[-axes:]), dtype=torch.float64)  # pools act per channel
-    rows, transpose = torch.func.vjp(module, ones)
+    return one_sign_map_bound(module, input_shape[-axes:], norm)
+
+
+def one_sign_map_bound(linear_map: Callable[[Tensor], Tensor], sizes: tuple[int, ...],
+                       norm: str) -> float:  # fmt: skip
+    """Bound of a linear map A of one channel's ``sizes`` whose entries all have one sign (a
+    pool, an interpolation), applied per channel: the Schur test ||A||_2 <= sqrt(||A||_1
+    ||A||_inf) with the largest row sum |A 1| and column sum |A^T 1|, exact sums of |A| for one
+    sign, computed in float64 from a forward and a vector-Jacobian product of ones; l_inf: the
+    largest row sum. The sums round up by the safety of as many terms as the map has entries."""
+    ones = torch.ones((1, 1, *sizes), dtype=torch.float64)
+    rows, transpose = torch.func.vjp(linear_map, ones)
     (cols,) = transpose(torch.ones_like(rows))
+    safety = rounding_safety(torch.float64, max(ones.numel(), rows.numel()))
     rows, cols = float(rows.abs().max()), float(cols.abs().max())
-    safety = rounding_safety(torch.float64, ones.numel())  # sums of at most that many terms
     if norm == "linf":
         return rows * safety
     return math.sqrt(rows * cols) * safety
@@ -421,3 +443,156 @@ def pad_factor(input_shape: tuple[int, ...], pad: tuple[int, ...], mode: str, no
 def _copying_pad(module: nn.Module, norm: str, input_shape: tuple[int, ...]) -> float:
     mode = next(mode for kind, mode in COPYING_PADS.items() if isinstance(module, kind))
     return pad_factor(input_shape, tuple(module.padding), mode, norm)
+
+
+#: The Lipschitz constant of softmax over a group, in l2 and in l_inf (:func:`softmax_bound`).
+SOFTMAX_LIPSCHITZ = 0.5
+#: The Lipschitz constant of log-softmax over a group in l_inf (:func:`softmax_bound`).
+LOG_SOFTMAX_LIPSCHITZ_LINF = 2.0
+
+
+def softmax_dim(name: str, dim: int | None, ndim: int) -> int:
+    """The dimension (in 0..ndim-1) that a softmax of an ``ndim``-D input normalizes: ``dim``,
+    or torch's implicit choice when None (``torch.nn.functional._get_softmax_dim``: 0 for 0-,
+    1- and 3-D inputs, else 1). TypeError when it is dimension 0, the batch."""
+    if dim is None:
+        dim = 0 if ndim in (0, 1, 3) else 1
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{name}(dim={dim}) does not fit inputs of {ndim} dimensions")
+    if dim % ndim == 0:
+        raise TypeError(
+            f"{name} normalizes over dimension 0, the batch (dim={dim} of a {ndim}-D input): "
+            "samples must be processed independently; pass the dim of one sample's entries"
+        )
+    return dim % ndim
+
+
+def softmax_bound(log: bool, group: int, norm: str) -> float:
+    """Bound of softmax (``log=False``) or log-softmax over groups of ``group`` entries.
+
+    Softmax p = softmax(x) has Jacobian J = diag(p) - p p^T. It is symmetric and v^T J v =
+    sum_i p_i v_i^2 - (sum_i p_i v_i)^2 = Var_p(v) >= 0, so ||J||_2 = max_{||v||_2 = 1} Var_p(v);
+    Var_p(v) <= E_p (v - c)^2 <= ((max v - min v) / 2)^2 with c the midrange, and
+    (max v - min v)^2 <= 2 (max v^2 + min v^2) <= 2 ||v||^2: ||J||_2 <= 1/2, attained at
+    p = (1/2, 1/2, 0, ...), v = (1, -1, 0, ...) / sqrt 2. In l_inf the row sums of |J| are
+    p_i (1 - p_i) + p_i sum_{j != i} p_j = 2 p_i (1 - p_i) <= 1/2, attained at p_i = 1/2.
+
+    Log-softmax has J = I - 1 p^T: (J v)_i = v_i - p^T v. In l_inf, |v_i - p^T v| <=
+    max_j |v_i - v_j| <= 2 ||v||_inf (sup 2, as p_i -> 0). In l2, ||v - (p^T v) 1|| is convex in
+    p, so at most its largest value at a vertex p = e_k of the simplex, sum_{i != k}
+    (v_i - v_k)^2 = Q - 2 v_k S + (n - 1) v_k^2 (S, Q: the sum and sum of squares of the v_i,
+    i != k, S^2 <= (n - 1) Q) <= (sqrt(Q) + sqrt(n - 1) |v_k|)^2 <= n (Q + v_k^2) (Cauchy-Schwarz):
+    sqrt(n) for groups of n entries (sup: as p -> e_k, J -> I - 1 e_k^T, whose norm is sqrt(n)).
+
+    Groups are disjoint, so the whole map's Jacobian is block diagonal: the largest block's
+    norm, in both norms. By the mean value inequality the Jacobian bound is the Lipschitz
+    constant. Rounding needs no internal size (:func:`~lipcert.bounds.network.internal_size`):
+    torch computes t = x - max x, exp(t) and their sum S >= 1; rounding t_i moves p_i by
+    p_i |t_i| eps <= eps / e and the output by at most 2 eps max|t| <= 4 eps ||x||, and log-softmax
+    t - log S has |t_i| <= |output_i|: errors of the size of the input and output, as the
+    allowance takes them."""
+    if not log:
+        return SOFTMAX_LIPSCHITZ
+    return LOG_SOFTMAX_LIPSCHITZ_LINF if norm == "linf" else sqrt_up(group)
+
+
+#: Softmax modules: whether each takes the log, and the dim it normalizes (None: ``module.dim``).
+SOFTMAX_MODULES: dict[type[nn.Module], tuple[bool, int | None]] = {
+    nn.Softmax: (False, None),
+    nn.Softmin: (False, None),  # softmax(-x)
+    nn.LogSoftmax: (True, None),
+    nn.Softmax2d: (False, -3),
+}
+
+
+@register_bound_rule(*SOFTMAX_MODULES, shaped=True)
+def _softmax(module: nn.Module, norm: str, input_shape: tuple[int, ...]) -> float:
+    log, fixed = next(v for kind, v in SOFTMAX_MODULES.items() if isinstance(module, kind))
+    dim = module.dim if fixed is None else fixed
+    dim = softmax_dim(type(module).__name__, dim, len(input_shape) + 1)
+    return softmax_bound(log, input_shape[dim - 1], norm)
+
+
+#: Interpolation modes whose weights are never negative: nearest and nearest-exact copy an input
+#: entry, linear / bilinear / trilinear take convex combinations (antialiased too: a normalized
+#: triangle filter) and area averages. Bicubic's kernel has negative lobes: the Schur test of
+#: :func:`one_sign_map_bound` would need the sums of |A|.
+ONE_SIGN_INTERPOLATIONS = frozenset(
+    {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
+)
+
+
+def interpolation_bound(
+    resize: Callable[[Tensor], Tensor], mode: str, input_shape: tuple[int, ...], norm: str
+) -> float:
+    """Bound of ``resize`` (``F.interpolate`` with its settings) on inputs of ``input_shape``
+    (channels, then the resized axes), a linear map of each channel with nonnegative weights:
+    :func:`one_sign_map_bound` at this size. Nearest copies each entry r times (rows of one 1):
+    sqrt(max r) in l2, 1 in l_inf, exactly; linear modes sum weights to 1 per output."""
+    if mode not in ONE_SIGN_INTERPOLATIONS:
+        raise TypeError(
+            f"interpolation mode {mode!r} has negative weights, which the bound of "
+            f"interpolation does not cover: use one of {sorted(ONE_SIGN_INTERPOLATIONS)}"
+        )
+    return one_sign_map_bound(resize, input_shape[1:], norm)
+
+
+@register_bound_rule(nn.Upsample, shaped=True)
+def _upsample(module: nn.Upsample, norm: str, input_shape: tuple[int, ...]) -> float:
+    return interpolation_bound(module, module.mode, input_shape, norm)
+
+
+def root_up(value: int, p: int) -> float:
+    """An upper bound of value^(1 / p) (integers value >= 0, p >= 1), checked exactly."""
+    root = float(value) ** (1.0 / p)
+    while Fraction(root) ** p < value:
+        root = math.nextafter(root, math.inf)
+    return root
+
+
+def is_even_power(p: float) -> bool:
+    """Whether ``p`` is an even integer >= 2 (x^p = |x|^p for every real x)."""
+    return p >= 2 and float(p).is_integer() and int(p) % 2 == 0
+
+
+@register_bound_rule(nn.LPPool1d, nn.LPPool2d, shaped=True)
+def _lp_pool(module: nn.Module, norm: str, input_shape: tuple[int, ...]) -> float:
+    """torch computes (k avg_pool(x.pow(p)))^(1 / p) over windows of k entries (k: the
+    kernel's), no padding; p = +-inf: +-max_pool(+-|x|).
+
+    * p = +-inf: |max_w |a| - max_w |b|| <= max_w |a - b|: the max pool's bound;
+    * p = 1: a sum pool, linear with entries 1 (k / clipped window with ``ceil_mode``): the Schur
+      test at this size (:func:`one_sign_map_bound`);
+    * an even p >= 2 without ``ceil_mode``: each output is the l_p norm of a window, and
+      |||a||_p - ||b||_p| <= ||a - b||_p <= ||a - b||_2 (p >= 2): sqrt(most windows per entry)
+      in l2, as the max pool; ||a - b||_p <= k^(1/p) ||a - b||_inf in l_inf.
+
+    Refused: odd or fractional p (x^p of a negative entry: a signed sum, or NaN), and ceil_mode
+    with an even p (a window clipped to k' entries is scaled by (k / k')^(1/p)). Its p-th powers
+    underflow: :func:`output_root` tells the rounding allowance."""
+    p, axes = module.norm_type, 1 if isinstance(module, nn.LPPool1d) else 2
+    kernel = _per_axis(module.kernel_size, axes)
+    stride = kernel if module.stride is None else _per_axis(module.stride, axes)
+    if p == 1:
+        return one_sign_map_bound(module, input_shape[-axes:], norm)
+    if abs(p) != math.inf and (not is_even_power(p) or module.ceil_mode):
+        raise TypeError(
+            f"{type(module).__name__}(norm_type={p}, ceil_mode={module.ceil_mode}) is bounded "
+            "for p = 1, an even p without ceil_mode, or p = +-inf: torch raises entries to the "
+            "power p (an odd or fractional p sums signed powers, or gives NaN) and scales "
+            "clipped windows"
+        )
+    pool = nn.MaxPool1d if axes == 1 else nn.MaxPool2d
+    max_pool = module_bound(pool(kernel, stride), norm)  # sqrt(uses) in l2, 1 in l_inf
+    if norm == "linf" and abs(p) != math.inf:
+        return root_up(math.prod(kernel), int(p))
+    return max_pool
+
+
+def output_root(module: nn.Module) -> float:
+    """p when ``module``'s output is the p-th root of sums of p-th powers (an LPPool with an
+    even p), else 1: entries below tiny^(1/p) underflow to 0 in their powers, so the output is
+    resolved only to (N tiny)^(1/p), not tiny (:func:`lipcert.bounds.graph.underflow_error`)."""
+    if isinstance(module, nn.LPPool1d | nn.LPPool2d) and is_even_power(module.norm_type):
+        return float(module.norm_type)
+    return 1.0
