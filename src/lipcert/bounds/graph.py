@@ -12,13 +12,22 @@ node's value, in graph order:
 * the input: 1; values that do not depend on the input (parameters, constants, shapes): 0;
 * a module or function of one input-dependent tensor: its own bound times L(input), since
   L(g o h) <= L(g) L(h);
-* a + b, a - b: L(a) + L(b) (triangle inequality), so x + g(x) gives 1 + L(g). An operand that
-  broadcasting repeats r times counts sqrt(r) times in l2 (each entry appears r times), 1 in l_inf;
-* cat / stack: sqrt(sum_i L_i^2) in l2 (the pieces' squared norms add), max_i L_i in l_inf;
+* a + b, a - b (``torch.rsub`` too): L(a) + L(b) (triangle inequality), so x + g(x) gives
+  1 + L(g). An operand that broadcasting repeats r times counts sqrt(r) times in l2 (each entry
+  appears r times), 1 in l_inf;
+* cat / stack: sqrt(sum_i L_i^2) in l2 (the pieces' squared norms add), max_i L_i in l_inf; so
+  does the entrywise max / min of two tensors (``torch.maximum``, ``torch.max(a, b)``: each entry
+  moves at most as much as one of them);
 * c * a and a / c with a constant c: max |c| L(a) and L(a) / min |c|;
 * reshapes, permutations, slicing, chunks: L unchanged (each output entry is an input entry, once);
+* copies (``repeat``, ``tile``, ``expand``, ``expand_as``, ``repeat_interleave`` off the batch):
+  sqrt(most copies of an entry) in l2, 1 in l_inf;
 * sum / mean of groups of n entries: sqrt(n) / (1 / sqrt(n)) in l2 (Cauchy-Schwarz), n / 1 in
-  l_inf; amax / amin: 1;
+  l_inf; amax / amin and the values of ``torch.max`` / ``torch.min`` over a dim: 1 (their indices
+  jump: refused where read);
+* vector norms of groups of n entries (``torch.linalg.vector_norm``, ``torch.norm``,
+  ``Tensor.norm``; p an integer >= 1 or +-inf): 1 in l2 for p >= 2, sqrt(n) for p = 1; n^(1/p)
+  in l_inf (:func:`_vector_norm`);
 * softmax / softmin 1/2, log-softmax sqrt(n) in l2 and 2 in l_inf, over groups of n entries
   (:func:`lipcert.bounds.rules.softmax_bound`), LP pools and the other functional forms of
   modules with a rule: the module's rule;
@@ -34,7 +43,8 @@ left unchecked. Also refused, because the bound could not hold for them:
 
 * mixing the samples of a batch: every op must keep dimension 0 as the batch, untouched (no
   reduction, cat, slicing, transpose, squeeze / unsqueeze, flatten or broadcast over it, checked
-  per op and on the recorded shapes); a view / reshape must ask for -1 or the batch size first;
+  per op and on the recorded shapes); a view / reshape must ask for -1 or the batch size first,
+  and so must an expand;
 * constants computed from the batch size (``x.shape[0]``, ``x.numel()``, ``len(x)``): the bound
   is per sample, computed at a batch of one; only a view / reshape may take the batch size, as
   its first size (the flatten idiom ``x.view(x.size(0), -1)``);
@@ -99,6 +109,7 @@ from lipcert.bounds.rules import (
     interpolation_bound,
     output_root,
     pad_factor,
+    root_up,
 )
 from lipcert.nn.constrained import ConstrainedLinear
 from lipcert.nn.constraint import LipschitzLayer
@@ -551,7 +562,7 @@ def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
 
 
 #: Methods whose second argument gives only a shape: its values are not read.
-SHAPE_ARGUMENTS = frozenset({"view_as", "reshape_as"})
+SHAPE_ARGUMENTS = frozenset({"view_as", "reshape_as", "expand_as"})
 
 
 def _unary(ctx: _Context, node: Node, factor: float, root: float = 1.0) -> Step:
@@ -616,8 +627,9 @@ def _is_batch_size(ctx: _Context, arg: Any) -> bool:
 
 
 def _batch_size_arguments(ctx: _Context, node: Node) -> set[Node]:
-    """The batch-size nodes a view / reshape may take: its first size, or a whole ``t.shape``."""
-    if target_name(node) not in ("view", "reshape"):
+    """The batch-size nodes a view / reshape / expand may take: its first size, or a whole
+    ``t.shape``."""
+    if target_name(node) not in ("view", "reshape", "expand"):
         return set()
     sizes = _variadic(node, "shape")
     if len(sizes) == 1 and _is_shape_of_dependent(ctx, sizes[0]):
@@ -734,7 +746,11 @@ def _cast(ctx: _Context, node: Node) -> Step:
 
 @_rule(builtins.getattr)
 def _attribute(ctx: _Context, node: Node) -> Step:
-    name, ndim = node.args[1], len(ctx.shapes[node.args[0]])
+    source, name = node.args
+    if name in ("values", "indices") and _is_indexed_extreme(source):
+        _check_values_picked(ctx, node, source, name)
+        return _unary(ctx, node, 1.0)
+    ndim = len(ctx.shapes[source])
     if name not in ("T", "mT"):
         raise TypeError(f"no Lipschitz bound rule for the tensor attribute {name!r}")
     if (name == "T" and ndim >= 2) or (name == "mT" and ndim < 3):
@@ -746,7 +762,9 @@ def _attribute(ctx: _Context, node: Node) -> Step:
 def _getitem(ctx: _Context, node: Node) -> Step:
     """One piece of a tuple, or basic indexing of a tensor (a subset of its entries, once)."""
     source, index = node.args
-    if not isinstance(ctx.shapes[source], list):
+    if isinstance(ctx.shapes[source], list):
+        _check_values_picked(ctx, node, source, ctx.value(index))
+    else:
         if not _is_basic_index(ctx, index):
             raise TypeError(
                 f"indexing with {index} (node '{node.name}') may repeat entries: only ints, "
@@ -873,9 +891,18 @@ def _check_same_rank(ctx: _Context, node: Node, *operands: Any) -> None:
 @_rule(operator.add, operator.iadd, torch.add, "add", "add_", operator.sub, operator.isub,
        torch.sub, "sub", "sub_")  # fmt: skip
 def _add(ctx: _Context, node: Node) -> Step:
+    return _combination(ctx, node, node.args[0], _arg(node, 1, "other"))
+
+
+@_rule(torch.rsub)
+def _rsub(ctx: _Context, node: Node) -> Step:
+    """``torch.rsub(a, b, alpha=...)`` is b - alpha a."""
+    return _combination(ctx, node, _arg(node, 1, "other"), node.args[0])
+
+
+def _combination(ctx: _Context, node: Node, a: Any, b: Any) -> Step:
     """a + alpha b (or minus): L(a) + |alpha| L(b), each with its broadcast repeats; alpha as the
     result's type may round it (like a constant factor, :func:`_as_applied`)."""
-    a, b = node.args[0], _arg(node, 1, "other")
     _check_same_rank(ctx, node, a, b)
     alpha = _largest_abs(ctx.value(node.kwargs.get("alpha", 1)), ctx.dtypes.get(node))
     return Step(None, add_up(ctx.term(a, node), mul_up(alpha, ctx.term(b, node))))
@@ -953,13 +980,18 @@ def _cat(ctx: _Context, node: Node) -> Step:
                 "tensors, are supported"
             )
         return Step(None, ctx.bound(pieces))
-    bounds = [ctx.bound(piece) for piece in pieces]
+    return Step(None, _side_by_side(ctx, [ctx.bound(piece) for piece in pieces]))
+
+
+def _side_by_side(ctx: _Context, bounds: list[float]) -> float:
+    """sqrt(sum_i L_i^2) in l2, max_i L_i in l_inf: the bound of maps whose changes are at most
+    those of pieces with bounds L_i placed side by side."""
     if ctx.norm == "linf":
-        return Step(None, max(bounds))
+        return max(bounds)
     squares = 0.0
     for b in bounds:
         squares = add_up(squares, mul_up(b, b))
-    return Step(None, sqrt_up(squares))
+    return sqrt_up(squares)
 
 
 @_rule(torch.sum, "sum", torch.mean, "mean")
@@ -980,6 +1012,50 @@ def _extreme(ctx: _Context, node: Node) -> Step:
     return _unary(ctx, node, 1.0)
 
 
+#: Reductions that return (values, indices) when given a dim; only the values have a bound.
+INDEXED_EXTREMES = frozenset({torch.max, "max", torch.min, "min"})
+
+
+@_rule(*INDEXED_EXTREMES)
+def _max_or_min(ctx: _Context, node: Node) -> Step:
+    """``torch.max(x, dim)``: (values, indices), the values bounded as :func:`_extreme` (the
+    indices are refused where they are read: :func:`_check_values_picked`);
+    ``torch.max(a, b)`` of two tensors: :func:`_elementwise_extreme`; ``torch.max(x)``: every
+    entry, the batch included (refused)."""
+    second = _arg(node, 1, "dim", node.kwargs.get("other"))
+    if second is None:
+        raise _batch_error(node, "reduces every dimension, the batch included")
+    if isinstance(second, Node) and isinstance(ctx.shapes.get(second), tuple):  # a tensor
+        return _elementwise_extreme(ctx, node)
+    _dims(ctx, node, second, len(ctx.shapes[node.args[0]]))
+    return _unary(ctx, node, 1.0)
+
+
+@_rule(torch.maximum, torch.minimum, "maximum", "minimum")
+def _elementwise_extreme(ctx: _Context, node: Node) -> Step:
+    """max(a, b) entrywise: |max(a, b) - max(a', b')| <= max(|a - a'|, |b - b'|) in each entry
+    (each operand with its broadcast repeats), so sqrt(L_a^2 + L_b^2) in l2 and max(L_a, L_b)
+    in l_inf; L(a) with a constant b (a clamp)."""
+    a, b = node.args[0], _arg(node, 1, "other")
+    _check_same_rank(ctx, node, a, b)
+    return Step(None, _side_by_side(ctx, [ctx.term(a, node), ctx.term(b, node)]))
+
+
+def _check_values_picked(ctx: _Context, node: Node, source: Node, picked: Any) -> None:
+    """TypeError when ``node`` reads the indices of a ``torch.max(x, dim)`` (``source``): an
+    index jumps where two entries tie, which no Lipschitz bound covers."""
+    if _is_indexed_extreme(source) and picked not in (0, -2, "values"):
+        raise TypeError(
+            f"{_describe(node)} (node '{node.name}') reads the indices of {_describe(source)} "
+            f"(node '{source.name}'), which jump where entries tie (not Lipschitz, not even "
+            "continuous): take its values alone (x.max(dim).values, or x.amax(dim))"
+        )
+
+
+def _is_indexed_extreme(node: Node) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in INDEXED_EXTREMES
+
+
 @_rule(torch.abs, torch.absolute, "abs", "absolute", torch.clamp, torch.clip, "clamp", "clip")
 def _entrywise_contraction(ctx: _Context, node: Node) -> Step:
     """|g(a) - g(b)| <= |a - b| in every entry (the absolute value; a clamp to bounds that do not
@@ -998,6 +1074,75 @@ def _entry_permutation(ctx: _Context, node: Node) -> Step:
         dims = rest[0] if len(rest) == 1 else list(rest) or node.kwargs.get("dims")
     _dims(ctx, node, dims, len(ctx.shapes[node.args[0]]))
     return _unary(ctx, node, 1.0)
+
+
+@_rule("repeat", torch.tile, "tile", "expand", "expand_as")
+def _copies(ctx: _Context, node: Node) -> Step:
+    """Each entry of a sample copied r times, r the output's entries over the input's: sqrt(r)
+    in l2 (the squared changes add r times), 1 in l_inf. The batch dimension must stay as it is:
+    ``repeat`` with one size per dimension, the first 1; ``tile`` with at most one per dimension
+    (fewer are padded with leading 1s), the batch's 1; ``expand`` with one size per dimension,
+    the first -1 or the batch size (``x.size(0)``); ``expand_as`` a tensor of the same rank."""
+    if not _copies_keep_batch(ctx, node, len(ctx.shapes[node.args[0]])):
+        raise _batch_error(node, "repeats the batch dimension or adds dimensions before it")
+    return _unary(ctx, node, ctx.spread(node.args[0], node))
+
+
+def _copies_keep_batch(ctx: _Context, node: Node, ndim: int) -> bool:
+    """Whether a repeat / tile / expand / expand_as (``node``) of an ``ndim``-D tensor leaves
+    dimension 0 first and as it is (:func:`_copies`)."""
+    name = target_name(node)
+    if name == "expand_as":
+        return len(ctx.shapes[_arg(node, 1, "other")]) == ndim
+    sizes = _variadic(node, {"tile": "dims", "repeat": "repeats", "expand": "size"}[name])
+    if name == "tile" and len(sizes) < ndim:  # padded with leading 1s
+        return True
+    if len(sizes) != ndim:
+        return False
+    if name == "expand":
+        return _is_batch_size(ctx, sizes[0]) or ctx.value(sizes[0]) == -1
+    return ctx.value(sizes[0]) == 1
+
+
+@_rule(torch.repeat_interleave, "repeat_interleave")
+def _repeat_interleave(ctx: _Context, node: Node) -> Step:
+    """Entry i along ``dim`` copied repeats[i] times: sqrt(max repeats) in l2, 1 in l_inf.
+    Without ``dim`` the input is flattened, batch included: refused."""
+    repeats = torch.as_tensor(ctx.value(_arg(node, 1, "repeats")))
+    _dims(ctx, node, _arg(node, 2, "dim"), len(ctx.shapes[node.args[0]]))
+    most = int(repeats.max()) if repeats.numel() else 0  # torch refuses negative counts
+    return _unary(ctx, node, 1.0 if ctx.norm == "linf" else sqrt_up(most))
+
+
+@_rule(torch.linalg.vector_norm, torch.norm, "norm")
+def _vector_norm(ctx: _Context, node: Node) -> Step:
+    """The l_p norm of groups of n entries (over ``dim``, never the batch: ``dim=None`` takes
+    every entry). |||a||_p - ||b||_p| <= ||a - b||_p, and ||v||_p <= n^(1/p - 1/2) ||v||_2
+    (p <= 2), <= ||v||_2 (p >= 2), <= n^(1/p) ||v||_inf: l2 bound sqrt(n) for p = 1, 1 for
+    p >= 2; l_inf bound n^(1/p) (all attained: the gradient of ||v||_p at the sign vector or any
+    v != 0). p = -inf (min |v_i|) is 1-Lipschitz like a min. Refused: p < 1 (not a norm: not
+    Lipschitz near 0 for p in (0, 1), not continuous for p = 0), a fractional p, and the
+    matrix norms ('nuc'; 'fro' over more than two dims). An integer p >= 2 sums p-th powers
+    that underflow: the node's root (:func:`underflow_error`)."""
+    source = node.args[0]
+    key, default = ("ord", 2) if node.target is torch.linalg.vector_norm else ("p", "fro")
+    p = ctx.value(_arg(node, 1, key, default))
+    p = 2 if p is None else p  # torch.norm's p=None
+    dims = _dims(ctx, node, _arg(node, 2, "dim"), len(ctx.shapes[source]))
+    p = 2 if p == "fro" and len(dims) <= 2 else p
+    if isinstance(p, str) or not (abs(p) == math.inf or (p >= 1 and float(p).is_integer())):
+        raise TypeError(
+            f"{_describe(node)} (node '{node.name}') with p = {p!r}: only vector norms with an "
+            "integer p >= 1 or p = +-inf are bounded (p < 1 is not Lipschitz)"
+        )
+    n = math.prod(ctx.shapes[source]) // max(1, math.prod(ctx.shapes[node]))  # group size
+    if abs(p) == math.inf:
+        return _unary(ctx, node, 1.0)
+    if ctx.norm == "linf":
+        factor = root_up(n, int(p))
+    else:
+        factor = sqrt_up(n) if p == 1 else 1.0
+    return _unary(ctx, node, factor, float(p) if p > 1 else 1.0)
 
 
 @_rule(F.linear)
