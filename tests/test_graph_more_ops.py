@@ -12,6 +12,7 @@ from lipschitz import jacobian_norm, worst_points
 from torch import nn
 
 import lipcert
+import lipcert.nn as lnn
 from lipcert.attacks import pgd
 from lipcert.bounds.graph import graph_bound
 from lipcert.bounds.network import module_bound
@@ -254,3 +255,28 @@ def test_underflow_of_a_norms_squares_is_in_the_rounding_allowance():
     assert model(x).argmax(1).item() == 0 and model(near).argmax(1).item() == 1
     assert graph_bound(model, (4,)).underflow_error > 1
     assert certify(model, x, torch.tensor([0])).item() <= 0.02
+
+
+class L2PoolUnderflow(nn.Module):
+    """Logits (l2 pool of s x, over the whole map, / s, threshold): lipcert's own l2 pool with
+    eps = 0 on an input scaled down to where its squares are subnormal."""
+
+    def __init__(self, scale: float, threshold: float) -> None:
+        super().__init__()
+        self.pool, self.scale, self.threshold = lnn.L2NormPool2d(None, eps=0.0), scale, threshold
+
+    def forward(self, x):
+        norm = self.pool(x * self.scale).flatten(1) / self.scale
+        return F.pad(norm, (0, 1), value=self.threshold)
+
+
+def test_underflow_of_the_l2_pools_squares_is_in_the_rounding_allowance():
+    """The l2 pool sums squares too (its ``output_root``): at x = 0.595 e_0 the pool of
+    1e-22 x, scaled back, reads 0.75 (class 0 against 0.3), at 0.59 it reads 0 (class 1); a
+    radius of 0.32 was certified with the underflow term of other layers."""
+    model = L2PoolUnderflow(1e-22, 0.3).eval()
+    x, near = torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)
+    x[0, 0, 0, 0], near[0, 0, 0, 0] = 0.595, 0.59
+    assert model(x).argmax(1).item() == 0 and model(near).argmax(1).item() == 1
+    assert graph_bound(model, (1, 2, 2)).underflow_error > 1
+    assert certify(model, x, torch.tensor([0])).item() <= 0.005

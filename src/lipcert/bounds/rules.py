@@ -72,6 +72,7 @@ from lipcert.bounds.padded_conv import (
     max_copies,
     module_geometry,
 )
+from lipcert.nn.constraint import LipschitzLayer
 
 #: sup |GELU'| = Phi(sqrt 2) + sqrt(2) phi(sqrt 2) = 1.1289041..., at x = sqrt 2, the root of
 #: GELU'' = phi(x) (2 - x^2); rounded up.
@@ -591,8 +592,9 @@ def _lp_pool(module: nn.Module, norm: str, input_shape: tuple[int, ...]) -> floa
 
 def output_root(module: nn.Module) -> float:
     """p when ``module``'s output is the p-th root of sums of p-th powers (an LPPool with an
-    even p), else 1: entries below tiny^(1/p) underflow to 0 in their powers, so the output is
-    resolved only to (N tiny)^(1/p), not tiny (:func:`lipcert.bounds.graph.underflow_error`)."""
+    even p, a lipcert layer declaring its ``output_root``: the l2 pool), else 1: entries below
+    tiny^(1/p) underflow to 0 in their powers, so the output is resolved only to
+    (N tiny)^(1/p), not tiny (:func:`lipcert.bounds.graph.underflow_error`)."""
     if isinstance(module, nn.LPPool1d | nn.LPPool2d) and is_even_power(module.norm_type):
         return float(module.norm_type)
-    return 1.0
+    return float(getattr(module, "output_root", 1.0)) if isinstance(module, LipschitzLayer) else 1.0

@@ -186,6 +186,10 @@ class LipschitzLayer:
     #: of it): then the graph bound accepts an in-place activation right after the layer
     #: (``lipcert.bounds.inplace``).
     allocates_output: bool = False
+    #: p when the output is the p-th root of a sum of p-th powers of the input's entries (an l2
+    #: pool: 2): the powers underflow long before the entries do, and the rounding allowance
+    #: then resolves the output to (N tiny)^(1/p) only (``lipcert.bounds.graph.underflow_error``).
+    output_root: float = 1.0
 
     def lipschitz_bound(self) -> float:
         raise NotImplementedError
