@@ -444,9 +444,16 @@ def _rounding_bound(
     underflow_error: float,
 ) -> Tensor:
     """:func:`logit_rounding_bound` given each sample's max_k |f_k| and bounds of its ||x||_2."""
-    rel = ROUNDING_REL_FLOAT32 * torch.finfo(computed_in).eps / torch.finfo(torch.float32).eps
+    rel = rounding_rel(computed_in)
     scale = 1 + zero_input_scale + largest_logit + lipschitz * x_norms.to(largest_logit.dtype)
     return rel * scale + underflow_error
+
+
+def rounding_rel(computed_in: torch.dtype) -> float:
+    """The a-priori relative rounding error of a forward pass in ``computed_in``:
+    :data:`ROUNDING_REL_FLOAT32` scaled by that dtype's eps (2^-14 in float32, 2^-43 in float64,
+    1/2 in float16)."""
+    return ROUNDING_REL_FLOAT32 * torch.finfo(computed_in).eps / torch.finfo(torch.float32).eps
 
 
 def input_norm_bound(x: Tensor) -> Tensor:
@@ -623,11 +630,11 @@ def _certify_with(
     num_classes = max(2, logits.shape[1])
     if bool(((y < 0) | (y >= num_classes)).any()):  # one wait for the device, not two
         raise ValueError(f"labels must lie in [0, {num_classes}), got {y.min()}..{y.max()}")
-    radius = _radii(logits, x_norms, y, summary, _forward_dtype(model, x, logits))
+    radius = _radii(logits, x_norms, y, summary, forward_dtype(model, x, logits))
     return _float32_rounded_down(convert_radius(radius, summary.norm, norm, x[0].numel()))
 
 
-def _forward_dtype(model: nn.Module, x: Tensor, logits: Tensor) -> torch.dtype:
+def forward_dtype(model: nn.Module, x: Tensor, logits: Tensor) -> torch.dtype:
     """The least precise floating dtype among the input, the logits and the model's parameters
     and buffers: the forward rounds at least that coarsely (a float32 model casting a float64
     input rounds it, and logits may have been upcast since)."""
