@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations, parametrize
 
 import lipcert
 import lipcert.nn as lnn
@@ -91,3 +92,78 @@ def test_lipschitz_table_lower_never_above_upper(tmp_path, capsys, dtype):
         assert lower <= upper, row
     found = re.search(r"sound upper bound (\S+), empirical lower bound ([^,]+),", out)
     assert float(found.group(2)) <= float(found.group(1))
+
+
+@pytest.mark.parametrize(
+    "parametrized",
+    [
+        lambda: parametrizations.spectral_norm(nn.Linear(6, 4)),
+        lambda: parametrizations.orthogonal(nn.Linear(6, 4)),
+        lambda: parametrizations.weight_norm(nn.Linear(6, 4)),
+    ],
+    ids=["spectral_norm", "orthogonal", "weight_norm"],
+)
+def test_export_leaves_a_torch_parametrized_original_working(parametrized):
+    """torch's remove_parametrizations deletes the property from the parametrized class, which a
+    deep copy shares with the original: after export the original raised AttributeError
+    ('ParametrizedLinear' object has no attribute 'weight'), and a second export too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrized(), lnn.MaxMin(), nn.Linear(4, 3)).eval()
+    x = torch.rand(5, 6)
+    with torch.no_grad():
+        before = model(x)
+        plain = lipcert.export(model)
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+        torch.testing.assert_close(plain(x), before, rtol=0, atol=EXPORT_TOL)
+        torch.testing.assert_close(lipcert.export(model)(x), before, rtol=0, atol=EXPORT_TOL)
+    assert parametrize.is_parametrized(model[0], "weight")
+    assert not parametrize.is_parametrized(plain[0])
+    assert type(plain[0]) is nn.Linear and isinstance(plain[0].weight, nn.Parameter)
+    y = before.argmax(1)
+    assert torch.equal(lipcert.certify(plain, x, y), lipcert.certify(model, x, y))
+
+
+def test_export_of_a_parametrized_module_exports_its_lipcert_children():
+    """A module with a parametrization of its own was copied whole: a lipcert layer inside it
+    stayed constrained in the export."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.full((1,), 0.5))
+            self.layer = lnn.AOLLinear(6, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(x) * self.scale
+
+    class Halved(nn.Module):
+        def forward(self, scale: torch.Tensor) -> torch.Tensor:
+            return scale / 2
+
+    torch.manual_seed(0)
+    block = Scaled()
+    parametrize.register_parametrization(block, "scale", Halved())
+    model = nn.Sequential(block, nn.Linear(6, 3)).eval()
+    plain = lipcert.export(model)
+    assert type(plain[0].layer) is nn.Linear
+    assert not parametrize.is_parametrized(plain[0])
+    x = torch.rand(4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), rtol=0, atol=EXPORT_TOL)
+
+
+def test_a_layer_used_twice_is_exported_at_both_places(tmp_path):
+    """``nn.Sequential(a, act, a)``: named_children lists a shared layer once, so its second
+    place kept the constrained AOLLinear (ONNX then failed on aten::mT), an SLLLinear listed
+    twice its SLLLinear."""
+    torch.manual_seed(0)
+    aol, sll = lnn.AOLLinear(8, 8), lnn.SLLLinear(8, 16)
+    model = nn.Sequential(aol, lnn.MaxMin(), aol, sll, sll, lnn.RowNormLinear(8, 4)).eval()
+    plain = lipcert.export(model, onnx_path=tmp_path / "shared.onnx", input_shape=(8,))
+    assert plain[0] is plain[2] and type(plain[0]) is nn.Linear  # still one shared layer
+    assert plain[3] is plain[4] and type(plain[3]) is lnn.Residual
+    for module in plain.modules():
+        assert not isinstance(module, lipcert.nn.LipschitzLayer) or type(module) is lnn.MaxMin
+    x = torch.rand(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), rtol=0, atol=EXPORT_TOL)

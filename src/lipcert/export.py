@@ -27,26 +27,44 @@ from lipcert.outputs import check_output_file, output_file
 NOT_EXPORTED = "a model computing NaN is not exported"
 
 
-def _export_tree(original: nn.Module, copied: nn.Module) -> nn.Module:
+def _export_tree(original: nn.Module, copied: nn.Module, done: dict[int, nn.Module]) -> nn.Module:
     """``copied`` (a deep copy of ``original``) with each constrained module replaced by the plain
-    version of ``original``'s: the values its eval-mode forward uses (cached ones included)."""
+    version of ``original``'s: the values its eval-mode forward uses (cached ones included).
+    ``done`` maps the modules exported so far (by id) to their exports: a module held in several
+    places (``nn.Sequential(a, act, a)``, which ``named_children`` lists once) is exported in
+    each of them, as one shared plain module."""
+    if id(original) in done:
+        return done[id(original)]
     if isinstance(original, LipschitzLayer):
-        return original.export()
-    if parametrize.is_parametrized(original):
-        return _without_parametrizations(original)
-    for name, child in original.named_children():
-        setattr(copied, name, _export_tree(child, getattr(copied, name)))
-    return copied
-
-
-def _without_parametrizations(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` whose parametrized tensors are plain, holding ``module``'s values."""
-    plain = copy.deepcopy(module)
-    for name in list(module.parametrizations.keys()):
-        value = getattr(module, name)
-        parametrize.remove_parametrizations(plain, name, leave_parametrized=True)
-        getattr(plain, name).copy_(value)
+        plain = original.export()
+    else:
+        plain = _without_parametrizations(original, copied)
+        for name, child in original._modules.items():
+            if child is not None and name in plain._modules:  # not the parametrizations
+                setattr(plain, name, _export_tree(child, plain._modules[name], done))
+    done[id(original)] = plain
     return plain
+
+
+def _without_parametrizations(original: nn.Module, copied: nn.Module) -> nn.Module:
+    """``copied`` with each parametrized tensor of ``original`` made plain, holding the value
+    ``original`` computes for it (a parameter where the parametrization held one, else a buffer).
+
+    Not ``torch.nn.utils.parametrize.remove_parametrizations``: it deletes the tensor's property
+    from the module's parametrized class, which a deep copy shares with the original (after an
+    export, a ``spectral_norm`` Linear raised AttributeError: no attribute 'weight')."""
+    if not parametrize.is_parametrized(original):
+        return copied
+    copied.__class__ = parametrize.type_before_parametrizations(original)
+    removed = copied._modules.pop("parametrizations")
+    for name, parametrizations in removed.items():
+        value = getattr(original, name).detach().clone()
+        held = next(parametrizations.parameters(recurse=False), None)
+        if held is None:
+            copied.register_buffer(name, value)
+        else:
+            copied.register_parameter(name, nn.Parameter(value, held.requires_grad))
+    return copied
 
 
 def export(
@@ -66,7 +84,7 @@ def export(
         check_output_file(onnx_path, "the ONNX path")  # before any work
     with torch.no_grad(), eval_mode(model):  # every module's own mode is restored after
         check_finite(((f"parameter {k}", p) for k, p in model.named_parameters()), NOT_EXPORTED)
-        plain = _export_tree(model, copy.deepcopy(model)).eval()
+        plain = _export_tree(model, copy.deepcopy(model), {}).eval()
     exported = ((f"exported tensor {k}", t) for k, t in plain.state_dict().items())
     check_finite(exported, NOT_EXPORTED)  # a constraint's NaN, a buffer's
     if onnx_path is not None:
