@@ -167,3 +167,29 @@ def test_a_layer_used_twice_is_exported_at_both_places(tmp_path):
     x = torch.rand(5, 8)
     with torch.no_grad():
         torch.testing.assert_close(plain(x), model(x), rtol=0, atol=EXPORT_TOL)
+
+
+@pytest.mark.parametrize("input_shape", [6, (1, 6, 6.0), (1, -6, 6), "166", (1, True, 6)])
+def test_export_refuses_bad_input_shapes_by_name(tmp_path, input_shape):
+    """An int, a float size, a negative size or a string raised TypeError / RuntimeError from
+    torch.zeros instead of the documented ValueError naming input_shape."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(32, 3))
+    with pytest.raises(ValueError, match="input_shape"):
+        lipcert.export(model, onnx_path=tmp_path / "m.onnx", input_shape=input_shape)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_export_command_runs_float64_and_half_checkpoints(tmp_path, capsys, dtype):
+    """``lipcert export`` compared the export on float32 inputs: a float64 or half checkpoint
+    crashed with a raw RuntimeError (mat1 and mat2 must have the same dtype) after writing the
+    ONNX file."""
+    torch.manual_seed(0)
+    model = build_model("sll_mlp", input_shape=(1, 4, 4), num_classes=3, width=8, inner_width=8,
+                        depth=1)  # fmt: skip
+    path = tmp_path / "model.safetensors"
+    lipcert.save(model.to(dtype), path)
+    assert main(["export", str(path), "--onnx", str(tmp_path / "model.onnx")]) == 0
+    out = capsys.readouterr().out
+    diff = float(re.search(r"on random inputs: (\S+)", out).group(1))
+    assert diff <= (EXPORT_TOL if dtype == torch.float64 else 1e-3)

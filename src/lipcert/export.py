@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lipcert.bounds.graph import check_finite, check_input_fits
+from lipcert.bounds.network import checked_input_shape
 from lipcert.modes import eval_mode
 from lipcert.nn.constraint import LipschitzLayer
 from lipcert.outputs import check_output_file, output_file
@@ -76,11 +77,13 @@ def export(
 
     With ``onnx_path`` (and ``input_shape``, without the batch dimension) also write an ONNX file
     with a dynamic batch dimension. ValueError for a NaN or inf parameter (named as in
-    ``model.state_dict()``) or exported tensor, and for an ``input_shape`` the model cannot take.
+    ``model.state_dict()``) or exported tensor, and for an ``input_shape`` that is not a sequence
+    of ints >= 1 or that the model cannot take.
     """
     if onnx_path is not None:
         if input_shape is None:
             raise ValueError("export(onnx_path=...) needs input_shape (without the batch dim)")
+        input_shape = checked_input_shape(input_shape)
         check_output_file(onnx_path, "the ONNX path")  # before any work
     with torch.no_grad(), eval_mode(model):  # every module's own mode is restored after
         check_finite(((f"parameter {k}", p) for k, p in model.named_parameters()), NOT_EXPORTED)
@@ -88,7 +91,7 @@ def export(
     exported = ((f"exported tensor {k}", t) for k, t in plain.state_dict().items())
     check_finite(exported, NOT_EXPORTED)  # a constraint's NaN, a buffer's
     if onnx_path is not None:
-        write_onnx(plain, Path(onnx_path), tuple(input_shape))
+        write_onnx(plain, Path(onnx_path), input_shape)
     return plain
 
 

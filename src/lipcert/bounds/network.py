@@ -333,10 +333,10 @@ def lipschitz_upper_bound(
     with eval_mode(model):
         if input_shape is None:
             return module_bound(model, norm)
-        return graph_bound(model, _check_input_shape(input_shape), norm).bound
+        return graph_bound(model, checked_input_shape(input_shape), norm).bound
 
 
-def _check_input_shape(input_shape: object) -> tuple[int, ...]:
+def checked_input_shape(input_shape: object) -> tuple[int, ...]:
     """``input_shape`` as a tuple of ints >= 1; ValueError naming the bad size otherwise."""
     try:
         sizes = tuple(input_shape)

@@ -50,6 +50,20 @@ def eps_for(eps: list[float] | None, norm: str, config: TrainConfig) -> list[flo
     return check_eps(eps, "--eps")
 
 
+def random_inputs(
+    model: nn.Module, shape: tuple[int, ...], count: int, seed: int | None = None
+) -> torch.Tensor:
+    """``count`` uniform [0, 1) inputs of ``shape`` (without the batch dimension) on the device
+    and in the floating dtype of ``model``'s first parameter or buffer (float32 without one): a
+    float64 or half model refuses float32 inputs."""
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    x = torch.rand((count, *shape), generator=gen)
+    reference = next(iter([*model.parameters(), *model.buffers()]), None)
+    if reference is not None and reference.is_floating_point():
+        x = x.to(reference.device, reference.dtype)
+    return x
+
+
 def check_positive(option: str, value: int) -> int:
     if value <= 0:
         raise ValueError(f"{option} must be a positive integer, got {value}")

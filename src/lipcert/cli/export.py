@@ -17,6 +17,7 @@ def run(args: argparse.Namespace) -> None:
 
     from lipcert.bounds.graph import check_finite
     from lipcert.checkpoint import load_with_metadata
+    from lipcert.cli.common import random_inputs
     from lipcert.export import NOT_EXPORTED, export
 
     model, meta = load_with_metadata(args.checkpoint)
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> None:
     parameters = ((f"{args.checkpoint}: tensor model.{k}", p) for k, p in model.named_parameters())
     check_finite(parameters, NOT_EXPORTED)
     plain = export(model, onnx_path=args.onnx, input_shape=shape)
-    x = torch.rand(4, *shape)
+    x = random_inputs(model, shape, 4)  # in the model's dtype (float64, half)
     with torch.no_grad():
         diff = (plain(x) - model(x)).abs().max().item()
     print(plain)

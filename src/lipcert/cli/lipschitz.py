@@ -41,17 +41,12 @@ def _input_shape(args: argparse.Namespace, meta: dict) -> tuple[int, ...]:
 
 def _lower_bound(module, input_shape: tuple[int, ...], args: argparse.Namespace) -> float | None:
     """Empirical l2 lower bound of ``module`` near random inputs (None in l_inf)."""
-    import torch
-
     from lipcert.bounds import lipschitz_lower_bound
+    from lipcert.cli.common import random_inputs
 
     if args.norm != "l2":
         return None
-    gen = torch.Generator().manual_seed(args.seed)
-    reference = next(iter([*module.parameters(), *module.buffers()]), None)
-    x = torch.rand((args.samples, *input_shape), generator=gen)
-    if reference is not None and reference.is_floating_point():
-        x = x.to(reference.device, reference.dtype)
+    x = random_inputs(module, input_shape, args.samples, args.seed)
     return lipschitz_lower_bound(module, x, LOWER_POWER_STEPS, LOWER_ASCENT_STEPS)
 
 
