@@ -280,3 +280,52 @@ def test_underflow_of_the_l2_pools_squares_is_in_the_rounding_allowance():
     assert model(x).argmax(1).item() == 0 and model(near).argmax(1).item() == 1
     assert graph_bound(model, (1, 2, 2)).underflow_error > 1
     assert certify(model, x, torch.tensor([0])).item() <= 0.005
+
+
+class Cancelled(nn.Module):
+    """Logits (c, a - a) with a = ``inner(x)``: exactly (c, 0), class 0 everywhere, but NaN
+    (class 1: argmax takes NaN for the largest) wherever a overflows."""
+
+    def __init__(self, inner: nn.Module, c: float) -> None:
+        super().__init__()
+        self.inner, self.c = inner, c
+
+    def forward(self, x):
+        a = self.inner(x).flatten(1)
+        return F.pad(a - a, (1, 0), value=self.c)
+
+
+class ScaledUpAndBack(nn.Module):
+    def forward(self, x):
+        return x * 1e30 * 1e-30
+
+
+@pytest.mark.parametrize(
+    ("inner", "x0", "overflows_at"),
+    [
+        (nn.LPPool1d(4, 2), 1e9, 4.3e9),  # x^4 > 3.4e38 beyond 4.29e9
+        (ScaledUpAndBack(), 1e7, 3.5e8),  # x * 1e30 > 3.4e38 beyond 3.4e8
+    ],
+)
+def test_no_value_overflows_inside_a_certified_ball(inner, x0, overflows_at):
+    """A value that overflows at x' but not at x changes the computed class at x' (NaN): the
+    LP pool was certified at 3.5e10 around 1e9 and its class flipped at 2e10 (x^4 = inf); the
+    radius now keeps ||x|| + r below the overflow radius, and every point up to it computes
+    the certified class."""
+    model = Cancelled(inner, 1e11).eval()
+    x = torch.zeros(1, 1, 2)
+    x[0, 0, 0] = x0
+    beyond = x.clone()
+    beyond[0, 0, 0] = overflows_at * 1.01
+    assert model(beyond).argmax(1).item() == 1  # the computed class flips there
+    radius = certify(model, x, torch.tensor([0])).item()
+    assert 0 < radius < overflows_at - x0
+    for t in torch.linspace(0, 1, 50):
+        near = x.clone()
+        near[0, 0, 0] += t * radius
+        assert model(near).argmax(1).item() == 0
+
+
+def test_ordinary_nets_have_an_overflow_radius_far_beyond_their_inputs():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    assert graph_bound(model, (8,)).overflow_radius > 1e35

@@ -35,12 +35,15 @@ logits ~1) was certified beyond its float32 resolution. An absolute term U
 float, which carry no relative precision (subnormal, or flushed to zero where the processor
 flushes them; negligible unless a net scales tiny values back up). Certification runs the model
 as it is, with autocast and TF32 off (:func:`lipcert.precision.ieee_float32`): the allowance is
-for the dtypes of the model's own tensors. A known
-``lipschitz`` given to :func:`certify` skips the graph, and Z and U with it. With
+for the dtypes of the model's own tensors. A known ``lipschitz`` given to :func:`certify` skips
+the graph, and Z, U and the overflow radius R (below) with it. With
 delta_m = 2 delta_logit (a margin is a difference of two logits), the radius is
 r = (m_computed - 3 delta_m) / L_pair: at any x' with ||x' - x|| <= r the exact margin is
 >= 2 delta_m and the computed one >= delta_m > 0, so even a float tie is excluded. A sample with
-a non-finite logit (overflow) gets radius 0: the a-priori bound does not cover overflow.
+a non-finite logit (overflow) gets radius 0: the a-priori bound does not cover overflow. Nor may
+a value overflow inside the ball: the radius keeps ||x|| + r below the input norm R under which
+no value of the forward can overflow (:func:`lipcert.bounds.graph.overflow_radius`; ~1e37 for
+ordinary nets, ~1.4e9 for the 4th powers of an LP pool in float32).
 
 **Cache.** The bound is computed once per model state and input shape: the cache keeps copies of
 every parameter, buffer and tensor attribute and compares their values (version counters miss
@@ -98,6 +101,9 @@ class LipschitzSummary:
     #: max_k ||w_k||_* of the head (1 without one): a logit reads the body's output through its
     #: row, so the rounding allowance's L ||x|| term takes body_bound times this
     head_row_bound: float = 1.0
+    #: no value of the forward overflows at inputs of norm below it
+    #: (:func:`lipcert.bounds.graph.overflow_radius`): radii keep ||x|| + r below it
+    overflow_radius: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -192,14 +198,15 @@ def summarize(
     in a linear layer."""
     bounds = graph_bound(model, input_shape, norm, input_dtype)
     graph_terms = (bounds.zero_input_scale, bounds.underflow_error, bounds.constants)
+    overflow = bounds.overflow_radius
     if bounds.head is not None:
         weight = bounds.head.weight
         head_pairs = _head_pair_bound(weight, norm)
         rows = _head_row_bound(weight, norm)
         return LipschitzSummary(
-            norm, bounds.body_bound, head_pairs, *graph_terms, head_row_bound=rows
+            norm, bounds.body_bound, head_pairs, *graph_terms, rows, overflow_radius=overflow
         )
-    return LipschitzSummary(norm, bounds.bound, None, *graph_terms)
+    return LipschitzSummary(norm, bounds.bound, None, *graph_terms, overflow_radius=overflow)
 
 
 def _head_row_bound(weight: Tensor, norm: str) -> float:
@@ -533,6 +540,8 @@ def _radii(
     reciprocal.fill_diagonal_(-math.inf)
     per_class = (shifted_true - logits).mul_(reciprocal.index_select(0, y))  # float64
     radius = per_class.amin(dim=1)
+    if math.isfinite(summary.overflow_radius):  # no overflow in the ball (module docstring)
+        radius = torch.minimum(radius, summary.overflow_radius - x_norms.to(radius))
     # A logit that overflowed (inf / NaN) has no rounding bound: not certified.
     overflow = ~torch.isfinite(largest)
     return radius.masked_fill_(overflow, 0.0)

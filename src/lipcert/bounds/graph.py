@@ -177,6 +177,9 @@ class GraphBound:
     #: tensors the traced graph reads that are not the model's parameters or buffers (a tensor
     #: held in a list, captured by fx as a constant): a cache of the bound must watch them too.
     constants: tuple[Tensor, ...] = ()
+    #: an input norm below which no value of the forward overflows (:func:`overflow_radius`):
+    #: ``lipcert.certify`` keeps ||x|| + r below it.
+    overflow_radius: float = math.inf
 
 
 class _LeafTracer(Tracer):
@@ -1523,6 +1526,7 @@ def graph_bound(
         zero_input_scale(ctx, probe.magnitudes, result),
         underflow_error(ctx, result),
         _captured_constants(gm, model),
+        overflow_radius(ctx, probe.magnitudes),
     )
     return _summary(ctx, result, tuple(records), rounding_terms)
 
@@ -1555,7 +1559,8 @@ def _computes_linear(module: nn.Module) -> bool:
 def _summary(
     ctx: _Context, result: Any, records: tuple[NodeBound, ...], rounding_terms: tuple
 ) -> GraphBound:
-    """The GraphBound; ``rounding_terms``: its zero_input_scale, underflow_error, constants."""
+    """The GraphBound; ``rounding_terms``: its zero_input_scale, underflow_error, constants and
+    overflow_radius."""
     bound = ctx.bound(result)
     if result.op == "call_module":
         module = ctx.gm.get_submodule(result.target)
@@ -1618,6 +1623,52 @@ def underflow_error(ctx: _Context, output: Any) -> float:
             error = outputs * (ROOT_ROUNDINGS * max(1, inputs) * tiny) ** (1 / root)
         total += error * _carried(ctx, node, bound)
     return total
+
+
+#: How far below the dtype's largest float a value must stay (:func:`overflow_radius`): room for
+#: the roundings of the sums that produce it.
+OVERFLOW_MARGIN = 2.0
+
+
+def overflow_radius(ctx: _Context, magnitudes: dict[Node, float]) -> float:
+    """R such that no value the forward computes overflows at any input x' with ||x'|| < R.
+
+    The rounding allowance is computed at the certified point x, where a non-finite logit gives
+    no radius; a value that overflows at a point x' inside the ball (inf, then inf - inf = NaN)
+    can still change the computed class there. As for :func:`zero_input_scale`, the values of
+    an operation n at x' are at most ||h_n(0)|| + L_n ||x'|| (its size at x = 0, ``magnitudes``,
+    a module's internal size included), so they stay below T_n = max / OVERFLOW_MARGIN (the
+    largest float of n's dtype) while ||x'|| < (T_n - ||h_n(0)||) / L_n. A p-th root of sums of
+    p-th powers (``ctx.roots``: a vector norm, an LP pool) raises its input's entries to the
+    power p first: N of them stay summable while each entry is below (T / N)^(1/p), N the
+    input's entries, ~1.4e9 for p = 4 in float32 (an LP pool of 1e9 was certified at 3.5e10,
+    its class changed at 2e10 where x^4 overflows). 0 when some value overflows at every input;
+    inf when no operation grows with the input."""
+    radius = math.inf
+    for node in ctx.gm.graph.nodes:
+        dtype = ctx.dtypes.get(node)
+        if node.op in ("placeholder", "output") or not ctx.is_dependent(node):
+            continue
+        if dtype is None or not dtype.is_floating_point:
+            continue
+        ceiling = torch.finfo(dtype).max / OVERFLOW_MARGIN
+        radius = min(radius, _room(ceiling, magnitudes.get(node, 0.0), ctx.bounds[node]))
+        if node in ctx.roots:
+            source = next(a for a in node.all_input_nodes if ctx.is_dependent(a))
+            powers = ceiling / max(1, _entries(ctx.shapes[source]))
+            ceiling = powers ** (1 / ctx.roots[node])
+            radius = min(radius, _room(ceiling, magnitudes.get(source, 0.0), ctx.bounds[source]))
+    return radius
+
+
+def _room(ceiling: float, size_at_zero: float, bound: float) -> float:
+    """(ceiling - size_at_zero) / bound, the largest ||x'|| at which size_at_zero + bound ||x'||
+    stays below ceiling, rounded down (inf for bound 0 below the ceiling; 0 at or above it)."""
+    if not size_at_zero < ceiling:  # NaN included
+        return 0.0
+    if bound == 0:
+        return math.inf
+    return math.nextafter((ceiling - size_at_zero) / bound * (1 - 2**-40), 0.0)
 
 
 def zero_input_scale(ctx: _Context, magnitudes: dict[Node, float], output: Any) -> float:
