@@ -9,11 +9,12 @@ WGAN critic (Arjovsky et al., ICML 2017, Eq. 3), by minimizing the KR loss of
 
 **A certified lower bound.** For *any* f with Lipschitz constant at most L,
 (E_P[f] - E_Q[f]) / L <= W1(P, Q). The reported distance is exactly that, for the empirical
-measures of ``x`` and ``y`` (uniform weights), with L the sound bound of
-:func:`logit_lipschitz_bound` and the means taken in float64 on the exported weights: it
-can fall short of W1 (the network did not reach the optimum) but never exceeds it, up to float64
-rounding (~1e-15 relative). :func:`exact_wasserstein1` (POT, an optional dependency) gives the
-exact value of the same quantity for small clouds.
+measures of ``x`` and ``y`` (uniform weights, the points as given: float64, not the float32 copies
+the network trains on), with L the sound bound of :func:`logit_lipschitz_bound` and the means
+taken in float64 on the exported weights, less a bound of their rounding error (the a-priori
+allowance of :mod:`lipcert.certify` for each value, and that of the sum): it can fall short of
+W1 (the network did not reach the optimum) but never exceeds it. :func:`exact_wasserstein1` (POT,
+an optional dependency) gives the exact value of the same quantity for small clouds.
 
 **Scale.** W1 is translation invariant and scales with the data: the network works on
 (z - c) / s, c the mean and s the root-mean-square radius of the pooled clouds, and its output is
@@ -31,8 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lipcert.bounds.network import module_bound
+from lipcert.bounds.network import has_bound_rule, module_bound
 from lipcert.bounds.operator import rounding_safety
+from lipcert.certify import LipschitzSummary, logit_rounding_bound, native_summary
 from lipcert.data.normalize import Normalize
 from lipcert.export import export
 from lipcert.losses.base import check_count, check_hyperparameter
@@ -65,9 +67,10 @@ GRADIENT_SHRINKING = (nn.ReLU, nn.Tanh)
 class W1Estimate:
     """The result of :func:`wasserstein1`.
 
-    ``distance``: (E_x[f] - E_y[f]) / ``lipschitz``, a lower bound of W1 between the empirical
-    measures of ``x`` and ``y``. ``potential``: the trained f (eval mode). ``lipschitz``: the
-    sound bound of f's Lipschitz constant. ``steps`` and ``seconds``: the training it took.
+    ``distance``: (E_x[f] - E_y[f] - the rounding allowance of :func:`kantorovich_value`) /
+    ``lipschitz``, a lower bound of W1 between the empirical measures of ``x`` and ``y``.
+    ``potential``: the trained f (eval mode). ``lipschitz``: the sound bound of f's Lipschitz
+    constant. ``steps`` and ``seconds``: the training it took.
     """
 
     distance: float
@@ -77,14 +80,15 @@ class W1Estimate:
     seconds: float
 
 
-def as_point_cloud(name: str, points: object) -> Tensor:
-    """``points`` (array or tensor, (n, d)) as a float32 tensor, or a ValueError naming ``name``."""
+def as_point_cloud(name: str, points: object, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``points`` (array or tensor, (n, d)) as a ``dtype`` tensor, or a ValueError naming ``name``.
+
+    float32 is what the potential trains on; float64 (:func:`kantorovich_value`,
+    :func:`exact_wasserstein1`) holds the points as given, which the lower bound is about:
+    integers beyond 2^53, which float64 would round, are refused there.
+    """
     if isinstance(points, np.ndarray):
-        real = np.issubdtype(points.dtype, np.integer) or np.issubdtype(points.dtype, np.floating)
-        if not real:
-            raise ValueError(f"{name} must hold real numbers, got dtype {points.dtype}")
-        shape = points.shape  # ascontiguousarray makes a 0-d array 1-d: keep the real shape
-        points = torch.from_numpy(np.ascontiguousarray(points)).reshape(shape)
+        points = _numpy_cloud(name, points)
     if not isinstance(points, Tensor):
         raise ValueError(f"{name} must be a numpy array or a torch tensor, got {type(points)}")
     if points.dim() != 2:
@@ -94,19 +98,44 @@ def as_point_cloud(name: str, points: object) -> Tensor:
         raise ValueError(f"{name} is empty: shape {tuple(points.shape)}")
     if points.is_complex() or points.dtype == torch.bool:
         raise ValueError(f"{name} must hold real numbers, got dtype {points.dtype}")
-    points = points.to(torch.float32)
-    if not bool(torch.isfinite(points).all()):
+    converted = points.to(dtype)
+    if not bool(torch.isfinite(converted).all()):
         raise ValueError(f"{name} contains NaN or inf values (or values beyond float32's range)")
-    return points
+    integers = dtype == torch.float64 and not points.is_floating_point()
+    if integers and not torch.equal(converted.to(points.dtype), points):
+        raise ValueError(
+            f"{name} holds integers float64 cannot represent exactly (beyond 2^53 in "
+            "magnitude): shift or rescale them"
+        )
+    return converted
+
+
+def _numpy_cloud(name: str, points: np.ndarray) -> Tensor:
+    """A numpy array of real numbers as a tensor of its dtype, in native byte order (``np.save``
+    keeps an array's byte order, and torch reads only the native one)."""
+    real = np.issubdtype(points.dtype, np.integer) or np.issubdtype(points.dtype, np.floating)
+    if not real:
+        raise ValueError(f"{name} must hold real numbers, got dtype {points.dtype}")
+    if points.dtype.kind == "f" and points.dtype.itemsize > 8:
+        raise ValueError(
+            f"{name} holds long doubles ({points.dtype}), which torch cannot hold: convert it "
+            "to float64 (the bound is then about the float64 points)"
+        )
+    shape = points.shape  # ascontiguousarray makes a 0-d array 1-d: keep the real shape
+    native = np.ascontiguousarray(points, dtype=points.dtype.newbyteorder("="))
+    return torch.from_numpy(native).reshape(shape)
 
 
 def check_clouds(
-    x: object, y: object, names: tuple[str, str] = ("x", "y")
+    x: object,
+    y: object,
+    names: tuple[str, str] = ("x", "y"),
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
-    """``x`` and ``y`` as point clouds (:func:`as_point_cloud`) of the same dimension, or a
-    ValueError naming them by ``names`` (argument names, or file names in the CLI)."""
+    """``x`` and ``y`` as ``dtype`` point clouds (:func:`as_point_cloud`) of the same dimension,
+    or a ValueError naming them by ``names`` (argument names, or file names in the CLI)."""
     x_name, y_name = names
-    x, y = as_point_cloud(x_name, x), as_point_cloud(y_name, y)
+    x, y = as_point_cloud(x_name, x, dtype), as_point_cloud(y_name, y, dtype)
     if x.shape[1] != y.shape[1]:
         raise ValueError(
             f"{x_name} has shape {tuple(x.shape)} and {y_name} {tuple(y.shape)}: the two point "
@@ -133,8 +162,17 @@ def logit_lipschitz_bound(model: nn.Module) -> float:
 
 def _logit_bound(model: nn.Module) -> float:
     """Per-logit bound in eval mode: body bound times the largest head row norm, or the whole
-    model's bound."""
-    if isinstance(model, nn.Sequential) and len(model) > 1 and isinstance(model[-1], nn.Linear):
+    model's bound. The head form needs a chain and a head that compute what ``nn.Sequential``
+    and ``nn.Linear`` do (:func:`~lipcert.bounds.network.has_bound_rule`: no hooks, no
+    overridden forward); a slice ``model[:-1]`` drops the chain's hooks, and a hook or an
+    overridden forward of the head scales its rows (f = 10 z was bounded by 1)."""
+    if (
+        isinstance(model, nn.Sequential)
+        and len(model) > 1
+        and isinstance(model[-1], nn.Linear)
+        and has_bound_rule(model)
+        and has_bound_rule(model[-1])
+    ):
         rows = torch.linalg.vector_norm(model[-1].weight.detach().double(), dim=1)  # (C,)
         row_bound = float(rows.max()) * rounding_safety(torch.float64, model[-1].in_features)
         return module_bound(model[:-1]) * row_bound
@@ -186,21 +224,36 @@ def kantorovich_value(potential: nn.Module, x: object, y: object) -> float:
     """(E_x[f] - E_y[f]) / L for the potential f, L its sound Lipschitz bound.
 
     Kantorovich-Rubinstein duality (Villani 2009, Rem. 6.5): a lower bound of W1 between the
-    empirical measures of ``x`` and ``y`` for any f. f is evaluated on a float64 copy of its
-    exported (plain torch) form, which has the very weights the bound is computed from.
+    empirical measures of ``x`` and ``y`` for any f. f is evaluated in float64 on the points as
+    given and on its exported (plain torch) form, which has the very weights the bound is
+    computed from; the rounding error of each mean (:func:`_mean_and_error`) is subtracted.
     """
-    x, y = check_clouds(x, y)
+    x, y = check_clouds(x, y, dtype=torch.float64)
     plain = export(potential).double()
-    _check_scalar_output(plain, x[:1].double())
+    _check_scalar_output(plain, x[:1])
     bound = logit_lipschitz_bound(plain)
+    summary = native_summary(plain, "l2", (x.shape[1],), torch.float64)
+    (mean_x, error_x), (mean_y, error_y) = (_mean_and_error(plain, c, summary) for c in (x, y))
+    return (mean_x - mean_y - error_x - error_y) / bound
+
+
+def _mean_and_error(
+    plain: nn.Module, cloud: Tensor, summary: LipschitzSummary
+) -> tuple[float, float]:
+    """The float64 mean of f over ``cloud`` and a bound of its rounding error: each value is off
+    by at most the a-priori allowance of :func:`lipcert.certify.logit_rounding_bound` (in
+    float64; it counts constants that cancel, such as f(z) = (z + 2^53) - 2^53, whose computed
+    f(3) - f(2) is 2), and a sum of n values by at most (n - 1) u sum |f_i| (Higham, *Accuracy
+    and Stability of Numerical Algorithms*, 2002, Eq. 4.4; n eps covers it and the division)."""
     device = _device(plain)
     with torch.no_grad():
-        means = [
-            sum(plain(part.to(device, torch.float64)).sum() for part in cloud.split(EVAL_CHUNK))
-            / len(cloud)
-            for cloud in (x, y)
-        ]
-    return float(means[0] - means[1]) / bound
+        parts = [plain(part.to(device)).reshape(-1).cpu() for part in cloud.split(EVAL_CHUNK)]
+    values = torch.cat(parts)  # (n,)
+    lipschitz = summary.body_bound * summary.head_row_bound
+    terms = (summary.zero_input_scale, summary.underflow_error)
+    each = logit_rounding_bound(values[:, None], cloud.cpu(), lipschitz, torch.float64, *terms)
+    total = each.sum() + len(values) * torch.finfo(torch.float64).eps * values.abs().sum()
+    return float(values.sum()) / len(values), float(total) / len(values)
 
 
 def default_potential(dim: int, center: Tensor, scale: float) -> nn.Sequential:
@@ -249,7 +302,8 @@ def wasserstein1(
     raw coordinates. ``seed`` fixes the initialization and the batches (the global RNG is left
     as it was).
     """
-    x, y = check_clouds(x, y)
+    x, y = check_clouds(x, y, dtype=torch.float64)  # the measures the bound is about
+    x_train, y_train = check_clouds(x, y)  # float32; refuses values beyond its range
     _check_training_arguments(steps, lr, batch_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -257,10 +311,10 @@ def wasserstein1(
             potential = default_potential(x.shape[1], *_center_and_scale(torch.cat([x, y])))
         else:
             check_one_lipschitz(potential, "the potential")
-            _check_scalar_output(potential, x[:1])
+            _check_scalar_output(potential, x_train[:1])
             _warn_gradient_shrinking(potential)
         started = time.perf_counter()
-        _train_potential(potential, x, y, steps, lr, batch_size)
+        _train_potential(potential, x_train, y_train, steps, lr, batch_size)
         distance = kantorovich_value(potential, x, y)  # export initializes modules: RNG
     lipschitz = logit_lipschitz_bound(potential)
     return W1Estimate(distance, potential, lipschitz, steps, time.perf_counter() - started)
@@ -299,7 +353,7 @@ def exact_wasserstein1(x: object, y: object, max_iterations: int = 10**7) -> flo
     cost matrix: O(n m) memory, for clouds of a few thousand points. POT is an optional
     dependency (``pip install 'lipcert[peers]'``).
     """
-    x, y = check_clouds(x, y)
+    x, y = check_clouds(x, y, dtype=torch.float64)
     check_count("max_iterations", max_iterations, 1)
     try:
         import ot
@@ -308,7 +362,7 @@ def exact_wasserstein1(x: object, y: object, max_iterations: int = 10**7) -> flo
             "the exact W1 needs POT (Python Optimal Transport): pip install 'lipcert[peers]' "
             "or pip install POT"
         ) from err
-    a, b = x.double().numpy(), y.double().numpy()
+    a, b = x.numpy(), y.numpy()
     cost = ot.dist(a, b, metric="euclidean")
     weights_a, weights_b = np.full(len(a), 1 / len(a)), np.full(len(b), 1 / len(b))
     return float(ot.emd2(weights_a, weights_b, cost, numItermax=max_iterations))

@@ -1,0 +1,136 @@
+"""Review 20 of the optimal-transport part: faults found in the W1 lower bound (clouds rounded to
+float32 before the bound, float64 rounding of the potential, a head or hooks the per-logit bound
+did not see), and point clouds numpy stores in other byte orders or as long doubles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lipcert.cli import main
+from lipcert.ot import (
+    as_point_cloud,
+    check_one_lipschitz,
+    exact_wasserstein1,
+    kantorovich_value,
+    logit_lipschitz_bound,
+    wasserstein1,
+)
+
+#: Float64 slack of "the KR value never exceeds the exact W1" (as in test_ot.py).
+SOUND_SLACK = 1e-9
+
+
+def _chain(*scales_and_biases: tuple[float, float]) -> nn.Sequential:
+    """A float64 chain of 1 -> 1 linear maps z -> a z + b."""
+    layers = [nn.Linear(1, 1).double() for _ in scales_and_biases]
+    with torch.no_grad():
+        for layer, (scale, bias) in zip(layers, scales_and_biases, strict=True):
+            layer.weight.fill_(scale)
+            layer.bias.fill_(bias)
+    return nn.Sequential(*layers)
+
+
+# --- the lower bound is about the clouds as given, not their float32 rounding ----------------
+
+
+def test_kr_value_of_float64_clouds_is_not_taken_on_their_float32_rounding():
+    """1e6 and 1e6 + 0.04 are 0.0625 apart in float32: the bound read 0.0625 > W1 = 0.04."""
+    x, y = np.array([[1e6 + 0.04]]), np.array([[1e6]])
+    identity = _chain((1.0, 0.0))
+    value = kantorovich_value(identity, x, y)
+    assert value <= 0.04 * (1 + SOUND_SLACK)
+    assert value == pytest.approx(0.04, rel=1e-4)  # less the float64 allowance, 5e-7
+
+
+def test_w1_of_integer_clouds_never_exceeds_their_exact_w1():
+    """16777217 rounds to 16777216 in float32: the estimate was 1.998 for an exact W1 of 1."""
+    x, y = np.array([[16777217]]), np.array([[16777218]])
+    assert wasserstein1(x, y, steps=20).distance <= 1 + SOUND_SLACK
+    with pytest.raises(ValueError, match="2\\^53"):
+        kantorovich_value(_chain((1.0, 0.0)), np.array([[2**53 + 1]]), np.array([[0]]))
+
+
+def test_exact_w1_is_of_the_clouds_as_given():
+    pytest.importorskip("ot")
+    assert exact_wasserstein1(np.array([[16777217]]), np.array([[16777218]])) == 1.0
+
+
+def test_cli_w1_bound_holds_for_float64_clouds(tmp_path, capsys):
+    np.save(tmp_path / "a.npy", np.array([[1e6 + 0.04], [1e6 + 0.04]]))
+    np.save(tmp_path / "b.npy", np.array([[1e6], [1e6]]))
+    assert main(["w1", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--steps", "20"]) == 0
+    estimate = float(capsys.readouterr().out.split("W1 estimate: ")[1].split()[0])
+    assert estimate <= 0.04 * (1 + 1e-5)  # printed with 6 digits
+
+
+# --- the bound allows for the float64 rounding of the potential -------------------------------
+
+
+def test_kr_value_allows_for_the_float64_rounding_of_the_potential():
+    """f(z) = (z + 2^53) - 2^53 is exactly z, 1-Lipschitz; float64 rounds 2^53 + 3 to 2^53 + 4,
+    so the computed f(3) - f(2) was 2 and the "lower bound" 2 > W1 = 1."""
+    potential = _chain((1.0, 2.0**53), (1.0, -(2.0**53)))
+    assert logit_lipschitz_bound(potential) <= 1 + 1e-12
+    assert kantorovich_value(potential, np.array([[3.0]]), np.array([[2.0]])) <= 1 + SOUND_SLACK
+
+
+# --- the per-logit bound sees what the head and the chain compute -----------------------------
+
+
+class _TenfoldLinear(nn.Linear):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return 10 * super().forward(input)
+
+
+def _tenfold_potentials() -> list[nn.Module]:
+    """f(z) = 10 z three ways the head shortcut read as 1-Lipschitz."""
+    head = _chain((1.0, 0.0), (1.0, 0.0))
+    head.register_forward_hook(lambda module, args, out: 10 * out)
+    last = _chain((1.0, 0.0), (1.0, 0.0))
+    last[1].register_forward_hook(lambda module, args, out: 10 * out)
+    overridden = _chain((1.0, 0.0))
+    overridden.append(_TenfoldLinear(1, 1).double())
+    with torch.no_grad():
+        overridden[1].weight.fill_(1.0)
+        overridden[1].bias.zero_()
+    return [head, last, overridden]
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_logit_bound_sees_hooks_and_overridden_heads(index):
+    """The bound was 1 for each, and the KR value of two points 1 apart was 10."""
+    potential = _tenfold_potentials()[index]
+    x, y = np.array([[1.0]]), np.array([[0.0]])
+    assert float(potential(torch.ones(1, 1, dtype=torch.float64))) == 10.0
+    try:
+        bound = logit_lipschitz_bound(potential)
+    except ValueError as err:
+        assert "cannot bound" in str(err)
+    else:
+        assert bound >= 10.0
+        assert kantorovich_value(potential, x, y) <= 1 + SOUND_SLACK
+    with pytest.raises(ValueError):
+        check_one_lipschitz(potential, "the potential")
+
+
+# --- point clouds as numpy stores them --------------------------------------------------------
+
+
+def test_big_endian_clouds_are_read():
+    """A '>f8' array (np.save of one keeps its byte order) raised torch's byte-order error."""
+    native = np.array([[0.0, 1.0], [2.0, 3.0]])
+    cloud = as_point_cloud("x", native.astype(">f8"))
+    assert torch.equal(cloud, torch.tensor(native, dtype=torch.float32))
+
+
+def test_long_double_clouds_get_a_one_line_error(tmp_path, capsys):
+    """A long-double array raised torch's TypeError (a traceback from the CLI)."""
+    with pytest.raises(ValueError, match=r"x .*float64"):
+        as_point_cloud("x", np.zeros((2, 2), dtype=np.longdouble))
+    np.save(tmp_path / "a.npy", np.zeros((2, 2), dtype=np.longdouble))
+    np.save(tmp_path / "b.npy", np.ones((2, 2)))
+    assert main(["w1", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--steps", "1"]) == 2
+    assert "a.npy" in capsys.readouterr().err
