@@ -1,6 +1,7 @@
 """Review 20 of the optimal-transport part: faults found in the W1 lower bound (clouds rounded to
 float32 before the bound, float64 rounding of the potential, a head or hooks the per-logit bound
-did not see), and point clouds numpy stores in other byte orders or as long doubles."""
+did not see), point clouds numpy stores in other byte orders or as long doubles, and
+counterfactuals computed in another arithmetic than the model's own."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from lipcert.certify import predict, run_model
 from lipcert.cli import main
+from lipcert.explain import counterfactuals
+from lipcert.models.hkr import gnp_mlp
 from lipcert.ot import (
     as_point_cloud,
     check_one_lipschitz,
@@ -134,3 +138,34 @@ def test_long_double_clouds_get_a_one_line_error(tmp_path, capsys):
     np.save(tmp_path / "b.npy", np.ones((2, 2)))
     assert main(["w1", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--steps", "1"]) == 2
     assert "a.npy" in capsys.readouterr().err
+
+
+# --- counterfactuals --------------------------------------------------------------------------
+
+
+def test_counterfactuals_flip_in_the_models_own_arithmetic():
+    """Under CPU autocast (bfloat16) 94 of 200 claimed flips did not flip the float32 model."""
+    torch.manual_seed(0)
+    model = gnp_mlp([2], 2, width=16, depth=2, binary=True).eval()
+    x = torch.randn(200, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = counterfactuals(model, x)
+    assert bool(result.flipped.all())
+    assert torch.equal(predict(run_model(model, result.points)), result.new_classes)
+
+
+class _FlatLogit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)[:, 0]  # (B,), not (B, 1)
+
+
+def test_counterfactuals_name_bad_model_outputs_and_inputs():
+    """An IndexError ('tuple index out of range') and torch's matmul error before."""
+    with pytest.raises(ValueError, match=r"\(B, C\) logits"):
+        counterfactuals(_FlatLogit(), torch.randn(4, 2))
+    with pytest.raises(ValueError, match=r"does not accept inputs of shape \(4, 2\)"):
+        counterfactuals(nn.Sequential(nn.Linear(3, 2)), torch.randn(4, 2))
