@@ -1,7 +1,8 @@
 """Review 20 of the optimal-transport part: faults found in the W1 lower bound (clouds rounded to
 float32 before the bound, float64 rounding of the potential, a head or hooks the per-logit bound
-did not see), point clouds numpy stores in other byte orders or as long doubles, and
-counterfactuals computed in another arithmetic than the model's own."""
+did not see), point clouds numpy stores in other byte orders or as long doubles, counterfactuals
+computed in another arithmetic than the model's own, and binary radii of float64 models read
+through a float32 Lipschitz bound."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from lipcert.certify import predict, run_model
+from lipcert.certify import certify, predict, run_model
 from lipcert.cli import main
+from lipcert.data.normalize import Normalize
 from lipcert.explain import counterfactuals
 from lipcert.models.hkr import gnp_mlp
 from lipcert.ot import (
@@ -169,3 +171,28 @@ def test_counterfactuals_name_bad_model_outputs_and_inputs():
         counterfactuals(_FlatLogit(), torch.randn(4, 2))
     with pytest.raises(ValueError, match=r"does not accept inputs of shape \(4, 2\)"):
         counterfactuals(nn.Sequential(nn.Linear(3, 2)), torch.randn(4, 2))
+
+
+# --- binary certificates of float64 models -----------------------------------------------------
+
+
+def _float64_binary_models() -> list[tuple[nn.Module, dict]]:
+    """f(z) = w z with w = 1 + 2^-24 - 2^-40, which float32 rounds down to 1: without a linear
+    head (or with ``lipschitz`` given) the pair bound was a float32 tensor."""
+    w = 1 + 2.0**-24 - 2.0**-40
+    return [
+        (_chain((w, 0.0)), {"lipschitz": w}),
+        (nn.Sequential(_chain((w, 0.0)), Normalize(0.0, 1.0).double()), {}),
+    ]
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_binary_radius_of_a_float64_model_is_not_read_through_a_float32_bound(index):
+    """x = 1 - 2^-30 is x away from f = 0; the radius was 1.0 and f < 0 at distance 1 - 1e-12."""
+    model, kwargs = _float64_binary_models()[index]
+    x = torch.tensor([[1 - 2.0**-30]], dtype=torch.float64)
+    radius = certify(model, x, torch.tensor([1]), **kwargs)
+    assert 0 < float(radius) <= float(x)
+    with torch.no_grad():
+        inside = model(x - radius.double() * (1 - 1e-12))
+    assert predict(inside).item() == 1

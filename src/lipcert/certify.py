@@ -484,7 +484,10 @@ def _pair_bounds(summary: LipschitzSummary, num_logits: int, device) -> Tensor:
         factor = 1.0
     else:  # ||e_i - e_j|| in the output's norm: sqrt(2) for l2, 2 (two moving logits) for l_inf
         factor = SQRT2 if summary.norm == "l2" else 2.0
-    return torch.full((num_classes, num_classes), factor * summary.body_bound, device=device)
+    # float64, as the head's: a float32 tensor rounded 1 + 2^-24 - 2^-40 down to 1, and a float64
+    # binary model's radius came out 2^-24 too large, far above its slack of a few delta_m.
+    bound = factor * summary.body_bound
+    return torch.full((num_classes, num_classes), bound, dtype=torch.float64, device=device)
 
 
 def predict(logits: Tensor) -> Tensor:
