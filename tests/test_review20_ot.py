@@ -196,3 +196,21 @@ def test_binary_radius_of_a_float64_model_is_not_read_through_a_float32_bound(in
     with torch.no_grad():
         inside = model(x - radius.double() * (1 - 1e-12))
     assert predict(inside).item() == 1
+
+
+# --- potentials of another dtype or input size --------------------------------------------------
+
+
+def test_float64_potential_is_trained_in_its_own_dtype():
+    """A float64 potential raised torch's 'mat1 and mat2 must have the same dtype'."""
+    x, y = np.zeros((4, 2)), np.ones((4, 2))
+    potential = gnp_mlp([2], 2, width=8, depth=1, binary=True).double()
+    estimate = wasserstein1(x, y, potential=potential, steps=50)
+    assert 0 < estimate.distance <= np.sqrt(2) * (1 + SOUND_SLACK)
+
+
+def test_potential_of_another_input_size_gets_a_value_error():
+    """kantorovich_value raised torch's 'mat1 and mat2 shapes cannot be multiplied'."""
+    potential = gnp_mlp([3], 2, width=8, depth=1, binary=True)
+    with pytest.raises(ValueError, match=r"does not accept inputs of shape \(1, 2\)"):
+        kantorovich_value(potential, np.zeros((4, 2)), np.ones((4, 2)))

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from lipcert.bounds.network import has_bound_rule, module_bound
 from lipcert.bounds.operator import rounding_safety
-from lipcert.certify import LipschitzSummary, logit_rounding_bound, native_summary
+from lipcert.certify import LipschitzSummary, logit_rounding_bound, native_summary, run_model
 from lipcert.data.normalize import Normalize
 from lipcert.export import export
 from lipcert.losses.base import check_count, check_hyperparameter
@@ -204,15 +204,18 @@ def _warn_gradient_shrinking(model: nn.Module) -> None:
         )
 
 
-def _device(model: nn.Module) -> torch.device:
+def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of the model's parameters (the CPU and float32 without any)."""
     param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
+    return (
+        (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+    )
 
 
 def _check_scalar_output(potential: nn.Module, probe: Tensor) -> None:
-    """A potential maps each point to one value: output (n,) or (n, 1)."""
-    with torch.no_grad():
-        out = potential(probe.to(_device(potential)))
+    """A potential maps each point to one value: output (n,) or (n, 1). A potential that refuses
+    the points (their dimension): a ValueError naming their shape (:func:`run_model`)."""
+    out = run_model(potential, probe.to(*_placement(potential)))
     if tuple(out.shape) not in ((len(probe),), (len(probe), 1)):
         raise ValueError(
             f"the potential must give one value a point, (n,) or (n, 1); for input "
@@ -245,7 +248,7 @@ def _mean_and_error(
     float64; it counts constants that cancel, such as f(z) = (z + 2^53) - 2^53, whose computed
     f(3) - f(2) is 2), and a sum of n values by at most (n - 1) u sum |f_i| (Higham, *Accuracy
     and Stability of Numerical Algorithms*, 2002, Eq. 4.4; n eps covers it and the division)."""
-    device = _device(plain)
+    device, _ = _placement(plain)
     with torch.no_grad():
         parts = [plain(part.to(device)).reshape(-1).cpu() for part in cloud.split(EVAL_CHUNK)]
     values = torch.cat(parts)  # (n,)
@@ -299,11 +302,10 @@ def wasserstein1(
     random. Returns a :class:`W1Estimate`; its ``distance`` never exceeds the exact W1 of the
     empirical measures. A given ``potential`` (one output a point) must be 1-Lipschitz (sound
     bound <= 1 + :data:`LIPSCHITZ_TOLERANCE`), else ValueError; it is trained in place, on the
-    raw coordinates. ``seed`` fixes the initialization and the batches (the global RNG is left
-    as it was).
+    raw coordinates in its parameters' dtype. ``seed`` fixes the initialization and the batches
+    (the global RNG is left as it was).
     """
     x, y = check_clouds(x, y, dtype=torch.float64)  # the measures the bound is about
-    x_train, y_train = check_clouds(x, y)  # float32; refuses values beyond its range
     _check_training_arguments(steps, lr, batch_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -311,8 +313,10 @@ def wasserstein1(
             potential = default_potential(x.shape[1], *_center_and_scale(torch.cat([x, y])))
         else:
             check_one_lipschitz(potential, "the potential")
-            _check_scalar_output(potential, x_train[:1])
+            _check_scalar_output(potential, x[:1])
             _warn_gradient_shrinking(potential)
+        # Training copies in the potential's dtype (float32 ones refuse values beyond its range).
+        x_train, y_train = check_clouds(x, y, dtype=_placement(potential)[1])
         started = time.perf_counter()
         _train_potential(potential, x_train, y_train, steps, lr, batch_size)
         distance = kantorovich_value(potential, x, y)  # export initializes modules: RNG
@@ -324,9 +328,9 @@ def _train_potential(
     potential: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float, batch_size: int | None
 ) -> None:
     """Adam on the KR loss, x labelled 1 and y labelled 0, with a cosine learning-rate decay."""
-    device = _device(potential)
+    device, dtype = _placement(potential)
     x, y = x.to(device), y.to(device)
-    labels = torch.cat([torch.ones(len(x)), torch.zeros(len(y))]).to(device)  # (n + m,)
+    labels = torch.cat([torch.ones(len(x)), torch.zeros(len(y))]).to(device, dtype)  # (n + m,)
     optimizer = torch.optim.Adam(potential.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     potential.train()
