@@ -355,7 +355,8 @@ def exact_wasserstein1(x: object, y: object, max_iterations: int = 10**7) -> flo
 
     The network-simplex solver of POT (Flamary et al., JMLR 2021, ``ot.emd2``) on the Euclidean
     cost matrix: O(n m) memory, for clouds of a few thousand points. POT is an optional
-    dependency (``pip install 'lipcert[peers]'``).
+    dependency (``pip install 'lipcert[peers]'``). ValueError where the solver stops at
+    ``max_iterations`` before the optimum.
     """
     x, y = check_clouds(x, y, dtype=torch.float64)
     check_count("max_iterations", max_iterations, 1)
@@ -369,4 +370,12 @@ def exact_wasserstein1(x: object, y: object, max_iterations: int = 10**7) -> flo
     a, b = x.numpy(), y.numpy()
     cost = ot.dist(a, b, metric="euclidean")
     weights_a, weights_b = np.full(len(a), 1 / len(a)), np.full(len(b), 1 / len(b))
-    return float(ot.emd2(weights_a, weights_b, cost, numItermax=max_iterations))
+    with warnings.catch_warnings():  # POT warns where it stops early: the error below says it
+        warnings.simplefilter("ignore", UserWarning)
+        value, log = ot.emd2(weights_a, weights_b, cost, numItermax=max_iterations, log=True)
+    if log["result_code"] != 1:  # 1: optimal; a plan stopped early is not W1 (0.09 for 1.45)
+        raise ValueError(
+            f"POT's network simplex did not reach the optimum ({log['warning']}): raise "
+            f"max_iterations (now {max_iterations})"
+        )
+    return float(value)
