@@ -154,13 +154,19 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def atomic_save(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
-    """Write a safetensors file atomically (:func:`atomic_path`)."""
+    """Write a safetensors file atomically (:func:`atomic_path`). A failed write (full disk, no
+    permission) raises an ``OSError`` naming ``path``, the file before it left whole: safetensors
+    reports its I/O errors as a ``SafetensorError`` naming no file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.chmod(tmp, _new_file_mode())  # safetensors writes 0600; a checkpoint is shared like
-        # the config.json beside it
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+            os.chmod(tmp, _new_file_mode())  # safetensors writes 0600; a checkpoint is shared
+            # like the config.json beside it
+    except (OSError, SafetensorError) as err:
+        reason = getattr(err, "strerror", None) or err
+        raise OSError(f"cannot write checkpoint {path}: {reason}") from err
 
 
 def _new_file_mode() -> int:

@@ -30,7 +30,6 @@ from lipcert import losses
 from lipcert.certify import certified_accuracy, certify_batched, predict
 from lipcert.checkpoint import (
     CheckpointError,
-    atomic_path,
     check_dtypes,
     load_into,
     read_checkpoint,
@@ -51,6 +50,7 @@ from lipcert.data import Dataset, Split, load_dataset, random_crop, random_flip
 from lipcert.lmt import LMTTrainingLoss
 from lipcert.models import build_model
 from lipcert.nn import retract_after_steps
+from lipcert.outputs import output_file
 
 CHECKPOINT_NAME = "last.safetensors"
 CONFIG_NAME = "config.json"
@@ -360,7 +360,8 @@ def _restore(
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
+    """Write a run file (config, metrics) atomically; an error names it (:func:`output_file`)."""
+    with output_file(path, "run file") as tmp:
         tmp.write_text(text)
 
 
