@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from lipcert import losses
+from lipcert.bounds.graph import all_finite
 from lipcert.certify import certified_accuracy, certify_batched, predict
 from lipcert.checkpoint import (
     CheckpointError,
@@ -225,17 +226,29 @@ def _build_configured_model(cfg: ModelConfig, data: Dataset) -> nn.Module:
         ) from err
 
 
+def _diverged(what: str, ckpt: Path) -> TrainingDiverged:
+    kept = (
+        f"the last good checkpoint is kept at {ckpt}"
+        if ckpt.exists()
+        else "no checkpoint was written before it"
+    )
+    return TrainingDiverged(
+        f"{what}; stopping: {kept} (lower the learning rate or enable optim.grad_clip)"
+    )
+
+
 def _check_finite(value: Tensor, what: str, epoch: int, step: int, ckpt: Path) -> None:
     if not torch.isfinite(value).all():
-        kept = (
-            f"the last good checkpoint is kept at {ckpt}"
-            if ckpt.exists()
-            else "no checkpoint was written before it"
-        )
-        raise TrainingDiverged(
-            f"{what} became non-finite at epoch {epoch + 1}, step {step}; stopping: {kept} "
-            "(lower the learning rate or enable optim.grad_clip)"
-        )
+        raise _diverged(f"{what} became non-finite at epoch {epoch + 1}, step {step}", ckpt)
+
+
+def _check_weights(model: nn.Module, epoch: int, ckpt: Path) -> None:
+    """TrainingDiverged naming a parameter that an optimizer step left NaN or inf: the next
+    step's logits would tell, but an epoch's last step is followed by its checkpoint, which
+    must not replace the last good one."""
+    bad = next((k for k, p in model.named_parameters() if not all_finite(p.detach())), None)
+    if bad is not None:
+        raise _diverged(f"parameter {bad} became non-finite in epoch {epoch + 1}", ckpt)
 
 
 def set_progress(modules: list[nn.Module], progress: float) -> None:
@@ -427,6 +440,7 @@ def train(
         )
         row["lr"] = scheduler.get_last_lr()[0]
         row["epoch_seconds"] = time.perf_counter() - started
+        _check_weights(model, epoch, ckpt)
         if ddp.is_main:
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
                 row |= evaluate(model, data, config)
