@@ -20,6 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -242,11 +243,16 @@ def _check_finite(value: Tensor, what: str, epoch: int, step: int, ckpt: Path) -
         raise _diverged(f"{what} became non-finite at epoch {epoch + 1}, step {step}", ckpt)
 
 
+def _nonfinite_parameter(model: nn.Module) -> str | None:
+    """The name of the first parameter of ``model`` holding NaN or inf, if any."""
+    return next((k for k, p in model.named_parameters() if not all_finite(p.detach())), None)
+
+
 def _check_weights(model: nn.Module, epoch: int, ckpt: Path) -> None:
     """TrainingDiverged naming a parameter that an optimizer step left NaN or inf: the next
     step's logits would tell, but an epoch's last step is followed by its checkpoint, which
     must not replace the last good one."""
-    bad = next((k for k, p in model.named_parameters() if not all_finite(p.detach())), None)
+    bad = _nonfinite_parameter(model)
     if bad is not None:
         raise _diverged(f"parameter {bad} became non-finite in epoch {epoch + 1}", ckpt)
 
@@ -329,11 +335,65 @@ def _check_same_run(ckpt: Path, meta: dict, config: TrainConfig) -> None:
         )
 
 
-def _check_optimizer_dtypes(optimizer: torch.optim.Optimizer, stored: dict, ckpt: Path) -> None:
-    """Refuse optimizer state that ``load_state_dict`` cast to its parameter's dtype."""
+def _check_form(expected: Any, stored: Any, where: str) -> None:
+    """ValueError naming ``where`` unless ``stored`` has the form of ``expected`` (the state of a
+    fresh optimizer's settings or schedule): the same types, dict keys and list lengths,
+    recursively, tensors of the same shape. ``load_state_dict`` takes any value (a schedule's
+    even sets attributes of any name), and a wrong one fails steps later, mid-training."""
+    if torch.is_tensor(expected) and torch.is_tensor(stored):
+        if stored.shape != expected.shape:
+            shapes = f"{tuple(stored.shape)}, expected {tuple(expected.shape)}"
+            raise ValueError(f"{where} has shape {shapes}")
+    elif type(stored) is not type(expected):
+        raise ValueError(f"{where} is {stored!r:.60}, expected {type(expected).__name__}")
+    elif isinstance(expected, dict):
+        if stored.keys() != expected.keys():
+            extra, lacking = stored.keys() - expected.keys(), expected.keys() - stored.keys()
+            keys = f"{sorted(extra, key=str)} and lacks {sorted(lacking, key=str)}"
+            raise ValueError(f"{where} has the unexpected keys {keys}")
+        for key, value in expected.items():
+            _check_form(value, stored[key], f"{where}.{key}")
+    elif isinstance(expected, list | tuple):
+        if len(stored) != len(expected):
+            raise ValueError(f"{where} has {len(stored)} entries, expected {len(expected)}")
+        for index, (value, given) in enumerate(zip(expected, stored, strict=True)):
+            _check_form(value, given, f"{where}.{index}")
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, stored: Any, ckpt: Path) -> None:
+    """Load ``stored`` into ``optimizer``: its settings of the form of the optimizer's own
+    (:func:`_check_form`), each state tensor of its parameter's shape or of none (a step count)
+    and of the dtype stored (``load_state_dict`` casts it to the parameter's)."""
+    groups = optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict(stored)
+    if set(optimizer.param_groups[0]) != set(groups[0]):  # an Adam state loads into SGD
+        raise ValueError("the checkpoint was trained with another optimizer")
+    _check_form(groups, stored["param_groups"], "optimizer.param_groups")
     loaded = optimizer.state_dict()["state"]
     for index, entries in stored.get("state", {}).items():
         check_dtypes(loaded.get(index, {}), entries, ckpt, f"optimizer state {index}.")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, param in enumerate(params):
+        for name, value in optimizer.state.get(param, {}).items():
+            if torch.is_tensor(value) and value.dim() and value.shape != param.shape:
+                shapes = f"{tuple(value.shape)}, expected () or {tuple(param.shape)}"
+                raise ValueError(f"optimizer state {index}.{name} has shape {shapes}")
+
+
+def _check_progress(epoch: Any, history: Any, config: TrainConfig, ckpt: Path) -> None:
+    """ValueError unless ``epoch`` counts the epochs trained and ``history`` holds one metrics
+    row for each; CheckpointError when ``config`` asks for fewer epochs."""
+    if type(epoch) is not int or epoch < 0:
+        raise ValueError(f"epoch is {epoch!r:.60}, not a count of epochs")
+    rows = history if isinstance(history, list) else []
+    if len(rows) != epoch or not all(isinstance(row, dict) for row in rows):
+        rows = f"not one metrics row for each of the {epoch} epochs trained"
+        raise ValueError(f"history is {history!r:.60}, {rows}")
+    if epoch > config.epochs:
+        raise CheckpointError(
+            f"{ckpt} has trained {epoch} epochs, more than epochs = {config.epochs}: resume "
+            f"with epochs >= {epoch}"
+        )
 
 
 def _restore(
@@ -341,27 +401,27 @@ def _restore(
 ) -> tuple[int, list[dict]]:
     """Model, optimizer, schedule and loss state of ``ckpt``; CheckpointError when ``config`` is
     not the run's (:func:`_check_same_run`) or its training state does not fit (another
-    optimizer, a file saved without training state, tensors of another dtype)."""
+    optimizer, a file saved without training state, tensors of another dtype or shape, values
+    of another type, NaN weights)."""
     tensors, meta = read_checkpoint(ckpt)
     _check_same_run(ckpt, meta, config)
     load_into(model, tensors, ckpt)
+    bad = _nonfinite_parameter(model)
+    if bad is not None:
+        raise CheckpointError(
+            f"{ckpt}: tensor model.{bad} holds NaN or inf values (a run saves finite weights): "
+            "the checkpoint is corrupt or was edited"
+        )
     try:
         state = unflatten(meta["state"], tensors)
-        settings = set(optimizer.param_groups[0])  # an Adam state loads into SGD, then fails
-        optimizer.load_state_dict(state["optimizer"])
-        if set(optimizer.param_groups[0]) != settings:
-            raise ValueError("the checkpoint was trained with another optimizer")
-        _check_optimizer_dtypes(optimizer, state["optimizer"], ckpt)
+        _restore_optimizer(optimizer, state["optimizer"], ckpt)
+        _check_form(scheduler.state_dict(), state["scheduler"], "scheduler")
         scheduler.load_state_dict(state["scheduler"])
         if "loss" in state:  # checkpoints written before losses had state lack it
             check_dtypes(loss_fn.state_dict(), state["loss"], ckpt, "loss.")
             loss_fn.load_state_dict(state["loss"])
         epoch, history = state["epoch"], state["history"]
-        if epoch > config.epochs:
-            raise CheckpointError(
-                f"{ckpt} has trained {epoch} epochs, more than epochs = {config.epochs}: resume "
-                f"with epochs >= {epoch}"
-            )
+        _check_progress(epoch, history, config, ckpt)
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
