@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lipcert.config import ConfigError
 from lipcert.train import RESUMABLE_KEYS
 
 
@@ -31,6 +32,17 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
+def default_run_dir(name: str) -> Path:
+    """``runs/<name>``; ConfigError unless ``name`` is one plain folder name: an absolute path
+    or a ``..`` would write the run's files (over a config.json already there) outside runs/."""
+    if name in ("", "..") or Path(name).name != name:
+        raise ConfigError(
+            f"name = {name!r} is not one folder name under runs/ (no '/', not '' or '..'): "
+            "choose a plain name, or give the run folder with --run-dir"
+        )
+    return Path("runs") / name
+
+
 def run(args: argparse.Namespace) -> None:
     from lipcert.config import load_config
     from lipcert.train import train
@@ -38,6 +50,6 @@ def run(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     if args.device:
         config.device = args.device
-    run_dir = Path(args.run_dir or Path("runs") / config.name)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config.name)
     _, history = train(config, run_dir, resume=args.resume)
     print(f"run written to {run_dir}; last epoch: {history[-1] if history else 'none'}")
