@@ -3,7 +3,7 @@ errors that name the user's path rather than the temporary file written beside i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,10 +16,23 @@ def check_output_file(path: str | Path, what: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{what} {path} is a directory: give a file name")
-    existing = next(parent for parent in path.parents if parent.exists())  # "." or "/" at least
+    _check_folders(path, path.parents, what)
+    return path
+
+
+def check_output_folder(path: str | Path, what: str) -> Path:
+    """``path`` as a ``Path``, or an error naming ``what`` (e.g. "run dir") when it, or one of
+    its folders, is a file (missing folders are created later)."""
+    path = Path(path)
+    _check_folders(path, (path, *path.parents), what)
+    return path
+
+
+def _check_folders(path: Path, folders: Iterable[Path], what: str) -> None:
+    """NotADirectoryError naming ``path`` when the first of ``folders`` that exists is a file."""
+    existing = next(folder for folder in folders if folder.exists())  # "." or "/" at least
     if not existing.is_dir():
         raise NotADirectoryError(f"{what} {path}: {existing} is a file, not a folder")
-    return path
 
 
 @contextmanager

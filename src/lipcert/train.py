@@ -40,6 +40,7 @@ from lipcert.checkpoint import (
 )
 from lipcert.config import (
     ConfigError,
+    DataConfig,
     LossConfig,
     ModelConfig,
     OptimConfig,
@@ -52,7 +53,7 @@ from lipcert.data import Dataset, Split, load_dataset, random_crop, random_flip
 from lipcert.lmt import LMTTrainingLoss
 from lipcert.models import build_model
 from lipcert.nn import retract_after_steps
-from lipcert.outputs import output_file
+from lipcert.outputs import check_output_folder, output_file
 
 CHECKPOINT_NAME = "last.safetensors"
 CONFIG_NAME = "config.json"
@@ -204,6 +205,18 @@ def select_classes(data: Dataset, classes: list[int]) -> Dataset:
 
     names = tuple(data.class_names[c] for c in classes)
     return Dataset(data.name, keep(data.train), keep(data.test), names)
+
+
+def _check_augmentation(cfg: DataConfig, data: Dataset) -> None:
+    """ValueError naming ``data.crop_padding`` / ``data.flip`` when they are set for inputs that
+    are not images ``(C, H, W)`` (moons' points): they crop and mirror images."""
+    keys = ("crop_padding", "flip")
+    set_keys = [f"data.{key} = {getattr(cfg, key)!r}" for key in keys if getattr(cfg, key)]
+    if set_keys and len(data.input_shape) != 3:
+        raise ValueError(
+            f"{' and '.join(set_keys)}: these augmentations act on images (C, H, W), but "
+            f"{data.name}'s inputs have shape {data.input_shape}; remove them"
+        )
 
 
 def _steps_per_epoch(data: Dataset, config: TrainConfig) -> int:
@@ -463,12 +476,13 @@ def train(
     if ddp.world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)  # NCCL collectives and barriers use the current device
-    run_dir = Path(run_dir)
+    run_dir = check_output_folder(run_dir, "run dir")
     ckpt = run_dir / CHECKPOINT_NAME
     data = data or load_dataset(config.data.dataset, config.data.data_dir or None)
     data = select_classes(data, config.data.classes)
     if config.data.train_subset:
         data = subset_train(data, config.data.train_subset, config.seed)
+    _check_augmentation(config.data, data)
     torch.manual_seed(config.seed)
     model = _build_configured_model(config.model, data).to(device)
     optimizer = make_optimizer(config.optim, model.parameters())
