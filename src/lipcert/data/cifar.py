@@ -35,6 +35,8 @@ def read_cifar_binary(path: str | Path) -> tuple[Tensor, Tensor]:
     """Images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)`` int64 of one CIFAR-10 binary batch."""
     path = Path(path)
     raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0:
+        raise ValueError(f"{path} is empty: it holds no records (truncated or not copied whole)")
     if raw.size % CIFAR_RECORD_BYTES:
         raise ValueError(
             f"{path}: {raw.size} bytes is not a whole number of {CIFAR_RECORD_BYTES}-byte "

@@ -86,7 +86,9 @@ def _read_split(folder: Path, images_file: str, labels_file: str, num_classes: i
             f"{folder / images_file} holds {len(images)} images but {folder / labels_file} "
             f"holds {len(labels)} labels"
         )
-    if len(labels) and int(labels.max()) >= num_classes:
+    if not len(images):
+        raise ValueError(f"{folder / images_file} holds no images (its header declares 0)")
+    if int(labels.max()) >= num_classes:
         raise ValueError(f"{folder / labels_file}: label {int(labels.max())} >= {num_classes}")
     return Split(unit_images(images).unsqueeze(1), labels.long())  # (N, 1, H, W)
 
