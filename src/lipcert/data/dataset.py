@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lipcert.bounds.graph import check_finite
+
 #: Largest value of an 8-bit pixel: uint8 images are divided by it to land in [0, 1].
 UINT8_MAX = 255.0
 
@@ -23,7 +25,8 @@ def unit_images(pixels: Tensor) -> Tensor:
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    """One split: inputs ``x`` (float32, ``(N, ...)``) and labels ``y`` (int64, ``(N,)``)."""
+    """One split: inputs ``x`` (float32, ``(N, ...)``, finite) and labels ``y`` (int64,
+    ``(N,)``)."""
 
     x: Tensor
     y: Tensor
@@ -35,6 +38,10 @@ class Split:
             raise ValueError(f"Split.y must be 1-D int64, got {self.y.dtype} {tuple(self.y.shape)}")
         if len(self.x) != len(self.y):
             raise ValueError(f"Split has {len(self.x)} inputs but {len(self.y)} labels")
+        check_finite(
+            [("Split.x", self.x)],
+            "inputs must be finite (a NaN input makes training diverge and has no certificate)",
+        )
 
     def __len__(self) -> int:
         return len(self.y)
