@@ -287,6 +287,18 @@ def test_augmentation_of_feature_vectors_names_the_key_before_any_file(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_crop_padding_as_large_as_the_image_is_refused_before_any_file(tmp_path):
+    """data.crop_padding = 10^6 on the 8x8 digits tried to allocate 512 TB in the first epoch
+    (a RuntimeError traceback, config.json and metrics.jsonl already written); a padding of
+    the image's size or more lets a crop miss the image entirely (an all-zero input)."""
+    config = _toy_config(data={"batch_size": 16, "crop_padding": 4})
+    with pytest.raises(ValueError, match=r"data\.crop_padding = 4 .*below 4"):
+        train(config, tmp_path / "run", data=_toy_data())  # 4x4 images
+    assert not (tmp_path / "run").exists()
+    config = _toy_config(epochs=1, data={"batch_size": 16, "crop_padding": 3})
+    assert train(config, tmp_path / "run", data=_toy_data())[1]
+
+
 def test_run_dir_that_is_a_file_is_named_before_any_work(tiny_copy, capsys):
     """The error was "[Errno 17] File exists", after loading the data and building the model."""
     target = tiny_copy.parent / "tiny.toml"

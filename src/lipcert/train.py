@@ -209,13 +209,22 @@ def select_classes(data: Dataset, classes: list[int]) -> Dataset:
 
 def _check_augmentation(cfg: DataConfig, data: Dataset) -> None:
     """ValueError naming ``data.crop_padding`` / ``data.flip`` when they are set for inputs that
-    are not images ``(C, H, W)`` (moons' points): they crop and mirror images."""
+    are not images ``(C, H, W)`` (moons' points): they crop and mirror images; or when the
+    padding is not below the image's height and width: a crop at offset o (0 .. 2p) of the
+    padded image shows image rows o - p .. o - p + H - 1, none when o <= p - H, an offset drawn
+    when p >= H; and the padded batch grows as (H + 2p) (W + 2p)."""
     keys = ("crop_padding", "flip")
     set_keys = [f"data.{key} = {getattr(cfg, key)!r}" for key in keys if getattr(cfg, key)]
     if set_keys and len(data.input_shape) != 3:
         raise ValueError(
             f"{' and '.join(set_keys)}: these augmentations act on images (C, H, W), but "
             f"{data.name}'s inputs have shape {data.input_shape}; remove them"
+        )
+    smallest = min(data.input_shape[1:], default=0)
+    if cfg.crop_padding and cfg.crop_padding >= smallest:
+        raise ValueError(
+            f"data.crop_padding = {cfg.crop_padding} must lie below {smallest}, the smaller side "
+            f"of {data.name}'s {data.input_shape} images (a crop would miss the image)"
         )
 
 
