@@ -3,6 +3,9 @@
 Used for verification, not training: the attack maximises the best wrong-class margin
 max_{j != y} f_j - f_y inside the eps-ball, counting a float tie (margin >= 0) as a success, so a
 certificate that float rounding could break shows up. Step sizes follow the usual 2.5 eps / steps.
+Every point evaluated is in the ball in exact arithmetic: x + delta rounds to the input's dtype,
+which could leave the ball (by 2e-7 eps for pixels in [0, 1], 10% of eps at x ~ 1e3, eps 1e-3)
+and report a correct certificate broken, so delta is shrunk until the rounded point is inside.
 """
 
 from __future__ import annotations
@@ -55,14 +58,17 @@ def _per_sample(eps: Tensor | float, x: Tensor, name: str = "eps") -> Tensor:
     return values.expand(len(x)).reshape(-1, *[1] * (x.dim() - 1))
 
 
-def _check_clamp(clamp: tuple[float, float] | None) -> None:
-    """ValueError unless ``clamp`` is None or a pair of numbers (low, high) with low <= high."""
+def _check_clamp(clamp: tuple[float, float] | None, x: Tensor) -> None:
+    """ValueError unless ``clamp`` is None or a pair of numbers (low, high) with low <= high
+    and x inside that box (else clamping moves even x itself, possibly beyond eps)."""
     if clamp is None:
         return
     pair = isinstance(clamp, tuple | list) and len(clamp) == 2
     real = pair and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in clamp)
     if not (real and clamp[0] <= clamp[1]):
         raise ValueError(f"clamp must be None or (low, high) with low <= high, got {clamp!r}")
+    if not bool(((x >= clamp[0]) & (x <= clamp[1])).all()):
+        raise ValueError(f"x must lie inside the clamp box {tuple(clamp)}")
 
 
 def _check_attack(x: Tensor, y: Tensor, norm: str, steps: int, restarts: int) -> None:
@@ -80,6 +86,42 @@ def _project(delta: Tensor, eps: Tensor, norm: str) -> Tensor:
         return torch.maximum(torch.minimum(delta, eps), -eps)
     norms = delta.flatten(1).norm(dim=1).reshape_as(eps).clamp_min(1e-12)
     return delta * torch.clamp(eps / norms, max=1.0)
+
+
+def _point(x: Tensor, delta: Tensor, clamp: tuple[float, float] | None) -> Tensor:
+    """The input PGD evaluates: x + delta in x's dtype, clamped to the box if one is given."""
+    x_adv = x + delta
+    return x_adv if clamp is None else x_adv.clamp(*clamp)
+
+
+def _exact_norms(diff: Tensor, norm: str) -> Tensor:
+    """(B,) upper bounds of the exact ||diff||: the norm in float64 times 1 + (n + 2) 2^-53, n
+    entries per sample (the float64 differences of two inputs and the sum of n squares round by
+    at most that much relative; l_inf takes absolute values and a maximum, exact after them)."""
+    flat = diff.double().flatten(1)
+    norms = flat.abs().amax(dim=1) if norm == "linf" else flat.norm(dim=1)
+    return norms * (1 + (flat.shape[1] + 2) * 2.0**-53)
+
+
+def _fit_in_ball(
+    x: Tensor, delta: Tensor, eps: Tensor, norm: str, clamp: tuple[float, float] | None
+) -> Tensor:
+    """``delta`` shrunk where the rounded point ``_point(x, delta)`` lies outside the eps-ball in
+    exact arithmetic: scaled by eps / ||point - x|| (1 - 2^k u), u the dtype's eps, for
+    k = 0, 1, ... until inside. It ends: at 2^k u >= 1 delta is 0 and the point is x itself (in
+    the box, :func:`_check_clamp`); shrinking toward x keeps a point of the box in it."""
+    radius = eps.double().flatten()
+    relative = torch.finfo(x.dtype).eps
+    while True:
+        distance = _exact_norms(_point(x, delta, clamp).double() - x.double(), norm)
+        outside = distance > radius
+        if not bool(outside.any()):
+            return delta
+        scale = (radius / distance * (1 - relative)).clamp(0.0, 1.0)
+        delta = torch.where(
+            outside.reshape_as(eps), delta * scale.to(x.dtype).reshape_as(eps), delta
+        )
+        relative *= 2
 
 
 def _random_start(x: Tensor, eps: Tensor, norm: str, gen: torch.Generator) -> Tensor:
@@ -105,7 +147,9 @@ def pgd(
     """Search the ``eps``-ball (per-sample eps allowed) for a misclassified point.
 
     Returns ``(x_adv, success)``: the strongest point found per sample and whether its margin is
-    >= 0 (wrong class or tie). ``clamp`` keeps inputs in a box (e.g. images in [0, 1]).
+    >= 0 (wrong class or tie); each x_adv is in the ball in exact arithmetic, as rounded to x's
+    dtype. ``clamp`` keeps inputs in a box (e.g. images in [0, 1]; x must lie in it): off by
+    default, as a certificate covers the whole ball.
     Runs in IEEE float32 (no TF32 on a GPU), the arithmetic the certificates assume.
     ValueError naming the argument for a bad one: ``x`` not a finite floating-point batch, ``y``
     not its (B,) class ids, ``eps`` not one value (or one per sample) finite and >= 0,
@@ -113,7 +157,7 @@ def pgd(
     """
     _check_attack(x, y, norm, steps, restarts)
     eps_t = _per_sample(eps, x)
-    _check_clamp(clamp)
+    _check_clamp(clamp, x)
     with eval_mode(model), ieee_float32():  # restores each module's mode after
         return _search(model, x, y, eps_t, norm, steps, restarts, clamp, seed)
 
@@ -136,8 +180,8 @@ def _search(
     for restart in range(restarts):
         delta = _random_start(x, eps_t, norm, gen) if restart else torch.zeros_like(x)
         for _ in range(steps + 1):
-            delta.requires_grad_(True)
-            x_adv = x + delta if clamp is None else (x + delta).clamp(*clamp)
+            delta = _fit_in_ball(x, delta, eps_t, norm, clamp).requires_grad_(True)
+            x_adv = _point(x, delta, clamp)
             margin = wrong_class_margin(model(x_adv), y)
             improved = margin.detach() > best_margin
             best_margin = torch.where(improved, margin.detach(), best_margin)
