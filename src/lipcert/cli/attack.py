@@ -16,7 +16,8 @@ def register(sub) -> None:
     p.add_argument(
         "--tightness",
         action="store_true",
-        help="also search each certified point's smallest adversarial distance (PGD bisection) "
+        help="also search each certified point's smallest adversarial distance (PGD bisection: "
+        "--steps steps, one start per eps tried; --restarts applies to the fixed-eps attacks) "
         "and print the distribution of distance / certified radius",
     )
     p.set_defaults(run=run)
