@@ -206,7 +206,7 @@ class PowerIterationLipschitz(nn.Module):
         linear_map = _linear_map(layer)
         if linear_map is not None:
             norm = PowerIterationNorm(linear_map, in_shape, like, generator)
-            self.vectors[name.replace(".", "_")] = norm
+            self.vectors[self._vector_key(name)] = norm
             return norm
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
             return lambda: _batch_norm_scale(layer)
@@ -221,6 +221,18 @@ class PowerIterationLipschitz(nn.Module):
             "PowerIterationLipschitz supports nn.Sequential chains of Linear, Conv1d/2d/3d, "
             "BatchNorm, lipcert layers and parameter-free modules with a bound rule"
         )
+
+    def _vector_key(self, name: str) -> str:
+        """The buffer name of layer ``name``'s vector (a module name holds no '.'); ValueError
+        naming both layers when another layer's maps to it (its vector would be dropped)."""
+        key = name.replace(".", "_")
+        if key in self.vectors:
+            other = next(n for n, _ in self._factors if n.replace(".", "_") == key)
+            raise ValueError(
+                f"layers {other} and {name} would share the power-iteration vector {key!r}: "
+                "rename one of them"
+            )
+        return key
 
     @torch.no_grad()
     def iterate(self, n_iterations: int) -> None:
