@@ -280,10 +280,10 @@ class LMTTrainingLoss(ReducedLoss):
 
     ``head_pairs=False``: CE(f + sqrt(2) eps L (1 - onehot(y)), y) with L the whole model's
     :class:`PowerIterationLipschitz` estimate (:func:`lipcert.losses.lmt_loss`).
-    ``head_pairs=True`` (needs an ``nn.Sequential`` ending in ``nn.Linear``, rows w_k): the margin
-    of class j is eps L_b ||w_y - w_j||, L_b the estimate of the body (all but the last layer),
-    the form :func:`lipcert.certify` certifies with. Either way a zero loss needs the margin that
-    certifies radius eps under the estimate.
+    ``head_pairs=True`` (needs an ``nn.Sequential`` ending in ``nn.Linear``, rows w_k, or a bare
+    ``nn.Linear``): the margin of class j is eps L_b ||w_y - w_j||, L_b the estimate of the body
+    (all but the last layer; 1 for a linear model), the form :func:`lipcert.certify` certifies
+    with. Either way a zero loss needs the margin that certifies radius eps under the estimate.
 
     ``eps_warmup``: the fraction of training over which eps ramps linearly from 0 (through the
     trainer's ``set_progress`` hook, so it is a function of the global step); 0 keeps eps fixed.
@@ -332,13 +332,15 @@ class LMTTrainingLoss(ReducedLoss):
         """Estimate ``model``'s Lipschitz constant (inputs of shape ``input_shape``) from now on."""
         body = model
         if self.head_pairs:
-            last = model[-1] if isinstance(model, nn.Sequential) and len(model) > 1 else model
+            # A bare nn.Linear is all head: its body is the empty chain (L_b = 1).
+            layers = model if isinstance(model, nn.Sequential) else nn.Sequential(model)
+            last = layers[-1] if len(layers) else layers
             if type(last) is not nn.Linear:
                 raise ValueError(
                     "LMT with head_pairs = true needs an nn.Sequential ending in nn.Linear; this "
                     f"model ends in {type(last).__name__}: set loss.kwargs.head_pairs = false"
                 )
-            body = model[:-1]
+            body = layers[:-1]
             self._head_weight = lambda: last.weight
         self.estimator = PowerIterationLipschitz(
             body, input_shape, self.n_iterations, self.warmup_iterations
