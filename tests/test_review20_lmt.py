@@ -5,9 +5,15 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from test_bad_inputs_checkpoint import _edited, _state_tensor_names
+from test_lmt import _images
 from torch import nn
 
+from lipcert.checkpoint import CheckpointError
+from lipcert.config import parse_config
 from lipcert.lmt import LMTTrainingLoss, PowerIterationLipschitz, pairwise_row_distances
+from lipcert.train import train
 
 
 def test_layers_whose_vector_names_collide_are_refused_by_name():
@@ -32,3 +38,35 @@ def test_head_pairs_on_a_linear_model_take_the_row_distances_alone(wrap):
     logits = model(x)
     expected = F.cross_entropy(logits + 0.7 * pairwise_row_distances(head.weight)[y], y)
     torch.testing.assert_close(loss(logits, y), expected)
+
+
+@pytest.mark.parametrize("value", [0.0, float("nan"), float("inf")])
+def test_a_vector_that_is_zero_or_not_finite_is_refused_when_loaded(value):
+    """A zero vector is a fixed point of power iteration: the estimate stayed 0 and LMT trained
+    plain cross-entropy without a word; a NaN one stopped the run as 'diverged'."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(50, 3))
+    estimator = PowerIterationLipschitz(model, (1, 5, 5))
+    state = estimator.state_dict()
+    state["vectors.0.v"] = torch.full_like(state["vectors.0.v"], value)
+    with pytest.raises(RuntimeError, match=r"vectors\.0\.v"):
+        estimator.load_state_dict(state)
+
+
+def test_resume_refuses_a_checkpoint_whose_power_iteration_vector_is_zero(tmp_path):
+    config = parse_config(
+        {
+            "epochs": 2,
+            "eval_every": 2,
+            "data": {"batch_size": 8},
+            "model": {"name": "_lmt_tiny_cnn"},
+            "loss": {"name": "lmt", "kwargs": {"eps": 0.5}},
+        }
+    )
+    train(config, tmp_path, data=_images(), stop_after_epochs=1)
+    ckpt = tmp_path / "last.safetensors"
+    (name,) = _state_tensor_names(ckpt, "loss")
+    tensors = load_file(ckpt)
+    tensors[name] = torch.zeros_like(tensors[name])
+    _edited(ckpt, ckpt, tensors=tensors)
+    with pytest.raises(CheckpointError, match=r"estimator\.vectors\.0\.v.*zero"):
+        train(config, tmp_path, data=_images(), resume=True)

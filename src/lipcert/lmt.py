@@ -103,6 +103,30 @@ class PowerIterationNorm(nn.Module):
     def forward(self) -> Tensor:
         return self._linear_map(self.v).norm()
 
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Also refuse a stored ``v`` that is zero or not finite (an edited or corrupt file): 0 is a
+        fixed point of the iteration, so the estimate would stay 0 and LMT train plain CE without
+        a word; NaN would stop training as if it had diverged."""
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        stored = state_dict.get(prefix + "v")
+        if torch.is_tensor(stored) and stored.is_floating_point():
+            norm = float(stored.double().norm())
+            if not math.isfinite(norm) or norm == 0:
+                error_msgs.append(
+                    f"{prefix}v is zero or not finite (norm {norm}), not a power-iteration vector"
+                )
+
 
 def _batch_norm_scale(layer: nn.modules.batchnorm._BatchNorm) -> Tensor:
     """max_c |gamma_c| / sqrt(running_var_c + eps): the eval-mode map's constant."""
