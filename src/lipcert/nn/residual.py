@@ -34,14 +34,28 @@ PERRON_STEPS = 50
 
 
 class Residual(nn.Module):
-    """``x + branch(x)``: holds only ``branch``, so bounds compose from the branch's own bound."""
+    """``x + branch(x)``: holds only ``branch``, so bounds compose from the branch's own bound.
+
+    ``branch(x)`` must have the shape of ``x`` (ValueError otherwise): the bound 1 + L(branch)
+    is the triangle inequality for a sum of two maps into one space, and broadcasting repeats
+    one of them (x -> (x, x, x, x) through a zero Linear(1, 4) branch is 2-Lipschitz, and was
+    bounded by 1). The check is skipped while torch.fx or torch.jit trace the forward, where
+    the graph bound's own rule for ``+`` counts broadcast copies.
+    """
 
     def __init__(self, branch: nn.Module) -> None:
         super().__init__()
         self.branch = branch
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.branch(x)
+        out = self.branch(x)
+        tracing = isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()
+        if not tracing and out.shape != x.shape:
+            raise ValueError(
+                f"Residual: the branch gave {tuple(out.shape)} for an input of "
+                f"{tuple(x.shape)}; x + branch(x) needs one shape (no broadcasting)"
+            )
+        return x + out
 
 
 @register_bound_rule(Residual)
