@@ -4,13 +4,17 @@ cache of SLL's T after state changes, against exact float64 Jacobian norms."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from lipschitz import jacobian_spectral_norm
 from torch import nn
 
 from lipcert.bounds.network import lipschitz_upper_bound
 from lipcert.nn import Residual
-from lipcert.ot import kantorovich_value
+from lipcert.nn.residual import sll_form
+from lipcert.ot import check_one_lipschitz, kantorovich_value
 
 
 def _broadcasting_potential() -> nn.Module:
@@ -40,3 +44,42 @@ def test_a_residual_whose_branch_broadcasts_is_refused():
         lipschitz_upper_bound(shrinking, (4,))
     same = Residual(nn.Identity())  # x + x: shapes agree, the rule holds
     assert torch.equal(same(x), 2 * x) and lipschitz_upper_bound(same) == 2.0
+
+
+def _form(inner_weight: list, outer_weight: list) -> Residual:
+    """x - B^T relu(A x), A = ``inner_weight``, B = ``outer_weight`` (float64)."""
+    a, b = (torch.tensor(w, dtype=torch.float64) for w in (inner_weight, outer_weight))
+    inner = nn.Linear(a.shape[1], a.shape[0], dtype=torch.float64)
+    outer = nn.Linear(a.shape[0], a.shape[1], bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        inner.weight.copy_(a), inner.bias.zero_(), outer.weight.copy_(-b.T)
+    return Residual(nn.Sequential(inner, nn.ReLU(), outer))
+
+
+def test_a_form_whose_inner_norm_overflows_gets_no_nan_bound():
+    """A = diag(1e200, 1), B = diag(3e-200, 1): x - B^T relu(A x) has the Jacobian
+    diag(-2, 1) at x = (0.5, 0), norm 2. ||A||^2 overflows to inf, the unit with the huge row
+    gets no fitted scale and no deficit, and max(N) ||A||^2 was 0 * inf: the bound was NaN, which
+    the 1-Lipschitz check of lipcert.ot let through (NaN > 1 is False)."""
+    form = _form([[1e200, 0.0], [0.0, 1.0]], [[3e-200, 0.0], [0.0, 1.0]])
+    assert sll_form(form)
+    x = torch.tensor([0.5, 0.0], dtype=torch.float64)
+    assert jacobian_spectral_norm(form, x) == pytest.approx(2.0)
+    assert lipschitz_upper_bound(form) >= 2.0  # inf: sound, and not NaN
+    head = nn.Linear(2, 1, bias=False).double()
+    with pytest.raises(ValueError, match="not 1-Lipschitz"):
+        check_one_lipschitz(nn.Sequential(form, head), "the potential")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_form_with_overflowing_gram_is_bounded_not_crashed(seed):
+    """An SLL layer's units rescaled by s_i and 1 / s_i (the same map, 1-Lipschitz: relu is
+    positively homogeneous) with s_i from 1e-190 to 1e100: |B B^T| overflowed to inf and NaN,
+    and the Perron weights' eigh raised LinAlgError."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    scales = 2 / ((a @ a.T).abs().sum(dim=1) * (1 + 1e-4))  # an SLL layer with q = 1
+    s = torch.tensor([1e-160, 1e-190, 1.0, 1e100], dtype=torch.float64)[:, None]
+    form = _form((a * s).tolist(), (scales[:, None] * a / s).tolist())
+    bound = lipschitz_upper_bound(form)
+    assert bound >= 1 - 1e-12 and not math.isnan(bound)

@@ -95,10 +95,12 @@ def residual_bound(kernel: Tensor, outer: Tensor, scales: Tensor, weights: Tenso
     S = diag(slack). For any S' > 0, N = (S' - S)_+, maximizing over z:
     Lip^2 <= 1 + max(N) ||A||^2 + ||S'^-1/2 E||^2 (norms by the Schur test). Per unit,
     S'_i = max(S_i, ||E_i|| / ||A||) (the minimizer of (s - S_i) ||A||^2 + ||E_i||^2 / s): N = 0
-    when the forward's slack survived rounding, and the excess is then second order in E.
+    when the forward's slack survived rounding, and the excess is then second order in E (the
+    N term is then 0 even where ||A||^2 overflows: 0 * inf was NaN). Weights that overflow give
+    inf, never NaN.
     """
     k, b, c, q = (t.detach().to("cpu", torch.float64) for t in (kernel, outer, scales, weights))
-    if not all(torch.isfinite(t).all() for t in (k, b, c, q)) or (c <= 0).any():
+    if not all(torch.isfinite(t).all() for t in (k, b, c, q)) or (c <= 0).any() or (q <= 0).any():
         return math.inf
     fold_error = _fold_error(k, b, c)
     rows = sound_row_sums(b.transpose(0, 1), q / c)  # rows of |B B^T|, weighted
@@ -109,7 +111,11 @@ def residual_bound(kernel: Tensor, outer: Tensor, scales: Tensor, weights: Tenso
     chosen = torch.maximum(slack, balance + tiny)  # S', positive
     deficit = (chosen - slack).clamp_min(0) * (1 + 2 * _U64)  # N
     scaled_error = fold_error / chosen.sqrt().view(-1, 1, 1, 1) * (1 + 8 * _U64)  # S'^-1/2 E
-    excess = float(deficit.max()) * norm_a2 + float(sound_row_sums(scaled_error).max())
+    largest_deficit = float(deficit.max())
+    spread = 0.0 if largest_deficit == 0 else largest_deficit * norm_a2  # z^T N z <= max(N) ||z||^2
+    excess = spread + float(sound_row_sums(scaled_error).max())
+    if math.isnan(excess):  # inf - inf or 0 * inf where a weight overflowed
+        return math.inf
     safety = rounding_safety(torch.float64, 2)
     return 1.0 if excess == 0 else math.sqrt(1 + excess * safety) * safety
 
@@ -181,8 +187,11 @@ def _perron_weights(outer: Tensor, scales: Tensor) -> Tensor:
     Gershgorin row sum. diag(2c)^-1 P (P = |B B^T| summed over offsets, symmetric) is similar to
     the symmetric S = diag(2c)^-1/2 P diag(2c)^-1/2, so w = diag(2c)^-1/2 v with v the top
     eigenvector of S; a few power steps from there (on positive entries) settle the units the
-    eigenvector leaves near zero. Any positive w keeps :func:`residual_bound` sound."""
+    eigenvector leaves near zero. Any positive w keeps :func:`residual_bound` sound; all ones
+    where P overflows (eigh fails on inf or NaN, and the bound is then infinite anyway)."""
     gram = abs_correlation_sums(outer.transpose(0, 1))
+    if not bool(torch.isfinite(gram).all()):
+        return torch.ones_like(scales)
     root = (2 * scales).rsqrt()
     top = torch.linalg.eigh(gram * root[:, None] * root)[1][:, -1].abs()
     w = root * (top + 1e-3 * top.max() + _TINY)
