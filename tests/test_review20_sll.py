@@ -4,6 +4,7 @@ cache of SLL's T after state changes, against exact float64 Jacobian norms."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -12,8 +13,10 @@ from lipschitz import jacobian_spectral_norm
 from torch import nn
 
 from lipcert.bounds.network import lipschitz_upper_bound
+from lipcert.export import export
 from lipcert.nn import Residual
 from lipcert.nn.residual import sll_form
+from lipcert.nn.sll import SLLConv2d, SLLLinear
 from lipcert.ot import check_one_lipschitz, kantorovich_value
 
 
@@ -83,3 +86,38 @@ def test_a_form_with_overflowing_gram_is_bounded_not_crashed(seed):
     form = _form((a * s).tolist(), (scales[:, None] * a / s).tolist())
     bound = lipschitz_upper_bound(form)
     assert bound >= 1 - 1e-12 and not math.isnan(bound)
+
+
+@pytest.fixture
+def swap_on_conversion():
+    """torch's future conversion mode: ``load_state_dict`` and ``.to()`` swap the tensors in
+    place (``torch.utils.swap_tensors``; the path torch always takes for wrapper subclasses)."""
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    yield
+    torch.__future__.set_swap_module_params_on_conversion(before)
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"), [(lambda: SLLLinear(4, 6), (3, 4)), (lambda: SLLConv2d(2, 3), (2, 2, 4, 5))]
+)
+def test_the_eval_cache_lets_torch_swap_the_weights(make, shape, swap_on_conversion):
+    """swap_tensors refuses a tensor with a weak reference, which the eval cache held on the
+    weight and log q after one eval forward or bound: load_state_dict and .double() raised
+    RuntimeError ("Couldn't swap SLLLinear.weight"), and pickling the layer (torch.save of the
+    module) raised TypeError. After the swaps the layer computes, bounds and exports the new
+    weights."""
+    layer, twin = make().eval(), make().eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        layer(x)
+        layer.load_state_dict(twin.state_dict())
+        assert torch.equal(layer(x), twin(x))
+        assert layer.lipschitz_bound() == twin.lipschitz_bound()
+        layer.double(), twin.double()
+        assert torch.equal(layer(x.double()), twin(x.double()))
+        assert torch.equal(export(layer)(x.double()), export(twin)(x.double()))
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
+        buffer.seek(0)
+        assert torch.equal(torch.load(buffer, weights_only=False)(x.double()), twin(x.double()))

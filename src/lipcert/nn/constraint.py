@@ -2,7 +2,7 @@
 
 * :class:`EvalCache` keeps a value computed from some source tensors (the raw weights) and the
   owner's settings, and hands it back until one of them changes. Changes are detected through each
-  tensor's identity (a weak reference), storage and autograd version counter, which every in-place
+  tensor's identity (a reference), storage and autograd version counter, which every in-place
   update bumps: optimizer steps, ``load_state_dict`` (``copy_``), ``module.to(...)``, and through
   the owner's plain attributes (:func:`plain_settings`: AOL's ``rescale``, a Cayley layer's grid).
   A tensor whose storage is replaced (``module.to(...)`` and ``.half()`` assign ``param.data``,
@@ -23,7 +23,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -84,17 +83,20 @@ class EvalCache:
     """Caches ``compute()`` while the ``sources`` it was computed from and the ``settings`` stay
     unchanged.
 
-    The sources are held by weak reference and compared by identity: a freed tensor's id and
-    address can be reused by a new one at the same version (``torch.func.functional_call`` with
-    fresh parameters each call), which an id in the key would take for the old tensor. Their
-    storages are held (detached aliases): a source given new data in place of the old
-    (``param.data = ...``, as ``module.half()`` then ``.double()`` does) had the old one freed,
-    and the new one came back at its address, version, dtype and shape (11 of 55 round trips
-    here), its constrained weight then taken from the values before the rounding.
+    The sources are held and compared by identity: a freed tensor's id and address can be
+    reused by a new one at the same version (``torch.func.functional_call`` with fresh
+    parameters each call), which an id in the key would take for the old tensor. They are held
+    by strong reference, not weak: ``torch.utils.swap_tensors`` refuses a tensor with a weak
+    reference, so ``load_state_dict`` and ``.to()`` raised under torch's swap-on-conversion mode
+    once the cache was filled. Their storages are held too (detached aliases): a source given new
+    data in place of the old (``param.data = ...``, as ``module.half()`` then ``.double()``
+    does) had the old one freed, and the new one came back at its address, version, dtype and
+    shape (11 of 55 round trips here), its constrained weight then taken from the values before
+    the rounding.
     """
 
     def __init__(self) -> None:
-        self._sources: tuple[weakref.ref, ...] = ()
+        self._sources: tuple[Tensor, ...] = ()
         self._storages: tuple[Tensor, ...] = ()
         self._key: tuple | None = None
         self._value: Any = None
@@ -123,12 +125,12 @@ class EvalCache:
             with torch.inference_mode(False), torch.no_grad():
                 self._value = compute()
                 self._storages = tuple(t.detach() for t in sources)
-            self._sources, self._key = tuple(weakref.ref(t) for t in sources), key
+            self._sources, self._key = tuple(sources), key
         return self._value
 
     def _same_sources(self, sources: Sequence[Tensor]) -> bool:
         return len(sources) == len(self._sources) and all(
-            ref() is t for ref, t in zip(self._sources, sources, strict=True)
+            held is t for held, t in zip(self._sources, sources, strict=True)
         )
 
     def clear(self) -> None:
