@@ -121,3 +121,12 @@ def test_the_eval_cache_lets_torch_swap_the_weights(make, shape, swap_on_convers
         torch.save(layer, buffer)
         buffer.seek(0)
         assert torch.equal(torch.load(buffer, weights_only=False)(x.double()), twin(x.double()))
+
+
+def test_the_residual_rule_rounds_its_sum_up():
+    """x + 2^-60 x has the slope 1 + 2^-60; the module rule returned 1.0 + 2^-60 rounded to
+    nearest, 1.0, below it (the traced graph rounds up: 1 + 2^-52)."""
+    branch = nn.Linear(1, 1, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        branch.weight.fill_(2.0**-60)
+    assert lipschitz_upper_bound(Residual(branch)) > 1.0

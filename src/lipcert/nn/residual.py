@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lipcert.bounds.network import (
+    add_up,
     distrust_reason,
     magnitude,
     module_bound,
@@ -60,10 +61,11 @@ class Residual(nn.Module):
 
 @register_bound_rule(Residual)
 def _residual(module: nn.Module, norm: str) -> float:
-    """L(x + g(x)) <= 1 + L(g) in any norm (triangle inequality); in l2, an SLL form's own bound."""
+    """L(x + g(x)) <= 1 + L(g) in any norm (triangle inequality), the sum rounded up (1.0 for a
+    branch bounded by 2^-60 rounded to nearest); in l2, an SLL form's own bound."""
     if norm == "l2" and sll_form(module):
         return sll_form_bound(module)
-    return 1.0 + module_bound(module.branch, norm)
+    return add_up(1.0, module_bound(module.branch, norm))
 
 
 @register_internal_size(Residual)
