@@ -1085,7 +1085,9 @@ def _copies(ctx: _Context, node: Node) -> Step:
     in l2 (the squared changes add r times), 1 in l_inf. The batch dimension must stay as it is:
     ``repeat`` with one size per dimension, the first 1; ``tile`` with at most one per dimension
     (fewer are padded with leading 1s), the batch's 1; ``expand`` with one size per dimension,
-    the first -1 or the batch size (``x.size(0)``); ``expand_as`` a tensor of the same rank."""
+    the first -1 or the batch size (``x.size(0)``); ``expand_as`` a tensor of the same rank.
+    Sizes given as one node (``x.tile(t.shape[1:])``) count as the sizes it holds: taken for one
+    size, three reps of a 2-D x passed as fewer than its dims and moved the batch to dim 1."""
     if not _copies_keep_batch(ctx, node, len(ctx.shapes[node.args[0]])):
         raise _batch_error(node, "repeats the batch dimension or adds dimensions before it")
     return _unary(ctx, node, ctx.spread(node.args[0], node))
@@ -1098,6 +1100,9 @@ def _copies_keep_batch(ctx: _Context, node: Node, ndim: int) -> bool:
     if name == "expand_as":
         return len(ctx.shapes[_arg(node, 1, "other")]) == ndim
     sizes = _variadic(node, {"tile": "dims", "repeat": "repeats", "expand": "size"}[name])
+    if len(sizes) == 1 and isinstance(sizes[0], Node):  # t.shape[1:]: one node, several sizes
+        held = ctx.value(sizes[0])
+        sizes = list(held) if isinstance(held, tuple | list) else sizes
     if name == "tile" and len(sizes) < ndim:  # padded with leading 1s
         return True
     if len(sizes) != ndim:
