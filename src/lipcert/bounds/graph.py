@@ -107,6 +107,7 @@ from lipcert.bounds.rules import (
     COPYING_PADS,
     conv_bound,
     interpolation_bound,
+    interpolation_root,
     output_root,
     pad_factor,
     root_up,
@@ -142,8 +143,9 @@ class Step:
 
     factor: float | None
     bound: float
-    #: p when the output is a p-th root of sums of p-th powers (:func:`underflow_error`)
-    root: float = 1.0
+    #: p when the output is computed from sums of p-th powers of the input's entries: 1 for a
+    #: sum or an average, p > 1 under a p-th root (:func:`overflow_radius`, :func:`underflow_error`)
+    root: float | None = None
 
 
 @dataclass(frozen=True)
@@ -509,7 +511,7 @@ class _Context:
     depends: set[Node]
     batch_sized: set[Node]
     bounds: dict[Node, float] = field(default_factory=dict)
-    roots: dict[Node, float] = field(default_factory=dict)  # the roots of Step.root != 1
+    roots: dict[Node, float] = field(default_factory=dict)  # Step.root where not None
 
     def is_dependent(self, arg: Any) -> bool:
         return isinstance(arg, Node) and arg in self.depends
@@ -568,7 +570,7 @@ def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
 SHAPE_ARGUMENTS = frozenset({"view_as", "reshape_as", "expand_as"})
 
 
-def _unary(ctx: _Context, node: Node, factor: float, root: float = 1.0) -> Step:
+def _unary(ctx: _Context, node: Node, factor: float, root: float | None = None) -> Step:
     """``factor`` times the bound of the node's first argument, its only input-dependent one:
     no other argument may depend on the input, that first argument passed again included
     (``F.linear(x, W, x)`` adds x as its bias: ||W + I||, not ||W||)."""
@@ -873,7 +875,8 @@ def _interpolate(ctx: _Context, node: Node) -> Step:
     settings = _named_arguments(ctx, node, INTERPOLATE_ARGUMENTS)
     resize = functools.partial(F.interpolate, **settings)
     mode, shape = settings.get("mode", "nearest"), ctx.sample_shape(node.args[0])
-    return _unary(ctx, node, interpolation_bound(resize, mode, shape, ctx.norm))
+    bound = interpolation_bound(resize, mode, shape, ctx.norm)
+    return _unary(ctx, node, bound, interpolation_root(mode))
 
 
 @_rule(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
@@ -1004,8 +1007,8 @@ def _sum_or_mean(ctx: _Context, node: Node) -> Step:
     n = Fraction(math.prod(ctx.shapes[source]), math.prod(ctx.shapes[node]))  # entries per group
     mean = node.target in (torch.mean, "mean")
     if ctx.norm == "linf":
-        return _unary(ctx, node, 1.0 if mean else round_up(float(n), n))
-    return _unary(ctx, node, sqrt_up(1 / n) if mean else sqrt_up(n))
+        return _unary(ctx, node, 1.0 if mean else round_up(float(n), n), root=1.0)
+    return _unary(ctx, node, sqrt_up(1 / n) if mean else sqrt_up(n), root=1.0)
 
 
 @_rule(torch.amax, "amax", torch.amin, "amin")
@@ -1130,8 +1133,9 @@ def _vector_norm(ctx: _Context, node: Node) -> Step:
     p >= 2; l_inf bound n^(1/p) (all attained: the gradient of ||v||_p at the sign vector or any
     v != 0). p = -inf (min |v_i|) is 1-Lipschitz like a min. Refused: p < 1 (not a norm: not
     Lipschitz near 0 for p in (0, 1), not continuous for p = 0), a fractional p, and the
-    matrix norms ('nuc'; 'fro' over more than two dims). An integer p >= 2 sums p-th powers
-    that underflow: the node's root (:func:`underflow_error`)."""
+    matrix norms ('nuc'; 'fro' over more than two dims). An integer p sums p-th powers, the
+    node's root: they overflow (:func:`overflow_radius`) and, p >= 2, underflow
+    (:func:`underflow_error`)."""
     source = node.args[0]
     key, default = ("ord", 2) if node.target is torch.linalg.vector_norm else ("p", "fro")
     p = ctx.value(_arg(node, 1, key, default))
@@ -1150,7 +1154,7 @@ def _vector_norm(ctx: _Context, node: Node) -> Step:
         factor = root_up(n, int(p))
     else:
         factor = sqrt_up(n) if p == 1 else 1.0
-    return _unary(ctx, node, factor, float(p) if p > 1 else 1.0)
+    return _unary(ctx, node, factor, float(p))
 
 
 @_rule(F.linear)
@@ -1521,7 +1525,7 @@ def graph_bound(
                 where = f"{_describe(node)} (node '{node.name}')"
                 raise ValueError(f"{where} has no bound: {step.bound}")
             ctx.bounds[node] = step.bound
-            if step.root != 1:
+            if step.root is not None:
                 ctx.roots[node] = step.root
             if node in needed and node.op != "placeholder":
                 records.append(_record(ctx, node, step))
@@ -1603,7 +1607,7 @@ def underflow_error(ctx: _Context, output: Any) -> float:
     subnormal resolution. inf when an operation with L_n = 0 is followed by a nonzero bound.
 
     An output that is the p-th root of a sum of p-th powers (a vector norm, an LP pool: the
-    node's ``root``) is resolved far more coarsely: |x|^p underflows for |x| < tiny^(1/p) (the
+    node's ``root`` p > 1) is resolved far more coarsely: |x|^p underflows for |x| < tiny^(1/p) (the
     l2 norm of (1e-25, 0) is 0 in float32), each power, sum and scaling rounds within tiny
     (:data:`ROOT_ROUNDINGS` N_in of them per output entry, as the pool's average then times k
     computes it) and |s^(1/p) - s'^(1/p)| <= |s - s'|^(1/p): N_n (ROOT_ROUNDINGS N_in tiny)^(1/p)
@@ -1643,12 +1647,16 @@ def overflow_radius(ctx: _Context, magnitudes: dict[Node, float]) -> float:
     can still change the computed class there. As for :func:`zero_input_scale`, the values of
     an operation n at x' are at most ||h_n(0)|| + L_n ||x'|| (its size at x = 0, ``magnitudes``,
     a module's internal size included), so they stay below T_n = max / OVERFLOW_MARGIN (the
-    largest float of n's dtype) while ||x'|| < (T_n - ||h_n(0)||) / L_n. A p-th root of sums of
-    p-th powers (``ctx.roots``: a vector norm, an LP pool) raises its input's entries to the
-    power p first: N of them stay summable while each entry is below (T / N)^(1/p), N the
-    input's entries, ~1.4e9 for p = 4 in float32 (an LP pool of 1e9 was certified at 3.5e10,
-    its class changed at 2e10 where x^4 overflows). 0 when some value overflows at every input;
-    inf when no operation grows with the input."""
+    largest float of n's dtype) while ||x'|| < (T_n - ||h_n(0)||) / L_n. An operation that sums
+    p-th powers of its input's entries (``ctx.roots``) computes values its output does not
+    bound: any partial sum of them stays below T while each of the N input entries is below
+    (T / N)^(1/p), N the input's entries. A p-th root (a vector norm, an LP pool) raises them
+    to the power p first, ~1.4e9 for p = 4 in float32 (an LP pool of 1e9 was certified at
+    3.5e10, its class changed at 2e10 where x^4 overflows); an average (p = 1: a mean, an
+    average pool, area interpolation) sums N times its output (a mean of 64 entries of 6e36,
+    certified around 0 at 1.4e38, is NaN); a sum adds terms that cancel (4 a - 4 a, 4 a near
+    the largest float, certified at 5e37 in l_inf, inf 1e37 away). 0 when some value overflows
+    at every input; inf when no operation grows with the input."""
     radius = math.inf
     for node in ctx.gm.graph.nodes:
         dtype = ctx.dtypes.get(node)

@@ -369,9 +369,11 @@ def _adaptive_uses(n: int, o: int) -> int:
     return max(uses)
 
 
-@register_bound_rule(
-    nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, shaped=True
-)
+#: Average pools: each sums its windows before dividing them (:func:`output_root`: p = 1).
+AVERAGING_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+
+
+@register_bound_rule(*AVERAGING_MODULES, shaped=True)
 def _avg_pool_at_size(module: nn.Module, norm: str, input_shape: tuple[int, ...]) -> float:
     """Schur test (module docstring) with the exact row and column sums at this input size; the
     entries share the sign of the divisor, so absolute values give the sums of |A|."""
@@ -538,6 +540,13 @@ def interpolation_bound(
     return one_sign_map_bound(resize, input_shape[1:], norm)
 
 
+def interpolation_root(mode: str) -> float | None:
+    """1 for area interpolation, an average that sums its window before dividing (the sum may
+    overflow where the average does not), else None: the other modes weight before adding
+    (:func:`output_root`)."""
+    return 1.0 if mode == "area" else None
+
+
 @register_bound_rule(nn.Upsample, shaped=True)
 def _upsample(module: nn.Upsample, norm: str, input_shape: tuple[int, ...]) -> float:
     return interpolation_bound(module, module.mode, input_shape, norm)
@@ -590,11 +599,20 @@ def _lp_pool(module: nn.Module, norm: str, input_shape: tuple[int, ...]) -> floa
     return max_pool
 
 
-def output_root(module: nn.Module) -> float:
-    """p when ``module``'s output is the p-th root of sums of p-th powers (an LPPool with an
-    even p, a lipcert layer declaring its ``output_root``: the l2 pool), else 1: entries below
-    tiny^(1/p) underflow to 0 in their powers, so the output is resolved only to
-    (N tiny)^(1/p), not tiny (:func:`lipcert.bounds.graph.underflow_error`)."""
-    if isinstance(module, nn.LPPool1d | nn.LPPool2d) and is_even_power(module.norm_type):
-        return float(module.norm_type)
-    return float(getattr(module, "output_root", 1.0)) if isinstance(module, LipschitzLayer) else 1.0
+def output_root(module: nn.Module) -> float | None:
+    """p when ``module``'s output is computed from sums of p-th powers of its input's entries,
+    else None. p > 1: the p-th root of such sums (an LPPool with an even p, a lipcert layer
+    declaring its ``output_root``: the l2 pool): entries below tiny^(1/p) underflow to 0 in
+    their powers, so the output is resolved only to (N tiny)^(1/p), not tiny
+    (:func:`lipcert.bounds.graph.underflow_error`). p = 1: a sum or an average (average pools,
+    area upsampling, a sum pool, lipcert's scaled average pool), whose sums may overflow where
+    the output does not (:func:`lipcert.bounds.graph.overflow_radius`)."""
+    if isinstance(module, nn.LPPool1d | nn.LPPool2d):
+        p = module.norm_type
+        return float(p) if p == 1 or is_even_power(p) else None
+    if isinstance(module, AVERAGING_MODULES):
+        return 1.0
+    if isinstance(module, nn.Upsample):
+        return interpolation_root(module.mode)
+    root = getattr(module, "output_root", None) if isinstance(module, LipschitzLayer) else None
+    return None if root is None else float(root)

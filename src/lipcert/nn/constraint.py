@@ -188,10 +188,12 @@ class LipschitzLayer:
     #: of it): then the graph bound accepts an in-place activation right after the layer
     #: (``lipcert.bounds.inplace``).
     allocates_output: bool = False
-    #: p when the output is the p-th root of a sum of p-th powers of the input's entries (an l2
-    #: pool: 2): the powers underflow long before the entries do, and the rounding allowance
-    #: then resolves the output to (N tiny)^(1/p) only (``lipcert.bounds.graph.underflow_error``).
-    output_root: float = 1.0
+    #: p when the output is computed from sums of p-th powers of the input's entries, None if
+    #: not: 1 for a sum or an average (its sums may overflow where the output does not:
+    #: ``lipcert.bounds.graph.overflow_radius``); p > 1 for their p-th root (an l2 pool: 2): the
+    #: powers underflow long before the entries do, and the rounding allowance then resolves
+    #: the output to (N tiny)^(1/p) only (``lipcert.bounds.graph.underflow_error``).
+    output_root: float | None = None
 
     def lipschitz_bound(self) -> float:
         raise NotImplementedError

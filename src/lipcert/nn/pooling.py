@@ -149,7 +149,11 @@ class ScaledAvgPool2d(_WindowPool2d):
 
     y_w = (1 / sqrt(kh kw)) sum_{p in w} x_p; its Jacobian has orthonormal rows, so it also
     preserves the norm of the gradients it sends back. ``kernel_size=None`` pools the whole map.
+    Its windows' sums are sqrt(kh kw) times its output (``output_root``: 1), and overflow
+    float32 first (64 entries of 6e36).
     """
+
+    output_root = 1.0
 
     def __init__(
         self, kernel_size: int | tuple[int, int] | None, stride: int | tuple[int, int] | None = None
