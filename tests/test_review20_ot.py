@@ -6,6 +6,8 @@ through a float32 Lipschitz bound."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -225,3 +227,12 @@ def test_exact_w1_refuses_a_plan_pot_stopped_before_optimality():
     with pytest.raises(ValueError, match="max_iterations"):
         exact_wasserstein1(x, y, max_iterations=10)
     assert exact_wasserstein1(x, y) == pytest.approx(1.45197, abs=1e-5)
+
+
+def test_a_potential_whose_bound_is_nan_is_not_one_lipschitz():
+    """A NaN slope makes the sound bound NaN, and ``NaN > 1`` is False: the check let such a
+    potential through (twentieth session's SLL review)."""
+    potential = nn.Sequential(_chain((0.5, 0.0)), nn.LeakyReLU(negative_slope=math.nan))
+    assert math.isnan(logit_lipschitz_bound(potential))
+    with pytest.raises(ValueError, match="not 1-Lipschitz"):
+        check_one_lipschitz(potential, "the potential")

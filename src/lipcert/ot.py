@@ -180,9 +180,10 @@ def _logit_bound(model: nn.Module) -> float:
 
 
 def check_one_lipschitz(model: nn.Module, what: str) -> float:
-    """:func:`logit_lipschitz_bound` of ``model``; ValueError above 1 + LIPSCHITZ_TOLERANCE."""
+    """:func:`logit_lipschitz_bound` of ``model``; ValueError above 1 + LIPSCHITZ_TOLERANCE or
+    NaN (a rule that read a NaN slope: ``NaN > 1`` is False, and such a potential passed)."""
     bound = logit_lipschitz_bound(model)
-    if bound > 1 + LIPSCHITZ_TOLERANCE:
+    if not bound <= 1 + LIPSCHITZ_TOLERANCE:
         raise ValueError(
             f"{what} is not 1-Lipschitz: the sound bound of its logits' Lipschitz constant is "
             f"{bound:.4g} > {1 + LIPSCHITZ_TOLERANCE:g}, so its values and gradients have no "
