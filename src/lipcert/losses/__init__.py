@@ -29,6 +29,8 @@ LinfDistLoss(theta, s, lambda)    lambda CE(s f, y) + min((theta - m)_+, theta),
 
 binary: logits (B,) or (B, 1); targets (B,) or (B, 1), all in {0, 1} or all in {-1, +1}.
 ids: logits (B, C), C >= 2; targets (B,) int64 class ids.
+Logits must be finite; float16 / bfloat16 logits are computed in float32 (a float32 loss, as under
+torch.autocast), since tau f or LMT's raised logits overflow float16 for finite inputs.
 
 Mapping to deel-torchlip 1.0.5 (``deel.torchlip``, "DL"). DL weights the hinge by a_DL in [0, 1]
 and the KR term by 1 - a_DL, its ``min_margin`` is the full gap between classes (its hinge uses

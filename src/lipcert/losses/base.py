@@ -68,14 +68,19 @@ def _check_tensor(loss: str, arg: str, value: object) -> Tensor:
 
 
 def _check_logits(loss: str, logits: object) -> Tensor:
+    """Finite floating logits with a non-empty batch dimension; narrower than float32 (float16,
+    bfloat16) they are returned in float32, the precision torch.autocast runs cross-entropy in:
+    tau f, f + sqrt(2) eps L or (B / n+) f overflow float16's 65504 for finite logits."""
     logits = _check_tensor(loss, "logits", logits)
     if not logits.is_floating_point():
         raise ValueError(f"{loss}: logits must be floating point, got dtype {logits.dtype}")
+    if logits.dim() == 0:
+        raise ValueError(f"{loss}: logits must have a batch dimension, got a 0-dim tensor")
     if logits.shape[0] == 0:
         raise ValueError(f"{loss}: empty batch, logits have shape {tuple(logits.shape)}")
     if not bool(logits.isfinite().all()):
         raise ValueError(f"{loss}: logits contain NaN or inf")
-    return logits
+    return logits.float() if torch.finfo(logits.dtype).bits < 32 else logits
 
 
 def _check_batch(loss: str, logits: Tensor, targets: Tensor) -> None:
