@@ -29,9 +29,10 @@ def tau_cross_entropy(
 
     Dividing by tau keeps the gradient in f bounded by sqrt(2) for every tau; as tau grows the
     loss tends to the margin hinge relu(offset + max_{j != y} f_j - f_y); as tau -> 0 it is
-    log(C) / tau + mean_j f_j - f_y + O(tau), a KR-like linear loss. The offset is LMT's margin
-    (Tsuzuku et al., NeurIPS 2018): ``offset = sqrt(2) eps`` asks a 1-Lipschitz net for the
-    margin that certifies radius eps (a unit-row head needs ||w_y - w_j|| eps, also ~sqrt(2) eps).
+    log(C) / tau + mean_j f_j - f_y + (1 - 1/C) offset + O(tau), a KR-like linear loss (the offset
+    only adds a constant there). The offset is LMT's margin (Tsuzuku et al., NeurIPS 2018):
+    ``offset = sqrt(2) eps`` asks a 1-Lipschitz net for the margin that certifies radius eps (a
+    unit-row head needs ||w_y - w_j|| eps: sqrt(2) eps for orthogonal rows, at most 2 eps).
     """
     tau = check_hyperparameter("tau", tau, positive=True)
     offset = check_hyperparameter("offset", offset, positive=False)

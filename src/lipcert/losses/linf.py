@@ -14,9 +14,13 @@ conditioned. The mixing coefficient lambda starts at ``ce_weight``, holds until 
 ``decay_end``: linearly to 0 (``ce_weight_end`` = 0, training ends on the clipped hinge alone), or
 geometrically to ``ce_weight_end`` > 0, lambda_0 (lambda_end / lambda_0)^t over the decay
 (the authors' released MNIST recipe: lambda 0.05 -> 0.0002 over the l_p ramp, on a hinge divided
-by theta, i.e. ``ce_weight`` = 0.05 theta here). An l_inf-distance net with logits -u is
-1-Lipschitz per logit in l_inf, so m(x) > 2 eps certifies radius eps: choose theta a little
-above 2 eps (the train eps).
+by theta, i.e. ``ce_weight`` = 0.05 theta here). Their s is a learned scalar (initialized to 1,
+with its own learning rate); ``ce_scale`` fixes it. An l_inf-distance net with logits -u is
+1-Lipschitz per logit in l_inf, so m(x) > 2 eps certifies radius eps: the authors take
+theta = 2 eps_train with a train eps above the test eps (MNIST: 0.45 for 0.3, 0.3 for 0.1), so
+theta = 0.9 for eps = 0.3. The margin is the raw logit margin, the certificate of the negated
+head only: behind a linear head m certifies m / (L ||w_y - w_j||_1), which scaling the head leaves
+unchanged while it drives this hinge to 0.
 
 Targets are (B,) int64 class ids; logits are (B, C) with C >= 2.
 """
