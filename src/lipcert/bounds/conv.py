@@ -47,9 +47,9 @@ which the bound does not depend on); each entry's error is at most gamma * sum_a
 (Higham, *Accuracy and Stability of Numerical Algorithms*, eq. 3.5; the twiddles' own rounding,
 their phases reduced exactly in integers, adds about u), so ||E(g)||_2 <= ||E(g)||_F <=
 gamma ||A||_F with A[o, i] = sum_a |K[o, i, a]|, added by Weyl's inequality. All of it runs in
-the kernel's dtype. The maximum over frequencies is taken without autograd; only the maximising
-frequency is recomputed with gradients, which is exactly the gradient of the maximum and keeps
-the backward pass small.
+the kernel's dtype (float32 for half-precision kernels). The maximum over frequencies is taken
+without autograd; only the maximising frequency is recomputed with gradients, which is exactly
+the gradient of the maximum and keeps the backward pass small.
 
 Measured (random Gaussian 3 x 3 kernels, float64, 3 seeds; "exact" is the zero-padded "same"
 convolution's norm: dense SVD up to 16 x 16, converged power iteration at 32 x 32, a lower bound,
@@ -259,7 +259,9 @@ def conv2d_operator_bound(
     is a multiple of the stride).
     The bound exceeds the supremum of the symbol's norm by at most ``1 + grid_slack`` times the
     Gram-iteration slack; see the module docstring for the derivation. Differentiable, computed
-    in the kernel's dtype with its rounding accounted for; a scalar tensor.
+    in the kernel's dtype with its rounding accounted for (float32 for a float16 or bfloat16
+    kernel, which it holds exactly: torch has no bfloat16 complex type, and complex32 products
+    fail); a scalar tensor of that dtype.
     """
     if kernel.dim() != 4:
         raise ValueError(f"kernel must have shape (c_out, c_in, kh, kw), got {tuple(kernel.shape)}")
@@ -267,6 +269,7 @@ def conv2d_operator_bound(
         raise ValueError(f"grid_slack must lie in (0, 1), got {grid_slack}")
     if not isinstance(n_iter, int) or n_iter < 0:
         raise ValueError(f"n_iter must be an int >= 0 (Gram iterations), got {n_iter!r}")
+    kernel = kernel.to(torch.promote_types(kernel.dtype, torch.float32))
     kernel = polyphase_kernel(kernel, to_pair("stride", stride))  # (c_out, c_in*s1*s2, bh, bw)
     kernel_size = tuple(kernel.shape[-2:])
     grid = grid_size(kernel_size, grid_slack)
