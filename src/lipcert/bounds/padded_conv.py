@@ -51,7 +51,8 @@ Measured
 bound / exact, never below 1 (tests/test_padded_conv.py against dense matrices). On design.md §6's
 benchmark convolutions, 3 x 3 "same", torch's default init, 3 seeds (``benchmarks/
 conv_tightness.py``; "exact" from Lanczos, a lower bound, so these over-estimate the ratio):
-3 -> 64 and 64 -> 64 at 32 x 32: <= 1.0016; 256 -> 128 and 128 -> 128 at 16 x 16: <= 1.0055.
+3 -> 64 and 64 -> 64 at 32 x 32: <= 1.0016; 256 -> 128 and 128 -> 128 at 16 x 16: <= 1.0055
+(seeds 7, 11, 23 in the twentieth session's review: <= 1.0017 at 32 x 32, <= 1.0068 at 16 x 16).
 What is left is the zero-padding deficit: a kernel whose gain peaks at frequency 0 (a low-pass
 filter) reaches it on every torus, but on n zero-padded pixels only up to cos(pi / (n + 1)) per
 axis; for the constant 3 x 3 kernel the ratio is 1.023 at 16 x 16 and 1.006 at 32 x 32.
