@@ -329,3 +329,19 @@ def test_no_value_overflows_inside_a_certified_ball(inner, x0, overflows_at):
 def test_ordinary_nets_have_an_overflow_radius_far_beyond_their_inputs():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
     assert graph_bound(model, (8,)).overflow_radius > 1e35
+
+
+class ExpandBySizeKeyword(nn.Module):
+    """``expand(size=...)``, the batch size first by keyword (``shape`` is view's keyword)."""
+
+    def forward(self, x):
+        return x[:, :1].expand(size=(x.size(0), 4)) + x
+
+
+def test_expand_takes_the_batch_size_by_its_size_keyword():
+    model = ExpandBySizeKeyword()
+    x = torch.randn(4, dtype=torch.float64)  # one sample
+    for norm in ("l2", "linf"):
+        bound = graph_bound(model, (4,), norm).bound
+        assert bound >= jacobian_norm(model, x, norm).item() * (1 - 1e-12)
+    assert graph_bound(model, (4,), "l2").bound == pytest.approx(3.0)

@@ -634,9 +634,10 @@ def _is_batch_size(ctx: _Context, arg: Any) -> bool:
 def _batch_size_arguments(ctx: _Context, node: Node) -> set[Node]:
     """The batch-size nodes a view / reshape / expand may take: its first size, or a whole
     ``t.shape``."""
-    if target_name(node) not in ("view", "reshape", "expand"):
+    name = target_name(node)
+    if name not in ("view", "reshape", "expand"):
         return set()
-    sizes = _variadic(node, "shape")
+    sizes = _variadic(node, "size" if name == "expand" else "shape")  # the keyword each takes
     if len(sizes) == 1 and _is_shape_of_dependent(ctx, sizes[0]):
         return {sizes[0]}
     return {sizes[0]} if sizes and _is_batch_size(ctx, sizes[0]) else set()
