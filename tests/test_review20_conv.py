@@ -3,6 +3,8 @@ the faults found, each failing before its fix, against exact float64 norms."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from lipschitz import jacobian_spectral_norm
@@ -11,6 +13,7 @@ from torch import nn
 import lipcert.nn as lnn
 from lipcert.bounds import gram_spectral_bound
 from lipcert.bounds.conv import conv2d_operator_bound
+from lipcert.bounds.padded_conv import ConvGeometry, conv_operator_norm
 
 
 def test_gram_bound_ignores_autocast():
@@ -42,3 +45,22 @@ def test_half_precision_kernels_get_a_bound(dtype):
     out = layer(torch.randn(2, 3, 6, 6).to(dtype))
     assert out.dtype == dtype and layer.weight.dtype == dtype
     assert bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("channels", [2, 12])  # Grams below and above the Cholesky path's 8 rows
+@pytest.mark.parametrize(("bad", "expected"), [(float("inf"), math.inf), (float("nan"), None)])
+def test_a_non_finite_kernel_gets_inf_or_nan_whatever_its_size(channels, bad, expected):
+    """An infinite tap gave inf below 8 Gram rows and a LinAlgError from LAPACK above."""
+    weight = torch.randn(channels, channels, 3, 3)
+    weight[0, 0, 1, 1] = bad
+    geometry = ConvGeometry((6, 6), (1, 1), (1, 1), ((1, 1), (1, 1)))
+    bound = conv_operator_norm(weight, geometry)
+    assert bound == expected if expected is not None else math.isnan(bound)
+
+
+def test_gram_bound_takes_many_iterations():
+    """n_iter >= 63 divided by the int 2^63, which overflowed."""
+    matrix = torch.randn(5, 4, dtype=torch.float64)
+    exact = torch.linalg.matrix_norm(matrix, ord=2).item()
+    bound = gram_spectral_bound(matrix, n_iter=70).item()
+    assert exact <= bound <= exact * 1.001

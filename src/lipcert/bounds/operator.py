@@ -93,7 +93,7 @@ def _gram_iteration_bound(matrix: Tensor, n_iter: int) -> Tensor:
         gram = _divide(gram, frob)
         gram = gram.mH @ gram
     frob = _frobenius(gram).clamp_min(torch.finfo(log_scale.dtype).tiny)
-    log_bound = (log_scale + frob.log()) / 2**n_iter
+    log_bound = (log_scale + frob.log()) * 2.0**-n_iter  # an int 2^63 overflows the division
     inner = max(matrix.shape[-2], matrix.shape[-1])
     return log_bound.exp() * power * rounding_safety(log_scale.dtype, inner)
 

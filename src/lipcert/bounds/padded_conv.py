@@ -155,12 +155,15 @@ def conv_operator_norm(weight: Tensor, geometry: ConvGeometry) -> float:
 
     ``weight``: (c_out, c_in / groups, k) or (c_out, c_in / groups, kh, kw), as in nn.Conv1d/2d.
     Within float64 rounding of the exact norm of a circular convolution that contains it (module
-    docstring); the bias does not matter.
+    docstring); the bias does not matter. NaN for a weight holding a NaN, inf for one holding an
+    inf (LAPACK's eigenvalues fail on them, so they get no further).
     """
     if weight.dim() != len(geometry.input_size) + 2:
         raise ValueError(
             f"a weight of shape {tuple(weight.shape)} does not fit a {geometry} convolution"
         )
+    if not bool(torch.isfinite(weight).all()):
+        return math.nan if bool(weight.isnan().any()) else math.inf
     geometry = _as_2d_geometry(geometry)
     kernel = dilated_kernel(_as_2d(weight.detach().double()), geometry.dilation)
     kernel = kernel.reshape(geometry.groups, -1, *kernel.shape[1:])  # (groups, c_out_g, ...)
@@ -260,8 +263,7 @@ def circular_norm(kernel: Tensor, grid: tuple[int, int], stride: tuple[int, int]
     offsets = (grid[0] // stride[0], grid[1] // stride[1])
     twiddles = grid_twiddles(corr.shape[-2:], offsets, flat, origin=(taps[0] - 1, taps[1] - 1))
     chunk = max(1, SYMBOL_CHUNK_ELEMENTS // flat.shape[0] // n)
-    # Grams are positive semidefinite: 0 is a floor, and an infinite tap's NaN eigenvalues (which
-    # max() drops) leave 0 + its infinite rounding term, an infinite bound (-inf gave NaN)
+    # Grams are positive semidefinite: 0 is a floor (the kernel is finite: conv_operator_norm)
     largest = 0.0
     for part in twiddles.split(chunk, dim=-1):
         grams = kernel_symbol(flat, part).reshape(-1, n, n)  # (frequencies x groups, n, n)
