@@ -253,6 +253,22 @@ def test_untampered_resume_still_runs(toy_copy):
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
 
 
+def _other_torch_version(state, weights):
+    """The state as another torch version saves it: an optimizer setting it did not know yet,
+    a scheduler entry only it saves, one it does not."""
+    del state["optimizer"]["param_groups"][0]["decoupled_weight_decay"]
+    state["scheduler"]["verbose"] = False
+    del state["scheduler"]["_is_initial"]
+
+
+def test_resume_takes_the_state_another_torch_version_saved(toy_copy):
+    """The form check compared the stored settings key for key with a fresh optimizer's:
+    a checkpoint without a setting a newer torch added (and fills with its default) was refused."""
+    _edit_state(toy_copy / CHECKPOINT_NAME, _other_torch_version)
+    _, history = train(_toy_config(), toy_copy, data=_toy_data(), resume=True)
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+
+
 # --- F4: the run name makes one folder under runs/ ---------------------------------------------
 
 

@@ -12,8 +12,11 @@ import math
 import pytest
 import torch
 
+from lipcert.config import ConfigError
 from lipcert.losses import kr_loss, linf_dist_loss, lmt_loss, tau_cross_entropy
+from lipcert.models.linf import linf_dist_net
 from lipcert.nn.linf import LpSchedule
+from lipcert.train import _check_schedules
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,5 +77,6 @@ def test_lp_schedule_must_reach_inf_during_training():
     schedule = LpSchedule(8.0, 1000.0, hold=0.05, ramp_end=0.95)
     total = 2000
     assert math.isinf(schedule((total - 1) / total))
-    with pytest.raises(ValueError, match="ramp_end"):
-        LpSchedule(8.0, 1000.0, hold=0.05, ramp_end=1.0)
+    model = linf_dist_net((4,), 3, width=8, depth=2, ramp_end=1.0)  # a saved one still loads
+    with pytest.raises(ConfigError, match="ramp_end"):
+        _check_schedules(model)  # but training refuses it

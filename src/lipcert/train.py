@@ -228,6 +228,19 @@ def _check_augmentation(cfg: DataConfig, data: Dataset) -> None:
         )
 
 
+def _check_schedules(model: nn.Module) -> None:
+    """ConfigError naming ``model.kwargs.ramp_end`` when an l_p schedule ends at progress 1:
+    training sets progress = step / steps, below 1 at the last step, so p would never reach inf
+    (a model trained, saved and certified at p = 997.5 after 2000 steps)."""
+    for module in model.modules():
+        schedule = getattr(module, "p_schedule", None)
+        if schedule is not None and schedule.ramp_end >= 1:
+            raise ConfigError(
+                f"model.kwargs.ramp_end = {schedule.ramp_end}: p reaches inf at ramp_end, and "
+                "training progress stays below 1; take ramp_end < 1 (e.g. 0.95)"
+            )
+
+
 def _steps_per_epoch(data: Dataset, config: TrainConfig) -> int:
     return max(1, len(data.train.y) // config.data.batch_size)
 
@@ -371,8 +384,9 @@ def _check_form(expected: Any, stored: Any, where: str) -> None:
     elif isinstance(expected, dict):
         if stored.keys() != expected.keys():
             extra, lacking = stored.keys() - expected.keys(), expected.keys() - stored.keys()
-            keys = f"{sorted(extra, key=str)} and lacks {sorted(lacking, key=str)}"
-            raise ValueError(f"{where} has the unexpected keys {keys}")
+            problems = [f"the unexpected keys {sorted(extra, key=str)}"] if extra else []
+            problems += [f"no {sorted(lacking, key=str)}"] if lacking else []
+            raise ValueError(f"{where} has {' and '.join(problems)}")
         for key, value in expected.items():
             _check_form(value, stored[key], f"{where}.{key}")
     elif isinstance(expected, list | tuple):
@@ -380,6 +394,22 @@ def _check_form(expected: Any, stored: Any, where: str) -> None:
             raise ValueError(f"{where} has {len(stored)} entries, expected {len(expected)}")
         for index, (value, given) in enumerate(zip(expected, stored, strict=True)):
             _check_form(value, given, f"{where}.{index}")
+
+
+def _check_schedule(scheduler: Any, stored: Any) -> None:
+    """ValueError unless ``stored`` fits ``scheduler``: the entries both have of the form of its
+    own (:func:`_check_form`), and no entry naming one of its attributes that it does not save
+    (``load_state_dict`` sets every entry as an attribute: an injected 'optimizer' replaced its
+    optimizer). Entries one torch version saves and another does not (``_is_initial``,
+    ``verbose``) may be missing or extra: a missing one keeps its fresh value."""
+    if not isinstance(stored, dict):
+        raise ValueError(f"scheduler is {stored!r:.60}, expected dict")
+    own = scheduler.state_dict()
+    clobbered = sorted(k for k in stored if k not in own and hasattr(scheduler, str(k)))
+    if clobbered:
+        raise ValueError(f"scheduler has the entries {clobbered}, which are not its state")
+    shared = [key for key in own if key in stored]
+    _check_form({k: own[k] for k in shared}, {k: stored[k] for k in shared}, "scheduler")
 
 
 def _restore_optimizer(optimizer: torch.optim.Optimizer, stored: Any, ckpt: Path) -> None:
@@ -390,7 +420,8 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, stored: Any, ckpt: Path
     optimizer.load_state_dict(stored)
     if set(optimizer.param_groups[0]) != set(groups[0]):  # an Adam state loads into SGD
         raise ValueError("the checkpoint was trained with another optimizer")
-    _check_form(groups, stored["param_groups"], "optimizer.param_groups")
+    # As loaded: torch fills the settings an older version did not save with their defaults.
+    _check_form(groups, optimizer.state_dict()["param_groups"], "optimizer.param_groups")
     loaded = optimizer.state_dict()["state"]
     for index, entries in stored.get("state", {}).items():
         check_dtypes(loaded.get(index, {}), entries, ckpt, f"optimizer state {index}.")
@@ -437,7 +468,7 @@ def _restore(
     try:
         state = unflatten(meta["state"], tensors)
         _restore_optimizer(optimizer, state["optimizer"], ckpt)
-        _check_form(scheduler.state_dict(), state["scheduler"], "scheduler")
+        _check_schedule(scheduler, state["scheduler"])
         scheduler.load_state_dict(state["scheduler"])
         if "loss" in state:  # checkpoints written before losses had state lack it
             check_dtypes(loss_fn.state_dict(), state["loss"], ckpt, "loss.")
@@ -494,6 +525,7 @@ def train(
     _check_augmentation(config.data, data)
     torch.manual_seed(config.seed)
     model = _build_configured_model(config.model, data).to(device)
+    _check_schedules(model)
     optimizer = make_optimizer(config.optim, model.parameters())
     retract_after_steps(optimizer, model)  # OrthoLinear(retraction=k) layers, if any
     steps = _steps_per_epoch(data, config)

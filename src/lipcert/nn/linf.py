@@ -73,8 +73,9 @@ class LpSchedule:
 
     p = ``p_start`` for t < ``hold``, then grows geometrically to ``p_end`` at t = ``ramp_end``,
     then p = inf (the authors' code: p_start exp(log(p_end / p_start) r), r the ramp's progress,
-    and inf once r reaches 1). ``ramp_end`` < 1: :mod:`lipcert.train` sets t = step / steps, below 1
-    at the last step, so a ramp ending at 1 never reached inf. ``powers_of_two`` rounds p (in log
+    and inf once r reaches 1). :mod:`lipcert.train` sets t = step / steps, below 1 at the last
+    step, so it refuses ``ramp_end = 1`` (p would never reach inf); a schedule saved with it still
+    loads. ``powers_of_two`` rounds p (in log
     scale) to a power of two, for which the kernels square instead of taking exp/log (about 13x
     faster on CPU).
     """
@@ -89,10 +90,9 @@ class LpSchedule:
         _check_p(self.p_start)
         if not (math.isfinite(self.p_end) and self.p_end >= self.p_start):
             raise ValueError(f"p_end must be finite and >= p_start, got {self.p_end!r}")
-        if not 0.0 <= self.hold <= self.ramp_end < 1.0:
+        if not 0.0 <= self.hold <= self.ramp_end <= 1.0:
             raise ValueError(
-                f"need 0 <= hold <= ramp_end < 1 (p = inf from ramp_end on; training progress "
-                f"stays below 1), got hold={self.hold}, ramp_end={self.ramp_end}"
+                f"need 0 <= hold <= ramp_end <= 1, got hold={self.hold}, ramp_end={self.ramp_end}"
             )
 
     def __call__(self, progress: float) -> float:
