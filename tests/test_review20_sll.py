@@ -36,7 +36,7 @@ def test_a_residual_whose_branch_broadcasts_is_refused():
     and its Kantorovich value between the points 0 and 1 was 2.0, where W1 is 1."""
     potential = _broadcasting_potential()
     x = torch.ones(3, 1, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"Residual.*\(3, 4\).*\(3, 1\)"):
+    with pytest.raises(ValueError, match=r"Residual.*\[3, 4\].*\[3, 1\]"):
         potential(x)
     with pytest.raises(ValueError, match="Residual"):
         kantorovich_value(potential, x, torch.zeros_like(x))
@@ -130,3 +130,10 @@ def test_the_residual_rule_rounds_its_sum_up():
     with torch.no_grad():
         branch.weight.fill_(2.0**-60)
     assert lipschitz_upper_bound(Residual(branch)) > 1.0
+
+
+def test_a_model_holding_a_residual_can_be_scripted():
+    """The shape check read ``torch.fx.Proxy``, which TorchScript cannot compile."""
+    model = nn.Sequential(Residual(nn.Linear(4, 4)), nn.ReLU())
+    x = torch.randn(3, 4)
+    assert torch.equal(torch.jit.script(model)(x), model(x))

@@ -50,11 +50,11 @@ class Residual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.branch(x)
-        tracing = isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()
+        tracing = not isinstance(x, Tensor) or torch.jit.is_tracing()  # fx: a Proxy
         if not tracing and out.shape != x.shape:
             raise ValueError(
-                f"Residual: the branch gave {tuple(out.shape)} for an input of "
-                f"{tuple(x.shape)}; x + branch(x) needs one shape (no broadcasting)"
+                f"Residual: the branch gave {list(out.shape)} for an input of "
+                f"{list(x.shape)}; x + branch(x) needs one shape (no broadcasting)"
             )
         return x + out
 
@@ -62,7 +62,10 @@ class Residual(nn.Module):
 @register_bound_rule(Residual)
 def _residual(module: nn.Module, norm: str) -> float:
     """L(x + g(x)) <= 1 + L(g) in any norm (triangle inequality), the sum rounded up (1.0 for a
-    branch bounded by 2^-60 rounded to nearest); in l2, an SLL form's own bound."""
+    branch bounded by 2^-60 rounded to nearest); in l2, an SLL form's own bound. It takes g(x) of
+    x's shape, as :meth:`Residual.forward` enforces: a branch that would broadcast (a Linear of
+    other widths) gives a model that cannot run, whose bound without an input shape describes
+    nothing it computes (with one, the forward's probe refuses it)."""
     if norm == "l2" and sll_form(module):
         return sll_form_bound(module)
     return add_up(1.0, module_bound(module.branch, norm))
