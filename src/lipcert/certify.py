@@ -204,7 +204,12 @@ def summarize(
         head_pairs = _head_pair_bound(weight, norm)
         rows = _head_row_bound(weight, norm)
         return LipschitzSummary(
-            norm, bounds.body_bound, head_pairs, *graph_terms, rows, overflow_radius=overflow
+            norm,
+            bounds.body_bound,
+            head_pairs,
+            *graph_terms,
+            head_row_bound=rows,
+            overflow_radius=overflow,
         )
     return LipschitzSummary(norm, bounds.bound, None, *graph_terms, overflow_radius=overflow)
 

@@ -100,7 +100,8 @@ def as_point_cloud(name: str, points: object, dtype: torch.dtype = torch.float32
         raise ValueError(f"{name} must hold real numbers, got dtype {points.dtype}")
     converted = points.to(dtype)
     if not bool(torch.isfinite(converted).all()):
-        raise ValueError(f"{name} contains NaN or inf values (or values beyond float32's range)")
+        beyond = " (or values beyond float32's range)" if dtype == torch.float32 else ""
+        raise ValueError(f"{name} contains NaN or inf values{beyond}")
     integers = dtype == torch.float64 and not points.is_floating_point()
     if integers and not torch.equal(converted.to(points.dtype), points):
         raise ValueError(
