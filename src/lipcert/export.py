@@ -11,14 +11,13 @@ computes with the cached ones). The result is in eval mode and computes the same
 from __future__ import annotations
 
 import copy
-import itertools
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lipcert.bounds.graph import check_finite, check_input_fits
+from lipcert.bounds.graph import check_finite, check_input_fits, natural_dtype
 from lipcert.bounds.network import checked_input_shape
 from lipcert.modes import eval_mode
 from lipcert.nn.constraint import LipschitzLayer
@@ -97,11 +96,9 @@ def export(
 
 def write_onnx(plain: nn.Module, path: Path, input_shape: tuple[int, ...]) -> None:
     """Write ``plain`` as ONNX (batch dimension dynamic), atomically. The input takes the dtype
-    of the first floating parameter or buffer (an exported l_inf-distance net holds buffers only:
-    a float64 one took float32 inputs)."""
-    tensors = itertools.chain(plain.parameters(), plain.buffers())
-    dtype = next((t.dtype for t in tensors if t.is_floating_point()), None)
-    example = torch.zeros((2, *input_shape), dtype=dtype)
+    the model computes in (:func:`~lipcert.bounds.graph.natural_dtype`, buffers included: an
+    exported l_inf-distance net holds buffers only, and a float64 one took float32 inputs)."""
+    example = torch.zeros((2, *input_shape), dtype=natural_dtype(plain))
     check_input_fits(plain, input_shape, example)
     with output_file(path, "the ONNX path") as tmp:
         torch.onnx.export(

@@ -1315,7 +1315,7 @@ def _ancestors(node: Node) -> set[Node]:
     return seen
 
 
-def _natural_dtype(model: nn.Module) -> torch.dtype:
+def natural_dtype(model: nn.Module) -> torch.dtype:
     """The dtype ``model`` computes in when no input dtype is given: its first floating
     parameter's, else its first floating buffer's with a dimension (a 0-dim tensor does not set
     a result's type: a float64 scalar buffer divides a float32 input in float32), else torch's
@@ -1333,7 +1333,7 @@ def _probe_input(
     reference = next(iter([*model.parameters(), *model.buffers()]), None)
     device = reference.device if reference is not None else None
     given = input_dtype is not None and input_dtype.is_floating_point
-    dtypes = [_natural_dtype(model), *([input_dtype] if given else [])]
+    dtypes = [natural_dtype(model), *([input_dtype] if given else [])]
     dtype = max(dtypes, key=lambda t: torch.finfo(t).eps)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((1, *input_shape), generator=gen, dtype=dtype)
@@ -1487,7 +1487,7 @@ def graph_bound(
     input_dtype: torch.dtype | None = None,
 ) -> GraphBound:
     """Sound bound of ``model``'s Lipschitz constant (eval mode) on inputs of ``input_shape``
-    and ``input_dtype`` (default: the model's own, :func:`_natural_dtype`; see
+    and ``input_dtype`` (default: the model's own, :func:`natural_dtype`; see
     :func:`_probe_input`), which decides how the forward rounds its constants and where its
     values underflow.
 

@@ -7,6 +7,7 @@ import argparse
 import torch
 from torch import nn
 
+from lipcert.bounds.graph import natural_dtype
 from lipcert.certify import check_eps
 from lipcert.checkpoint import load_with_metadata
 from lipcert.config import TrainConfig
@@ -54,14 +55,13 @@ def random_inputs(
     model: nn.Module, shape: tuple[int, ...], count: int, seed: int | None = None
 ) -> torch.Tensor:
     """``count`` uniform [0, 1) inputs of ``shape`` (without the batch dimension) on the device
-    and in the floating dtype of ``model``'s first parameter or buffer (float32 without one): a
-    float64 or half model refuses float32 inputs."""
+    of ``model``'s first parameter or buffer and in the dtype it computes in
+    (:func:`~lipcert.bounds.graph.natural_dtype`): a float64 or half model refuses float32
+    inputs."""
     gen = None if seed is None else torch.Generator().manual_seed(seed)
     x = torch.rand((count, *shape), generator=gen)
-    reference = next(iter([*model.parameters(), *model.buffers()]), None)
-    if reference is not None and reference.is_floating_point():
-        x = x.to(reference.device, reference.dtype)
-    return x
+    reference = next(iter([*model.parameters(), *model.buffers()]), x)
+    return x.to(reference.device, natural_dtype(model))
 
 
 def check_positive(option: str, value: int) -> int:
