@@ -15,7 +15,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from lipcert.certify import check_eps, check_inputs, finite_input_norms
+from lipcert.certify import check_eps, check_inputs, finite_input_norms, input_norm_bound
 from lipcert.losses.base import check_count
 from lipcert.modes import eval_mode
 from lipcert.precision import ieee_float32
@@ -95,12 +95,14 @@ def _point(x: Tensor, delta: Tensor, clamp: tuple[float, float] | None) -> Tenso
 
 
 def _exact_norms(diff: Tensor, norm: str) -> Tensor:
-    """(B,) upper bounds of the exact ||diff||: the norm in float64 times 1 + (n + 2) 2^-53, n
-    entries per sample (the float64 differences of two inputs and the sum of n squares round by
-    at most that much relative; l_inf takes absolute values and a maximum, exact after them)."""
+    """(B,) upper bounds of the exact ||diff|| for float64 differences of two inputs, each
+    rounded once (by at most 2^-53 relative): l2, :func:`lipcert.certify.input_norm_bound`,
+    whose slack (n + 2) 2^-52 covers that rounding too; l_inf, the largest |entry| raised by
+    it."""
     flat = diff.double().flatten(1)
-    norms = flat.abs().amax(dim=1) if norm == "linf" else flat.norm(dim=1)
-    return norms * (1 + (flat.shape[1] + 2) * 2.0**-53)
+    if norm == "l2":
+        return input_norm_bound(flat)
+    return flat.abs().amax(dim=1) * (1 + 2.0**-52)
 
 
 def _fit_in_ball(
