@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lipcert.bounds.operator import gram_spectral_bound, power_of_two_scale, rounding_safety
+from lipcert.bounds.operator import gram_iteration_bound, power_of_two_scale, rounding_safety
 from lipcert.caching import shape_cache
 from lipcert.precision import ieee_float32
 
@@ -226,7 +226,7 @@ def _frequency_bounds(kernel: Tensor, twiddles: Tensor, n_iter: int) -> Tensor:
     """Gram bound of sigma_1(K^(g)) at every grid frequency, in chunks: (F,)."""
     chunk = max(1, SYMBOL_CHUNK_ELEMENTS // (kernel.shape[0] * kernel.shape[1]))
     parts = [
-        gram_spectral_bound(kernel_symbol(kernel, part), n_iter)
+        gram_iteration_bound(kernel_symbol(kernel, part), n_iter)
         for part in twiddles.split(chunk, dim=-1)
     ]
     return torch.cat(parts)
@@ -242,7 +242,7 @@ def _grid_maximum(kernel: Tensor, twiddles: Tensor, n_iter: int) -> Tensor:
     if not (torch.is_grad_enabled() and kernel.requires_grad):
         return best
     at_best = twiddles[..., bounds.argmax()].unsqueeze(-1)  # (2, taps, 1)
-    with_grad = gram_spectral_bound(kernel_symbol(kernel, at_best), n_iter)[0]
+    with_grad = gram_iteration_bound(kernel_symbol(kernel, at_best), n_iter)[0]
     return best + (with_grad - with_grad.detach())
 
 

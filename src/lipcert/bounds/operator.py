@@ -77,11 +77,13 @@ def gram_spectral_bound(matrix: Tensor, n_iter: int = DEFAULT_GRAM_ITERATIONS) -
     if matrix.dim() < 2:
         raise ValueError(f"gram_spectral_bound expects a matrix, got shape {tuple(matrix.shape)}")
     with ieee_float32(), torch.autocast(matrix.device.type, enabled=False):
-        return _gram_iteration_bound(matrix, n_iter)
+        return gram_iteration_bound(matrix, n_iter)
 
 
-def _gram_iteration_bound(matrix: Tensor, n_iter: int) -> Tensor:
-    """:func:`gram_spectral_bound`'s computation, in the dtype of ``matrix``."""
+def gram_iteration_bound(matrix: Tensor, n_iter: int) -> Tensor:
+    """:func:`gram_spectral_bound`'s computation, in the dtype of ``matrix`` and the arithmetic
+    the caller set: for callers already under :func:`~lipcert.precision.ieee_float32` with
+    autocast off (:func:`lipcert.bounds.conv.conv2d_operator_bound`, which switched once)."""
     if matrix.shape[-2] < matrix.shape[-1]:  # iterate on the smaller Gram matrix
         matrix = matrix.mH
     power = power_of_two_scale(matrix, dim=(-2, -1))
