@@ -112,10 +112,10 @@ def _fit_in_ball(
     exact arithmetic: scaled by eps / ||point - x|| (1 - 2^k u), u the dtype's eps, for
     k = 0, 1, ... until inside. It ends: at 2^k u >= 1 delta is 0 and the point is x itself (in
     the box, :func:`_check_clamp`); shrinking toward x keeps a point of the box in it."""
-    radius = eps.double().flatten()
+    radius, origin = eps.double().flatten(), x.double()
     relative = torch.finfo(x.dtype).eps
     while True:
-        distance = _exact_norms(_point(x, delta, clamp).double() - x.double(), norm)
+        distance = _exact_norms(_point(x, delta, clamp).double() - origin, norm)
         outside = distance > radius
         if not bool(outside.any()):
             return delta
