@@ -440,8 +440,8 @@ def _check_progress(epoch: Any, history: Any, config: TrainConfig, ckpt: Path) -
         raise ValueError(f"epoch is {epoch!r:.60}, not a count of epochs")
     rows = history if isinstance(history, list) else []
     if len(rows) != epoch or not all(isinstance(row, dict) for row in rows):
-        rows = f"not one metrics row for each of the {epoch} epochs trained"
-        raise ValueError(f"history is {history!r:.60}, {rows}")
+        reason = f"not one metrics row for each of the {epoch} epochs trained"
+        raise ValueError(f"history is {history!r:.60}, {reason}")
     if epoch > config.epochs:
         raise CheckpointError(
             f"{ckpt} has trained {epoch} epochs, more than epochs = {config.epochs}: resume "
