@@ -9,7 +9,8 @@ from torch import nn
 
 from lipcert.bounds.graph import check_finite
 from lipcert.nn.activations import MaxMin
-from lipcert.nn.aol import AOLConv2d, abs_correlation_sums, kernel_self_correlation
+from lipcert.nn.aol import AOLConv2d
+from lipcert.nn.correlation import abs_correlation_sums, kernel_self_correlation
 
 
 def _hessian_vector_product(loss, kernel: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:

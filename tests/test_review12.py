@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lipcert.nn.aol import abs_correlation_sums, kernel_self_correlation, orthogonal_centre_
+from lipcert.nn.aol import orthogonal_centre_
+from lipcert.nn.correlation import abs_correlation_sums, kernel_self_correlation
 
 
 def _directional_derivative(

@@ -11,8 +11,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lipcert.bounds import conv
 from lipcert.bounds.conv import conv2d_operator_bound, grid_twiddles
-from lipcert.nn import aol
-from lipcert.nn.aol import AOLConv2d, abs_correlation_sums, correlation_row_sums
+from lipcert.nn import correlation
+from lipcert.nn.aol import AOLConv2d, correlation_row_sums
+from lipcert.nn.correlation import abs_correlation_sums
 
 
 def test_row_sums_of_a_meta_kernel_give_their_shapes():
@@ -27,16 +28,21 @@ def test_row_sums_of_a_meta_kernel_give_their_shapes():
     assert layer(torch.empty(2, 3, 6, 6, device="meta")).shape == (2, 5, 6, 6)
 
 
-def test_row_sums_traced_with_fake_tensors_leave_later_row_sums_real():
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_row_sums_traced_with_fake_tensors_leave_later_row_sums_real(kernel_size):
     """torch.export traces with fake tensors: the cached DFT matrices made there were handed to
-    every later forward, whose row sums (and AOL outputs) came out NaN."""
-    aol._fourier_matrices.cache_clear()
+    every later forward, whose row sums (and AOL outputs) came out NaN. Both schemes' matrices
+    (real points for 3 x 3, the DFT for 5 x 5) are cached."""
+    caches = (correlation._fourier_matrices, correlation._real_point_matrices)
+    for cache in caches:
+        cache.cache_clear()
     torch.manual_seed(0)
-    kernel = torch.randn(5, 4, 3, 3)
+    kernel = torch.randn(5, 4, kernel_size, kernel_size)
     with FakeTensorMode() as mode:
         abs_correlation_sums(mode.from_tensor(kernel))
     sums = abs_correlation_sums(kernel)
-    aol._fourier_matrices.cache_clear()
+    for cache in caches:
+        cache.cache_clear()
     assert type(sums) is torch.Tensor
     assert torch.equal(sums, abs_correlation_sums(kernel))
 

@@ -23,7 +23,7 @@ of 0.29 was broken at 0.05), and restores the user's settings when the last thre
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 
 import torch
 
@@ -59,7 +59,19 @@ def ieee_float32() -> Iterator[None]:
     autocast off (every tensor computes in its own dtype). The TF32 switches are process-wide:
     they stay off until the last thread inside leaves (:class:`~lipcert.switches.SharedSwitches`);
     autocast is per thread."""
-    with TF32_OFF.held(), ExitStack() as autocast_off:
+    with TF32_OFF.held(), ExitStack() as stack:
         for device in AUTOCAST_DEVICES:
-            autocast_off.enter_context(torch.autocast(device, enabled=False))
+            stack.enter_context(torch.autocast(device, enabled=False))
         yield
+
+
+def autocast_off(device: torch.device) -> AbstractContextManager:
+    """Autocast switched off for ``device``'s type only, where it is on, else nothing: the light
+    form of :func:`ieee_float32` for the AOL / SLL row sums (entering a context costs more than
+    the row sums of a tiny kernel), whose products write into float32 buffers, which autocast's
+    bfloat16 products refused (a backward run inside ``torch.autocast`` raised), and whose
+    constraint's slack is for the kernel's own dtype."""
+    available = torch.amp.is_autocast_available(device.type)  # not for 'meta' (it raised)
+    if available and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()

@@ -25,7 +25,8 @@ from lipcert.bounds.network import (
     register_internal_size,
 )
 from lipcert.bounds.operator import rounding_safety
-from lipcert.nn.aol import abs_correlation_sums, as_kernel, sound_row_sums
+from lipcert.nn.aol import as_kernel, sound_row_sums
+from lipcert.nn.correlation import abs_correlation_sums
 
 #: Unit roundoff of float64, used to enclose the few elementwise operations of the bound.
 _U64 = torch.finfo(torch.float64).eps / 2

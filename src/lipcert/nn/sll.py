@@ -8,7 +8,7 @@ h(x) - h(y) = (I - 2 W T^-1 L W^T)(x - y) with L diagonal in [0, 1] (ReLU slopes
 matrix with eigenvalues in [-1, 1] as soon as T >= W^T W, and T - W^T W is positive semidefinite
 because Q (T - W^T W) Q, Q = diag(q), is diagonally dominant with a nonnegative diagonal
 (Gershgorin). For convolutions W^T W is the block-Toeplitz Gram whose entries are the kernel
-self-correlation (:func:`lipcert.nn.aol.kernel_self_correlation`); zero 'same' padding is a
+self-correlation (:func:`lipcert.nn.correlation.kernel_self_correlation`); zero 'same' padding is a
 crop of the convolution on a larger grid, which only sets some slopes of L to 0.
 
 The forward folds 2 T^-1 into the outer weight: B = C K with C = diag(c), c_i = 2 / t'_i,
