@@ -19,7 +19,7 @@ from torch import nn
 
 import lipcert
 from lipcert.attacks import pgd
-from lipcert.bounds.graph import all_finite, graph_bound
+from lipcert.bounds.graph import graph_bound
 from lipcert.bounds.network import module_bound
 from lipcert.certify import (
     _float32_rounded_down,
@@ -29,6 +29,7 @@ from lipcert.certify import (
     input_norm_bound,
     summarize,
 )
+from lipcert.finite import all_finite
 
 
 def exact_norm(model: nn.Module, shape: tuple[int, ...], norm: str, points: int = 4) -> float:

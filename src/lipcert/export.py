@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lipcert.bounds.graph import check_finite, check_input_fits, natural_dtype
+from lipcert.bounds.graph import check_input_fits, natural_dtype
 from lipcert.bounds.network import checked_input_shape
+from lipcert.finite import check_finite
 from lipcert.modes import eval_mode
 from lipcert.nn.constraint import LipschitzLayer
 from lipcert.outputs import check_output_file, output_file

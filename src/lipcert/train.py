@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from lipcert import losses
-from lipcert.bounds.graph import all_finite
 from lipcert.certify import certified_accuracy, certify_batched, predict
 from lipcert.checkpoint import (
     CheckpointError,
@@ -50,6 +49,7 @@ from lipcert.config import (
     to_dict,
 )
 from lipcert.data import Dataset, Split, load_dataset, random_crop, random_flip
+from lipcert.finite import first_nonfinite
 from lipcert.lmt import LMTTrainingLoss
 from lipcert.models import build_model
 from lipcert.nn import retract_after_steps
@@ -280,7 +280,8 @@ def _check_finite(value: Tensor, what: str, epoch: int, step: int, ckpt: Path) -
 
 def _nonfinite_parameter(model: nn.Module) -> str | None:
     """The name of the first parameter of ``model`` holding NaN or inf, if any."""
-    return next((k for k, p in model.named_parameters() if not all_finite(p.detach())), None)
+    found = first_nonfinite(model.named_parameters())
+    return None if found is None else found[0]
 
 
 def _check_weights(model: nn.Module, epoch: int, ckpt: Path) -> None:

@@ -15,10 +15,10 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from lipcert.bounds.graph import check_finite
     from lipcert.checkpoint import load_with_metadata
     from lipcert.cli.common import random_inputs
     from lipcert.export import NOT_EXPORTED, export
+    from lipcert.finite import check_finite
 
     model, meta = load_with_metadata(args.checkpoint)
     shape = meta["model_spec"].get("kwargs", {}).get("input_shape")

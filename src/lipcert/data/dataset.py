@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lipcert.bounds.graph import check_finite
+from lipcert.finite import check_finite
 
 #: Largest value of an 8-bit pixel: uint8 images are divided by it to land in [0, 1].
 UINT8_MAX = 255.0
