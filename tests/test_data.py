@@ -7,6 +7,7 @@ import gzip
 import shutil
 import struct
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,36 @@ def test_read_idx_rejects_bad_gzip(tmp_path):
         (tmp_path / name).write_bytes(raw)
         with pytest.raises(ValueError, match=name):
             read_idx(tmp_path / name, IDX_IMAGES_MAGIC)
+
+
+#: A gzip bomb posing as MNIST: this many zero bytes (10 KiB compressed) after a valid header.
+BOMB_BYTES = 10 << 20
+
+
+@pytest.mark.parametrize(
+    ("extra", "found"), [(BOMB_BYTES, "over 8"), (-1, "7")], ids=["bomb", "cut"]
+)
+def test_read_idx_inflates_no_more_than_the_header_declares(tmp_path, extra, found):
+    """The stream was inflated whole before its header was read: a 1 MB file of zeros behind a
+    header declaring 8 bytes took 2.3 GB of memory to be refused. The payload is now read up to
+    one byte past the declared size."""
+    raw = _idx_bytes(IDX_IMAGES_MAGIC, np.zeros((2, 2, 2), np.uint8))
+    path = _write_gz(
+        tmp_path / "bomb-idx3-ubyte.gz", raw + bytes(extra) if extra > 0 else raw[:extra]
+    )
+    assert path.stat().st_size < BOMB_BYTES // 100
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as info:
+            read_idx(path, IDX_IMAGES_MAGIC)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(info.value) == (
+        f"{path}: the header declares shape (2, 2, 2), 8 bytes, but the payload after it is "
+        f"{found} bytes (truncated or corrupt file)"
+    )
+    assert peak < BOMB_BYTES // 10, peak
 
 
 def test_load_mnist_layout_from_tiny_files(tmp_path):

@@ -13,6 +13,7 @@ import math
 import struct
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -27,6 +28,8 @@ IDX_IMAGES_MAGIC = 0x00000803
 IDX_LABELS_MAGIC = 0x00000801
 #: Byte size of one big-endian int32 header field.
 IDX_INT_BYTES = 4
+#: Bytes decompressed at a time (the largest read beyond what the header declares).
+IDX_READ_CHUNK_BYTES = 1 << 20
 
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
@@ -44,38 +47,56 @@ IDX_CLASSES = {
 }  # fmt: skip
 
 
-def _decompress(path: Path) -> bytes:
-    try:
-        with gzip.open(path, "rb") as stream:
-            return stream.read()
-    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-        raise ValueError(f"{path}: not a valid gzip file ({err})") from err
+def _read_at_most(stream: BinaryIO, limit: int) -> bytearray:
+    """The first ``limit`` bytes of ``stream`` (fewer where it ends first), read a chunk at a
+    time: a gzip stream is never inflated past ``limit`` bytes, whatever its length."""
+    data = bytearray()
+    while len(data) < limit:
+        chunk = stream.read(min(IDX_READ_CHUNK_BYTES, limit - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _read_shape(path: Path, stream: BinaryIO, magic: int) -> tuple[int, ...]:
+    """The dimension sizes in the header opening ``stream`` (of the file ``path``); ValueError
+    naming the file for a wrong magic or a truncated header."""
+    ndim = magic & 0xFF
+    header_bytes = IDX_INT_BYTES * (1 + ndim)  # magic, then one int32 size a dimension
+    header = _read_at_most(stream, header_bytes)
+    found = int.from_bytes(header[:IDX_INT_BYTES], "big")
+    if len(header) >= IDX_INT_BYTES and found != magic:
+        raise ValueError(f"{path}: IDX magic 0x{found:08x}, expected 0x{magic:08x}")
+    if len(header) < header_bytes:
+        raise ValueError(f"{path}: truncated IDX header ({len(header)} of {header_bytes} bytes)")
+    return struct.unpack(f">{ndim}I", header[IDX_INT_BYTES:])
 
 
 def read_idx(path: str | Path, magic: int) -> Tensor:
     """The uint8 array stored in the gzip IDX file ``path``, checked against ``magic``.
 
-    Raises ``ValueError`` naming the file for a bad gzip stream, a wrong magic, or a payload whose
-    size does not match the header.
+    The header is read first and the payload after it decompressed up to one byte past the size
+    the header declares (the product of its dimensions), so a small file inflating to gigabytes
+    (a gzip bomb) costs no more memory than the array its header describes. Raises
+    ``ValueError`` naming the file for a bad gzip stream, a wrong magic, or a payload whose size
+    does not match the header.
     """
     path = Path(path)
-    raw = _decompress(path)
-    found = int.from_bytes(raw[:IDX_INT_BYTES], "big")
-    if len(raw) >= IDX_INT_BYTES and found != magic:
-        raise ValueError(f"{path}: IDX magic 0x{found:08x}, expected 0x{magic:08x}")
-    ndim = magic & 0xFF
-    header_bytes = IDX_INT_BYTES * (1 + ndim)  # magic, then one int32 size a dimension
-    if len(raw) < header_bytes:
-        raise ValueError(f"{path}: truncated IDX header ({len(raw)} of {header_bytes} bytes)")
-    shape = struct.unpack(f">{ndim}I", raw[IDX_INT_BYTES:header_bytes])
-    payload, declared = len(raw) - header_bytes, math.prod(shape)  # Python ints: no overflow
-    if payload != declared:
+    try:
+        with gzip.open(path, "rb") as stream:
+            shape = _read_shape(path, stream, magic)
+            declared = math.prod(shape)  # Python ints: no overflow
+            payload = _read_at_most(stream, declared + 1)  # one more byte tells a longer stream
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise ValueError(f"{path}: not a valid gzip file ({err})") from err
+    if len(payload) != declared:
+        size = f"{len(payload)} bytes" if len(payload) < declared else f"over {declared} bytes"
         raise ValueError(
             f"{path}: the header declares shape {tuple(shape)}, {declared} bytes, but the "
-            f"payload after it is {payload} bytes (truncated or corrupt file)"
+            f"payload after it is {size} (truncated or corrupt file)"
         )
-    array = np.frombuffer(raw, dtype=np.uint8, offset=header_bytes).reshape(shape)
-    return torch.from_numpy(array.copy())
+    return torch.from_numpy(np.frombuffer(payload, dtype=np.uint8).reshape(shape))
 
 
 def _read_split(folder: Path, images_file: str, labels_file: str, num_classes: int) -> Split:
