@@ -302,17 +302,39 @@ def test_load_cifar10_from_tiny_files(tmp_path):
     assert data.train.x.min() >= 0 and data.train.x.max() <= 1 and data.num_classes == 10
 
 
+def _tiny_cifar_archive(folder: Path) -> Path:
+    """A tar.gz of the tiny CIFAR batches laid out as the original archive, in ``folder``."""
+    _write_tiny_cifar(folder / "src" / "cifar-10-batches-bin")
+    archive = folder / "cifar-10-binary.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder / "src" / "cifar-10-batches-bin", arcname="cifar-10-batches-bin")
+    return archive
+
+
 def test_cifar_archive_extraction(tmp_path):
     """The download's extraction step takes exactly the named members out of a tar.gz."""
-    _write_tiny_cifar(tmp_path / "src" / "cifar-10-batches-bin")
-    archive = tmp_path / "cifar-10-binary.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(tmp_path / "src" / "cifar-10-batches-bin", arcname="cifar-10-batches-bin")
+    archive = _tiny_cifar_archive(tmp_path)
     _extract(archive, SOURCES["cifar10"].extract, tmp_path / "out" / "cifar10")
     data = load_cifar10(data_dir=tmp_path / "out")
     assert len(data.train) == 10 and len(data.test) == 3
     with pytest.raises(ValueError, match="missing"):
         _extract(archive, ["cifar-10-batches-bin/nope.bin"], tmp_path / "out")
+
+
+def test_cifar_extraction_replaces_a_damaged_file_of_the_right_size(tmp_path):
+    """An extracted batch was reused when its size was the member's: one zeroed in place stayed
+    (CIFAR then loaded with wrong labels and pixels). It is now compared with the archive."""
+    archive = _tiny_cifar_archive(tmp_path)
+    folder = tmp_path / "out" / "cifar10"
+    _extract(archive, SOURCES["cifar10"].extract, folder)
+    damaged, intact = (
+        folder / "cifar-10-batches-bin" / n for n in ("data_batch_1.bin", "test_batch.bin")
+    )
+    good, inode = damaged.read_bytes(), intact.stat().st_ino
+    damaged.write_bytes(bytes(len(good)))
+    _extract(archive, SOURCES["cifar10"].extract, folder)
+    assert damaged.read_bytes() == good
+    assert intact.stat().st_ino == inode  # a file holding its member's bytes is not rewritten
 
 
 # ----------------------------------------------------------------------------- downloads

@@ -129,8 +129,10 @@ def _extract(archive: Path, members: Sequence[str], folder: Path) -> None:
     """Extract the regular files ``members`` of the tar ``archive`` under ``folder``, atomically.
 
     Only the named members are written, to paths we chose, so the archive cannot write elsewhere.
-    A corrupt or truncated archive raises a ``ValueError`` naming it (files extracted before the
-    damage stay; none is left half-written).
+    A file already extracted is kept only when it holds the member's bytes, compared with the
+    archive (whose MD5 :func:`download` checked); one damaged since, even of the right size, is
+    extracted again. A corrupt or truncated archive raises a ``ValueError`` naming it (files
+    extracted before the damage stay; none is left half-written).
     """
     try:
         _extract_members(archive, members, folder)
@@ -142,21 +144,34 @@ def _extract(archive: Path, members: Sequence[str], folder: Path) -> None:
         ) from err
 
 
+def _member_stream(tar: tarfile.TarFile, archive: Path, member: str) -> BinaryIO:
+    """The bytes of the regular file ``member`` of ``tar`` (read from ``archive``)."""
+    try:
+        stream = tar.extractfile(tar.getmember(member))
+    except KeyError as err:
+        raise ValueError(f"{archive}: member {member} missing") from err
+    if stream is None:
+        raise ValueError(f"{archive}: member {member} is not a regular file")
+    return stream
+
+
+def _holds(path: Path, stream: BinaryIO) -> bool:
+    """Whether the file at ``path`` holds exactly the bytes of ``stream`` (a chunk at a time)."""
+    with open(path, "rb") as held:
+        while chunk := stream.read(CHUNK_BYTES):
+            if held.read(len(chunk)) != chunk:
+                return False
+        return not held.read(1)
+
+
 def _extract_members(archive: Path, members: Sequence[str], folder: Path) -> None:
     with tarfile.open(archive, "r:*") as tar:
         for member in members:
             dest = folder / member
-            try:
-                info = tar.getmember(member)
-            except KeyError as err:
-                raise ValueError(f"{archive}: member {member} missing") from err
-            if dest.is_file() and dest.stat().st_size == info.size:
+            if dest.is_file() and _holds(dest, _member_stream(tar, archive, member)):
                 continue
-            stream = tar.extractfile(info)
-            if stream is None:
-                raise ValueError(f"{archive}: member {member} is not a regular file")
             dest.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(dest, stream)
+            write_atomically(dest, _member_stream(tar, archive, member))
 
 
 def download(name: str, root: str | Path) -> Path:
