@@ -248,6 +248,34 @@ def test_tampered_training_state_is_refused_on_resume(toy_copy, name, edit, name
     assert _snapshot(toy_copy) == before
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+#: Resumes refused by a check: (name, damage to the checkpoint, config overrides, error part).
+#: Each asks for another config.json (epochs) than the run's, which a write would save.
+REFUSED_RESUMES = [
+    ("checkpoint missing", Path.unlink, {"epochs": 6}, "not found"),
+    ("checkpoint truncated", _truncate, {"epochs": 6}, "not a readable"),
+    ("fewer epochs than trained", Path.exists, {"epochs": 1}, "more than epochs = 1"),
+    ("seed changed", Path.exists, {"epochs": 6, "seed": 7}, "seed: 0 in the checkpoint"),
+]
+
+
+@pytest.mark.parametrize(
+    "name, damage, overrides, named", REFUSED_RESUMES, ids=[c[0] for c in REFUSED_RESUMES]
+)
+def test_a_refused_resume_leaves_config_json_as_it_was(toy_copy, name, damage, overrides, named):
+    """config.json is written only after every resume check passed: a refused resume leaves it
+    (and every other run file) byte for byte."""
+    train(_toy_config(), toy_copy, data=_toy_data(), resume=True, stop_after_epochs=1)  # 2 of 4
+    damage(toy_copy / CHECKPOINT_NAME)
+    before = _snapshot(toy_copy)
+    with pytest.raises(CheckpointError, match=named):
+        train(_toy_config(**overrides), toy_copy, data=_toy_data(), resume=True)
+    assert _snapshot(toy_copy) == before
+
+
 def test_untampered_resume_still_runs(toy_copy):
     _, history = train(_toy_config(), toy_copy, data=_toy_data(), resume=True)
     assert [row["epoch"] for row in history] == [1, 2, 3, 4]
