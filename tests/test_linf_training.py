@@ -15,7 +15,7 @@ from lipcert.attacks import pgd
 from lipcert.certify import certify, logit_rounding_bound, summarize
 from lipcert.config import LossConfig, load_config, parse_config
 from lipcert.data import Dataset, Split
-from lipcert.losses import LinfDistLoss, clipped_hinge, linf_dist_loss
+from lipcert.losses import LinfDistLoss, certified_margins, clipped_hinge, linf_dist_loss
 from lipcert.models import build_model
 from lipcert.nn.linf import LinfDist, Negate, set_p
 from lipcert.train import CHECKPOINT_NAME, make_loss, train
@@ -32,7 +32,7 @@ def _toy(n: int, seed: int) -> tuple[Tensor, Tensor]:
     return centers[y] + 0.3 * torch.randn(n, FEATURES, generator=gen), y
 
 
-def _trained(head: str = "negate", steps: int = 150) -> nn.Sequential:
+def _trained(head: str = "negate", steps: int = 150, bind: bool = True) -> nn.Sequential:
     torch.manual_seed(0)
     model = build_model(  # half the steps at p = inf, so the running means settle
         "linf_dist_net",
@@ -45,6 +45,8 @@ def _trained(head: str = "negate", steps: int = 150) -> nn.Sequential:
         ramp_end=0.5,
     )
     loss_fn = LinfDistLoss(hinge_threshold=1.0, ce_scale=4.0, ce_weight=0.5)
+    if bind:  # as lipcert.train does
+        loss_fn.bind(model, (FEATURES,))
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
     x, y = _toy(256, seed=1)
     for step in range(steps):
@@ -98,6 +100,87 @@ def test_geometric_mix_holds_then_decays_to_its_end_value():
         LinfDistLoss(0.9, decay_start=0.5, decay_end=0.5)
     with pytest.raises(ValueError, match="ce_weight_end"):
         LinfDistLoss(0.9, ce_weight=0.0, ce_weight_end=0.1)
+
+
+def _scale_head(model: nn.Sequential, factor: float) -> None:
+    with torch.no_grad():
+        for tensor in model[-1].parameters():
+            tensor.mul_(factor)
+
+
+def test_bound_hinge_behind_a_linear_head_ignores_the_head_scale():
+    model = _trained("linear", steps=100)
+    x, y = _toy(64, seed=7)
+    bound = LinfDistLoss(hinge_threshold=2.0, ce_weight=0.0, reduction="none")
+    bound.bind(model, (FEATURES,))
+    raw = LinfDistLoss(hinge_threshold=2.0, ce_weight=0.0, reduction="none")
+    hinge, raw_hinge = bound(model(x), y), raw(model(x), y)
+    assert ((hinge > 0) & (hinge < 2)).float().mean() > 0.5
+    assert not bound.state_dict()  # the head is the model's: no weights in the loss's state
+    _scale_head(model, 10.0)
+    torch.testing.assert_close(bound(model(x), y), hinge)
+    assert not torch.allclose(raw(model(x), y), raw_hinge)  # the raw margin scales with the head
+    bound(model(x), y).mean().backward()
+    grad = model[-1].weight.grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_bound_margin_is_twice_the_certified_radius():
+    model = _trained("linear").double()
+    x, y = _toy(300, seed=2)
+    x = x.double()
+    loss = LinfDistLoss(hinge_threshold=1.0)
+    set_p(model, 8.0)  # mid-training: bind reads the body at the p training ends at (inf)
+    loss.bind(model, (FEATURES,))
+    assert all(float(m.p) == 8.0 for m in model.modules() if isinstance(m, LinfDist))
+    set_p(model, math.inf)
+    logits = model(x).detach()
+    radii = certify(model, x, y, norm="linf")
+    right = logits.argmax(1) == y
+    assert right.float().mean() > 0.9 and (radii > 0.3).float().mean() > 0.5
+    half = loss.margins(logits, y) / 2
+    torch.testing.assert_close(radii[right], half[right].float())
+    assert (half[~right] <= 0).all()
+
+
+def test_negate_head_loss_is_unchanged_by_bind():
+    model = build_model(
+        "linf_dist_net", input_shape=[FEATURES], num_classes=CLASSES, width=16, depth=3
+    )
+    x, y = _toy(64, seed=8)
+    bound = LinfDistLoss(hinge_threshold=1.0, ce_scale=4.0, ce_weight=0.5)
+    bound.bind(model, (FEATURES,))
+    results = []
+    for loss in (bound, lambda f, t: linf_dist_loss(f, t, 1.0, 4.0, 0.5)):
+        model.zero_grad()
+        value = loss(model(x), y)
+        value.backward()
+        results.append((value.detach(), [p.grad.clone() for p in model.parameters()]))
+    (bound_value, bound_grads), (raw_value, raw_grads) = results
+    assert torch.equal(bound_value, raw_value) and raw_value > 0
+    assert all(torch.equal(a, b) for a, b in zip(bound_grads, raw_grads, strict=True))
+
+
+def test_certified_margins_gradient_and_bad_inputs():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, CLASSES, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(CLASSES, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    torch.autograd.gradcheck(
+        lambda f, w: certified_margins(f, y, torch.cdist(w, w, p=1)), (logits, weight)
+    )
+    hybrid = build_model(
+        "linf_dist_net", input_shape=[FEATURES], num_classes=CLASSES, width=16, head="linear"
+    )
+    bound = LinfDistLoss(hinge_threshold=1.0)
+    bound.bind(hybrid, (FEATURES,))
+    with pytest.raises(ValueError, match=r"\(4, 4\) tensor for logits of 4 classes, got \(3, 3\)"):
+        bound(torch.randn(2, 4), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="pair_bounds"):
+        certified_margins(torch.randn(2, 3), torch.tensor([0, 1]), [[0.0] * 3] * 3)
+    body = nn.Sequential(nn.Linear(FEATURES, 8), nn.Linear(8, CLASSES))
+    with pytest.raises(ValueError, match=r"0 \(Linear\) has parameters in the body"):
+        bound.bind(body, (FEATURES,))
 
 
 def test_model_structure_and_validation():

@@ -24,7 +24,8 @@ TauCrossEntropyLoss(tau)          CE(tau f, y) / tau                            
 LMTLoss(eps, lipschitz)           CE(f + sqrt(2) eps L (1 - onehot(y)), y)                ids
 (lmt_loss)
 LinfDistLoss(theta, s, lambda)    lambda CE(s f, y) + min((theta - m)_+, theta), m the     ids
-(linf_dist_loss)                  margin; lambda decays with set_progress
+(linf_dist_loss)                  margin (bound behind a linear head: m', twice the
+                                  certified radius); lambda decays with set_progress
 ================================  ======================================================  =======
 
 binary: logits (B,) or (B, 1); targets (B,) or (B, 1), all in {0, 1} or all in {-1, +1}.
@@ -58,7 +59,12 @@ from lipcert.losses.cross_entropy import (
     tau_cross_entropy,
 )
 from lipcert.losses.kr import HKRLoss, KRLoss, hkr_loss, kr_loss
-from lipcert.losses.linf import LinfDistLoss, clipped_hinge, linf_dist_loss
+from lipcert.losses.linf import (
+    LinfDistLoss,
+    certified_margins,
+    clipped_hinge,
+    linf_dist_loss,
+)
 from lipcert.losses.multiclass import (
     MulticlassHingeLoss,
     MulticlassHKRLoss,
@@ -76,6 +82,7 @@ __all__ = [
     "MulticlassHKRLoss",
     "MulticlassHingeLoss",
     "TauCrossEntropyLoss",
+    "certified_margins",
     "clipped_hinge",
     "hkr_loss",
     "kr_loss",

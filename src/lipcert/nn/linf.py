@@ -19,13 +19,16 @@ too), so the bound doubles there.
 **The l_p schedule.** :class:`LpSchedule` raises p from ``p_start`` to ``p_end`` geometrically and
 then sets p = inf (as in the 2021 paper: p from 8 to about 1000, the last epochs at inf). A layer
 given a schedule follows ``set_progress(progress)``, called by :mod:`lipcert.train` every step
-(resume is exact); :func:`set_p` sets p for every layer of a model at once. p is a buffer, so
-checkpoints keep the p a model was trained (and certified) at.
+(resume is exact); :func:`set_p` sets p for every layer of a model at once, :func:`final_p` for
+the length of a block to the p each layer ends training at. p is a buffer, so checkpoints keep the
+p a model was trained (and certified) at.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -307,6 +310,21 @@ def set_p(model: nn.Module, p: float) -> None:
     for module in model.modules():
         if isinstance(module, LinfDist):
             module.set_p(p)
+
+
+@contextmanager
+def final_p(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with every :class:`LinfDist` of ``model`` at the p it is certified at after
+    training: its schedule's end (``set_progress(1.0)``: p = inf) or, without a schedule, its own
+    p. Each layer's p is restored after (the buffer's value, as it was)."""
+    saved = [(layer, layer.p.clone()) for layer in model.modules() if isinstance(layer, LinfDist)]
+    try:
+        for layer, _ in saved:
+            layer.set_progress(1.0)
+        yield model
+    finally:
+        for layer, p in saved:
+            layer.p.copy_(p)
 
 
 def identity_init_(layer: LinfDist, offset: float = IDENTITY_OFFSET) -> None:
