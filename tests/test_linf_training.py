@@ -183,6 +183,23 @@ def test_certified_margins_gradient_and_bad_inputs():
         bound.bind(body, (FEATURES,))
 
 
+def test_certified_margins_of_float16_logits_have_finite_gradients():
+    """float16 rounds the floor of the pair bounds (1e-12) to 0: the target's ratio was 0 / 0,
+    and the gradients of the logits (one NaN a sample) and of the head's weight were NaN."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, CLASSES, generator=gen).half().requires_grad_()
+    weight = torch.randn(CLASSES, 6, generator=gen).half().requires_grad_()
+    y = torch.tensor([0, 1, 2, 0, 1])
+    margin = certified_margins(logits, y, torch.cdist(weight.float(), weight.float(), p=1))
+    margin.sum().backward()
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(weight.grad).all()
+    assert torch.isfinite(margin).all() and margin.dtype == torch.float32
+    wide = certified_margins(
+        logits.detach().float(), y, torch.cdist(weight.float(), weight.float(), p=1)
+    )
+    torch.testing.assert_close(margin, wide, rtol=0, atol=0)
+
+
 def test_model_structure_and_validation():
     model = build_model("linf_dist_net", input_shape=[1, 4, 4], num_classes=3, width=8, depth=4)
     assert model(torch.rand(5, 1, 4, 4)).shape == (5, 3)

@@ -72,7 +72,8 @@ def margins(logits: Tensor, targets: Tensor) -> Tensor:
 def certified_margins(logits: Tensor, targets: Tensor, pair_bounds: Tensor | None = None) -> Tensor:
     """m' = 2 min_{j != y} (f_y - f_j) / L_yj per sample: (B,), twice the radius that the (C, C)
     l_inf Lipschitz bounds ``pair_bounds`` L_yj of the margins f_y - f_j certify (differentiable
-    in both). None: the raw margin m (the negated head's L_yj = 2 gives m' = m)."""
+    in both), in float32 or wider. None: the raw margin m (the negated head's L_yj = 2 gives
+    m' = m)."""
     if pair_bounds is None:
         return margins(logits, targets)
     classes = logits.shape[1]
@@ -83,6 +84,9 @@ def certified_margins(logits: Tensor, targets: Tensor, pair_bounds: Tensor | Non
             f"classes, got {shape}: a loss bound to another model's head? (bind it to the model "
             "it trains)"
         )
+    # at least float32: float16 rounds the floor 1e-12 to 0 (0 / 0 at the target gave NaN
+    # gradients) and overflows at 65504
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     true = logits.gather(1, targets[:, None])  # (B, 1)
     bounds = pair_bounds.to(logits.dtype).index_select(0, targets).clamp_min(_MIN_PAIR_BOUND)
     ratios = (true - logits) / bounds  # (B, C), 0 at the target: excluded next
