@@ -337,6 +337,20 @@ def test_cifar_extraction_replaces_a_damaged_file_of_the_right_size(tmp_path):
     assert intact.stat().st_ino == inode  # a file holding its member's bytes is not rewritten
 
 
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE])
+def test_extraction_of_a_link_to_a_file_outside_the_archive_names_the_link(tmp_path, kind):
+    """A member that links to a path the archive does not hold was reported "missing" (it is
+    there: its target is not), and is not followed outside the archive."""
+    archive = tmp_path / "links.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("batches/data.bin")
+        info.type, info.linkname = kind, "/etc/hostname"
+        tar.addfile(info)
+    with pytest.raises(ValueError, match=r"batches/data\.bin is a link to /etc/hostname, which"):
+        _extract(archive, ["batches/data.bin"], tmp_path / "out")
+    assert not (tmp_path / "out" / "batches" / "data.bin").exists()
+
+
 # ----------------------------------------------------------------------------- downloads
 
 

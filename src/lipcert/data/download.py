@@ -145,11 +145,18 @@ def _extract(archive: Path, members: Sequence[str], folder: Path) -> None:
 
 
 def _member_stream(tar: tarfile.TarFile, archive: Path, member: str) -> BinaryIO:
-    """The bytes of the regular file ``member`` of ``tar`` (read from ``archive``)."""
+    """The bytes of the regular file ``member`` of ``tar`` (read from ``archive``), or of the
+    archive's file a link ``member`` names."""
     try:
-        stream = tar.extractfile(tar.getmember(member))
+        info = tar.getmember(member)
     except KeyError as err:
         raise ValueError(f"{archive}: member {member} missing") from err
+    try:
+        stream = tar.extractfile(info)
+    except KeyError as err:  # tarfile's lookup of the link's target
+        raise ValueError(
+            f"{archive}: member {member} is a link to {info.linkname}, which is not in the archive"
+        ) from err
     if stream is None:
         raise ValueError(f"{archive}: member {member} is not a regular file")
     return stream
