@@ -15,6 +15,7 @@ from torch import nn
 from lipcert.bounds.network import lipschitz_upper_bound
 from lipcert.export import export
 from lipcert.models import build_model
+from lipcert.nn import correlation
 from lipcert.nn.aol import (
     RESCALE_SIDES,
     ROW_SUM_MARGIN,
@@ -520,3 +521,36 @@ def test_the_bound_covers_float64_weights_whose_gram_underflows(rescale, conv):
     shape = (3, 5, 5) if conv else (6,)
     exact = max_jacobian_norm(layer, shape)
     assert 0 < exact <= layer.lipschitz_bound()
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_row_sums_of_huge_kernels_stay_finite_until_the_sums_overflow(kernel_size):
+    """A kernel of 7e17s and one of 2e18s (sums 4e37 and 3.2e38 for 3 x 3): the real points'
+    products overflowed (|K|(z) |K|(1/z) up to 760 squared entries) and the sums, then AOL's
+    weight, came out NaN; divided by a power of two first, the sums are the float64 ones to
+    float32 rounding, and AOL's weight is finite."""
+    for value in (7e17, 2e18 * 9 / kernel_size**2):
+        kernel = torch.full((1, 1, kernel_size, kernel_size), value)
+        exact = kernel_self_correlation(kernel.double()).abs().sum(dim=(-2, -1))
+        torch.testing.assert_close(abs_correlation_sums(kernel).double(), exact, rtol=1e-6, atol=0)
+    layer = AOLConv2d(1, 1, kernel_size)
+    with torch.no_grad():
+        original(layer).fill_(7e17)
+    assert torch.isfinite(layer.weight).all()
+
+
+def test_power_of_two_prescaling_keeps_the_bits_of_ordinary_kernels():
+    """Dividing by a power of two is exact, so the sums and the gradient of a kernel whose
+    largest entry lies outside [1, 2) are the unscaled computation's, bit for bit (all three
+    schemes)."""
+    torch.manual_seed(0)
+    for shape in [(8, 6, 3, 3), (8, 6, 5, 5), (8, 6, 1, 1)]:
+        kernel = 0.1 * torch.randn(shape)
+        sums_of, gradient = correlation._scheme(kernel)
+        unscaled, evaluations, signs = sums_of(kernel)
+        weights = torch.rand_like(unscaled)
+        expected = gradient(weights, evaluations, signs, kernel.shape)
+        kernel.requires_grad_()
+        sums = abs_correlation_sums(kernel)
+        (sums * weights).sum().backward()
+        assert torch.equal(sums, unscaled) and torch.equal(kernel.grad, expected)
