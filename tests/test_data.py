@@ -214,6 +214,28 @@ def test_read_idx_inflates_no_more_than_the_header_declares(tmp_path, extra, fou
     assert peak < BOMB_BYTES // 10, peak
 
 
+def test_read_idx_refuses_a_header_declaring_more_than_the_file_can_hold(tmp_path):
+    """A header declaring 2^32 - 1 labels in front of 50 MiB of zeros (a 50 KiB file): the cap
+    at the declared size let 50 MiB (600 MiB in the review's repro) be inflated before the stream
+    ended short. Deflate expands at most 1032:1, so the header is refused before any inflating."""
+    header = struct.pack(">II", IDX_LABELS_MAGIC, 2**32 - 1)
+    path = _write_gz(tmp_path / "liar-idx1-ubyte.gz", header + bytes(50 << 20))
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as info:
+            read_idx(path, IDX_LABELS_MAGIC)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(info.value) == (
+        f"{path}: the header declares shape ({2**32 - 1},), {2**32 - 1} bytes, more than a gzip "
+        f"file of {size} bytes can hold (at most {1032 * size}: deflate expands at most 1032:1; "
+        "truncated or corrupt file)"
+    )
+    assert peak < 1 << 20, peak
+
+
 def test_load_mnist_layout_from_tiny_files(tmp_path):
     arrays = _write_tiny_mnist(tmp_path / "mnist")
     data = load_dataset("mnist", data_dir=tmp_path)

@@ -30,6 +30,9 @@ IDX_LABELS_MAGIC = 0x00000801
 IDX_INT_BYTES = 4
 #: Bytes decompressed at a time (the largest read beyond what the header declares).
 IDX_READ_CHUNK_BYTES = 1 << 20
+#: The most bytes deflate (gzip's compression) can expand one compressed byte to: a 258-byte
+#: match costs at least 2 bits, so 1032:1 (zlib's technical notes, "maximum compression factor").
+DEFLATE_MAX_RATIO = 1032
 
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
@@ -73,12 +76,25 @@ def _read_shape(path: Path, stream: BinaryIO, magic: int) -> tuple[int, ...]:
     return struct.unpack(f">{ndim}I", header[IDX_INT_BYTES:])
 
 
+def _check_deflatable(path: Path, shape: tuple[int, ...], declared: int) -> None:
+    """ValueError naming ``path`` when its header declares more bytes than a gzip file of its
+    size can hold (:data:`DEFLATE_MAX_RATIO`): a lying header is refused before any inflating."""
+    most = DEFLATE_MAX_RATIO * path.stat().st_size
+    if declared > most:
+        raise ValueError(
+            f"{path}: the header declares shape {tuple(shape)}, {declared} bytes, more than a "
+            f"gzip file of {path.stat().st_size} bytes can hold (at most {most}: deflate expands "
+            f"at most {DEFLATE_MAX_RATIO}:1; truncated or corrupt file)"
+        )
+
+
 def read_idx(path: str | Path, magic: int) -> Tensor:
     """The uint8 array stored in the gzip IDX file ``path``, checked against ``magic``.
 
     The header is read first and the payload after it decompressed up to one byte past the size
     the header declares (the product of its dimensions), so a small file inflating to gigabytes
-    (a gzip bomb) costs no more memory than the array its header describes. Raises
+    (a gzip bomb) costs no more memory than the array its header describes, and a header
+    declaring more than the file can hold compressed is refused before any inflating. Raises
     ``ValueError`` naming the file for a bad gzip stream, a wrong magic, or a payload whose size
     does not match the header.
     """
@@ -87,6 +103,7 @@ def read_idx(path: str | Path, magic: int) -> Tensor:
         with gzip.open(path, "rb") as stream:
             shape = _read_shape(path, stream, magic)
             declared = math.prod(shape)  # Python ints: no overflow
+            _check_deflatable(path, shape, declared)
             payload = _read_at_most(stream, declared + 1)  # one more byte tells a longer stream
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:
         raise ValueError(f"{path}: not a valid gzip file ({err})") from err
