@@ -184,6 +184,19 @@ def test_read_idx_rejects_bad_gzip(tmp_path):
             read_idx(tmp_path / name, IDX_IMAGES_MAGIC)
 
 
+def _refusal_and_peak(path, magic: int) -> tuple[str, int]:
+    """The message of the ValueError ``read_idx`` raises for ``path`` and its peak Python
+    memory (tracemalloc) meanwhile."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as info:
+            read_idx(path, magic)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return str(info.value), peak
+
+
 #: A gzip bomb posing as MNIST: this many zero bytes (10 KiB compressed) after a valid header.
 BOMB_BYTES = 10 << 20
 
@@ -200,14 +213,8 @@ def test_read_idx_inflates_no_more_than_the_header_declares(tmp_path, extra, fou
         tmp_path / "bomb-idx3-ubyte.gz", raw + bytes(extra) if extra > 0 else raw[:extra]
     )
     assert path.stat().st_size < BOMB_BYTES // 100
-    tracemalloc.start()
-    try:
-        with pytest.raises(ValueError) as info:
-            read_idx(path, IDX_IMAGES_MAGIC)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert str(info.value) == (
+    message, peak = _refusal_and_peak(path, IDX_IMAGES_MAGIC)
+    assert message == (
         f"{path}: the header declares shape (2, 2, 2), 8 bytes, but the payload after it is "
         f"{found} bytes (truncated or corrupt file)"
     )
@@ -221,14 +228,8 @@ def test_read_idx_refuses_a_header_declaring_more_than_the_file_can_hold(tmp_pat
     header = struct.pack(">II", IDX_LABELS_MAGIC, 2**32 - 1)
     path = _write_gz(tmp_path / "liar-idx1-ubyte.gz", header + bytes(50 << 20))
     size = path.stat().st_size
-    tracemalloc.start()
-    try:
-        with pytest.raises(ValueError) as info:
-            read_idx(path, IDX_LABELS_MAGIC)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert str(info.value) == (
+    message, peak = _refusal_and_peak(path, IDX_LABELS_MAGIC)
+    assert message == (
         f"{path}: the header declares shape ({2**32 - 1},), {2**32 - 1} bytes, more than a gzip "
         f"file of {size} bytes can hold (at most {1032 * size}: deflate expands at most 1032:1; "
         "truncated or corrupt file)"
