@@ -70,7 +70,8 @@ def autocast_off(device: torch.device) -> AbstractContextManager:
     form of :func:`ieee_float32` for the AOL / SLL row sums (entering a context costs more than
     the row sums of a tiny kernel), whose products write into float32 buffers, which autocast's
     bfloat16 products refused (a backward run inside ``torch.autocast`` raised), and whose
-    constraint's slack is for the kernel's own dtype."""
+    constraint's slack is for the kernel's own dtype; beside :func:`ieee_float32` it covers a
+    device type other than :data:`AUTOCAST_DEVICES` (a 'meta' tensor has no autocast)."""
     available = torch.amp.is_autocast_available(device.type)  # not for 'meta' (it raised)
     if available and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)

@@ -83,7 +83,7 @@ from torch import Tensor
 
 from lipcert.bounds.operator import gram_iteration_bound, power_of_two_scale, rounding_safety
 from lipcert.caching import shape_cache
-from lipcert.precision import ieee_float32
+from lipcert.precision import autocast_off, ieee_float32
 
 #: Default relative slack of the grid step: 1 / (1 - s^2 / 2) <= 1.02, a 32 x 17 half-spectrum for
 #: a 3 x 3 kernel (tightness and cost: "Measured" in the module docstring).
@@ -276,7 +276,7 @@ def conv2d_operator_bound(
     power = power_of_two_scale(kernel)  # the bound is homogeneous (kernels ~1e20 gave inf)
     kernel = kernel / power
     # rounding is analysed in the kernel's dtype: no TF32, no autocast
-    with ieee_float32(), torch.autocast(kernel.device.type, enabled=False):
+    with ieee_float32(), autocast_off(kernel.device):  # also on devices ieee_float32 leaves
         twiddles = grid_twiddles(kernel_size, grid, kernel)
         grid_max = _grid_maximum(kernel, twiddles, n_iter) + symbol_rounding(kernel)
     return grid_max * power * (grid_factor(kernel_size, grid) * rounding_safety(kernel.dtype, 1))

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lipcert.precision import ieee_float32
+from lipcert.precision import autocast_off, ieee_float32
 
 #: Gram iterations used by default. After t steps the bound exceeds sigma_1 by at most a factor
 #: rank^(1/2^t) (Delattre et al., ICML 2023, Thm. 1): 1.0044 for rank 512 at t = 10.
@@ -76,7 +76,7 @@ def gram_spectral_bound(matrix: Tensor, n_iter: int = DEFAULT_GRAM_ITERATIONS) -
     """
     if matrix.dim() < 2:
         raise ValueError(f"gram_spectral_bound expects a matrix, got shape {tuple(matrix.shape)}")
-    with ieee_float32(), torch.autocast(matrix.device.type, enabled=False):
+    with ieee_float32(), autocast_off(matrix.device):  # also on devices ieee_float32 leaves
         return gram_iteration_bound(matrix, n_iter)
 
 

@@ -79,12 +79,13 @@ def _read_shape(path: Path, stream: BinaryIO, magic: int) -> tuple[int, ...]:
 def _check_deflatable(path: Path, shape: tuple[int, ...], declared: int) -> None:
     """ValueError naming ``path`` when its header declares more bytes than a gzip file of its
     size can hold (:data:`DEFLATE_MAX_RATIO`): a lying header is refused before any inflating."""
-    most = DEFLATE_MAX_RATIO * path.stat().st_size
+    size = path.stat().st_size
+    most = DEFLATE_MAX_RATIO * size
     if declared > most:
         raise ValueError(
             f"{path}: the header declares shape {tuple(shape)}, {declared} bytes, more than a "
-            f"gzip file of {path.stat().st_size} bytes can hold (at most {most}: deflate expands "
-            f"at most {DEFLATE_MAX_RATIO}:1; truncated or corrupt file)"
+            f"gzip file of {size} bytes can hold (at most {most}: deflate expands at most "
+            f"{DEFLATE_MAX_RATIO}:1; truncated or corrupt file)"
         )
 
 
