@@ -331,6 +331,35 @@ def test_ordinary_nets_have_an_overflow_radius_far_beyond_their_inputs():
     assert graph_bound(model, (8,)).overflow_radius > 1e35
 
 
+def _cancelling_linear(shift: float) -> nn.Module:
+    """Logits 30 (-1, 1; 1, -1) (x + shift, shift) + (6e37, -6e37): class 0 while 30 x < 1.2e38,
+    but the product 30 (x + shift) overflows once x + shift > 1.13e37 (-inf, inf: class 1)."""
+    first, second = nn.Linear(1, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[1.0], [0.0]]))
+        first.bias.fill_(shift)
+        second.weight.copy_(30 * torch.tensor([[-1.0, 1.0], [1.0, -1.0]]))
+        second.bias.copy_(torch.tensor([6e37, -6e37]))
+    return nn.Sequential(first, second).eval()
+
+
+@pytest.mark.parametrize(("shift", "certified"), [(1e37, False), (1e35, True)])
+def test_no_partial_sum_of_a_linear_map_overflows_inside_a_certified_ball(shift, certified):
+    """A linear map's partial sums can cancel where its output does not: with a shift of 1e37
+    the class flipped at x = 1.35e36 inside a certified radius of 1.41e36 (only the outputs'
+    sizes were checked); a shift of 1e35 overflows only beyond 1.1e37 and stays certified
+    (1.14e36)."""
+    model = _cancelling_linear(shift)
+    overflows_at = 3.4028235e38 / 30 - shift
+    beyond = torch.tensor([[overflows_at * 1.01]])
+    assert model(beyond).argmax(1).item() == 1
+    x = torch.zeros(1, 1)
+    radius = certify(model, x, torch.tensor([0])).item()
+    assert radius < overflows_at and (radius > 1e36) == certified
+    for t in torch.linspace(0, 1, 50):
+        assert model(x + t * radius).argmax(1).item() == 0
+
+
 class ExpandBySizeKeyword(nn.Module):
     """``expand(size=...)``, the batch size first by keyword (``shape`` is view's keyword)."""
 

@@ -1628,8 +1628,9 @@ def overflow_radius(ctx: _Context, magnitudes: dict[Node, float]) -> float:
     3.5e10, its class changed at 2e10 where x^4 overflows); an average (p = 1: a mean, an
     average pool, area interpolation) sums N times its output (a mean of 64 entries of 6e36,
     certified around 0 at 1.4e38, is NaN); a sum adds terms that cancel (4 a - 4 a, 4 a near
-    the largest float, certified at 5e37 in l_inf, inf 1e37 away). 0 when some value overflows
-    at every input; inf when no operation grows with the input."""
+    the largest float, certified at 5e37 in l_inf, inf 1e37 away), and so can a linear map's
+    partial sums (:func:`_partial_sums_size`). 0 when some value overflows at every input; inf
+    when no operation grows with the input."""
     radius = math.inf
     for node in ctx.gm.graph.nodes:
         dtype = ctx.dtypes.get(node)
@@ -1638,13 +1639,37 @@ def overflow_radius(ctx: _Context, magnitudes: dict[Node, float]) -> float:
         if dtype is None or not dtype.is_floating_point:
             continue
         ceiling = torch.finfo(dtype).max / OVERFLOW_MARGIN
-        radius = min(radius, _room(ceiling, magnitudes.get(node, 0.0), ctx.bounds[node]))
+        size = _partial_sums_size(ctx, node, magnitudes)
+        radius = min(radius, _room(ceiling, size, ctx.bounds[node]))
         if node in ctx.roots:
             source = next(a for a in node.all_input_nodes if ctx.is_dependent(a))
             powers = ceiling / max(1, _entries(ctx.shapes[source]))
             ceiling = powers ** (1 / ctx.roots[node])
             radius = min(radius, _room(ceiling, magnitudes.get(source, 0.0), ctx.bounds[source]))
     return radius
+
+
+def _partial_sums_size(ctx: _Context, node: Node, magnitudes: dict[Node, float]) -> float:
+    """A size at x = 0 of the values ``node`` computes, its partial sums included, as a linear
+    map of each dependent input a plus a constant: its values at x' stay below this + L_n ||x'||.
+
+    An output entry's partial sum (a dot product's prefix, with or without the bias b_j) is at
+    most |b_j| + ||w_j|| ||h_a(x')||, the row's dual norm at most the map's norm M <= L_n / L_a
+    (every rule is at least linear in each input, :func:`zero_input_scale`); ||h_a(x')|| <=
+    ||h_a(0)|| + L_a ||x'||, and |b_j| <= ||h_n(0)|| + M ||h_a(0)||. So the partial sums stay
+    below ||h_n(0)|| + 2 M ||h_a(0)|| + L_n ||x'||, where the output alone gives ||h_n(0)||:
+    Linear(2, 2) of weights 30 (-1, 1) on (1e37 + x, 1e37) cancels at x = 0, its product
+    30 (1e37 + x) overflows from x = 1.35e36, and the class changed there, inside a certified
+    radius of 1.41e36. For an operation not linear in a this is larger than needed, never
+    smaller; the values a module kept whole computes inside are its own rule's concern."""
+    output = magnitudes.get(node, 0.0)
+    size, bound = output, ctx.bounds[node]
+    for source in node.all_input_nodes:
+        source_bound = ctx.bounds.get(source, 0.0) if ctx.is_dependent(source) else 0.0
+        if source_bound > 0:
+            map_norm = bound / source_bound * (1 + 2**-50)  # the division's rounding, upward
+            size = max(size, output + 2 * map_norm * magnitudes.get(source, 0.0))
+    return size
 
 
 def _room(ceiling: float, size_at_zero: float, bound: float) -> float:
