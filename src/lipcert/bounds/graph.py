@@ -94,6 +94,7 @@ from lipcert.bounds.network import (
     distrust_reason,
     has_bound_rule,
     hook_reason,
+    internal_growth,
     internal_size,
     magnitude,
     matrix_operator_bound,
@@ -1641,6 +1642,7 @@ def overflow_radius(ctx: _Context, magnitudes: dict[Node, float]) -> float:
         ceiling = torch.finfo(dtype).max / OVERFLOW_MARGIN
         size = _partial_sums_size(ctx, node, magnitudes)
         radius = min(radius, _room(ceiling, size, ctx.bounds[node]))
+        radius = min(radius, _inner_room(ctx, node, magnitudes, ceiling))
         if node in ctx.roots:
             source = next(a for a in node.all_input_nodes if ctx.is_dependent(a))
             powers = ceiling / max(1, _entries(ctx.shapes[source]))
@@ -1670,6 +1672,21 @@ def _partial_sums_size(ctx: _Context, node: Node, magnitudes: dict[Node, float])
             map_norm = bound / source_bound * (1 + 2**-50)  # the division's rounding, upward
             size = max(size, output + 2 * map_norm * magnitudes.get(source, 0.0))
     return size
+
+
+def _inner_room(ctx: _Context, node: Node, magnitudes: dict[Node, float], ceiling: float) -> float:
+    """The room the values a module kept whole computes inside leave (:func:`internal_growth`,
+    c + g ||h_a(x')|| <= c + g ||h_a(0)|| + g L_a ||x'||, a the module's input); inf for other
+    nodes."""
+    if node.op != "call_module" or not node.args or not ctx.is_dependent(node.args[0]):
+        return math.inf
+    growth = internal_growth(ctx.gm.get_submodule(node.target), ctx.norm)
+    if growth is None:
+        return math.inf
+    offset, gain = growth
+    source = node.args[0]
+    size = offset + gain * magnitudes.get(source, 0.0) * (1 + 2**-50)
+    return _room(ceiling, size, gain * ctx.bounds[source] * (1 + 2**-50))
 
 
 def _room(ceiling: float, size_at_zero: float, bound: float) -> float:

@@ -61,6 +61,11 @@ InternalSize = Callable[[nn.Module, Tensor, str], float]
 INTERNAL_SIZES: dict[type[nn.Module], InternalSize] = {}
 
 
+#: Growth of the values a module computes inside (see :func:`internal_growth`).
+InternalGrowth = Callable[[nn.Module, str], "tuple[float, float] | None"]
+INTERNAL_GROWTHS: dict[type[nn.Module], InternalGrowth] = {}
+
+
 class UnsupportedNorm(TypeError):
     """A module has no sound bound in the requested norm."""
 
@@ -71,26 +76,29 @@ def register_bound_rule(*module_types: type[nn.Module], shaped: bool = False) ->
     With ``shaped=True`` the rule is ``rule(module, norm, input_shape) -> float``, valid for inputs
     of that shape (without the batch dimension); it is used whenever the shape is known.
     """
-    rules = SHAPED_BOUND_RULES if shaped else BOUND_RULES
+    return _registrar(SHAPED_BOUND_RULES if shaped else BOUND_RULES, module_types)
 
-    def decorate(rule: Callable) -> Callable:
+
+def _registrar(table: dict[type[nn.Module], Callable], module_types: tuple[type, ...]) -> Callable:
+    """A decorator entering its function in ``table`` for each of ``module_types``."""
+
+    def decorate(function: Callable) -> Callable:
         for module_type in module_types:
-            rules[module_type] = rule
-        return rule
+            table[module_type] = function
+        return function
 
     return decorate
+
+
+def _registered(table: dict[type[nn.Module], Callable], module: nn.Module) -> Callable | None:
+    """The function ``table`` holds for ``module``'s class or its nearest base, else None."""
+    return next((table[t] for t in type(module).__mro__ if t in table), None)
 
 
 def register_internal_size(*module_types: type[nn.Module]) -> Callable:
     """Register ``size(module, input, norm) -> float`` for ``module_types`` (see
     :func:`internal_size`)."""
-
-    def decorate(size: InternalSize) -> InternalSize:
-        for module_type in module_types:
-            INTERNAL_SIZES[module_type] = size
-        return size
-
-    return decorate
+    return _registrar(INTERNAL_SIZES, module_types)
 
 
 def internal_size(module: nn.Module, input: Tensor, norm: str) -> float:
@@ -101,8 +109,26 @@ def internal_size(module: nn.Module, input: Tensor, norm: str) -> float:
     bias that its outer map cancels, or a mean shift that cancels large distances, does: the
     rounding allowance of ``lipcert.certify`` sees only the outputs of the modules it keeps
     whole, and an inner 1e7 that cancels left float32 logits ~1 off a certified radius."""
-    size = next((INTERNAL_SIZES[t] for t in type(module).__mro__ if t in INTERNAL_SIZES), None)
+    size = _registered(INTERNAL_SIZES, module)
     return 0.0 if size is None else size(module, input, norm)
+
+
+def register_internal_growth(*module_types: type[nn.Module]) -> Callable:
+    """Register ``growth(module, norm) -> (c, g) | None`` for ``module_types`` (see
+    :func:`internal_growth`)."""
+    return _registrar(INTERNAL_GROWTHS, module_types)
+
+
+def internal_growth(module: nn.Module, norm: str) -> tuple[float, float] | None:
+    """(c, g) such that every value ``module`` computes inside on an input h, partial sums
+    included, is at most c + g ||h|| in absolute value (||h|| in ``norm``): what
+    ``lipcert.bounds.graph.overflow_radius`` keeps below the float max, as it does a node's own
+    values. None for modules whose inner values are their output's terms (a linear map, whose
+    partial sums the graph checks) or nodes of the graph. Where :func:`internal_size` reads the
+    inner values at x = 0 only, this bounds them at every input: an SLL layer of weight 1e18
+    computed W^T x = inf from x = 3.4e20, inside a certified radius of 1e30."""
+    growth = _registered(INTERNAL_GROWTHS, module)
+    return None if growth is None else growth(module, norm)
 
 
 def magnitude(value: object, norm: str) -> float:

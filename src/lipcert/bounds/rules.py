@@ -59,6 +59,7 @@ from lipcert.bounds.network import (
     matrix_operator_bound,
     module_bound,
     register_bound_rule,
+    register_internal_growth,
     register_internal_size,
     round_up,
     sqrt_up,
@@ -235,6 +236,20 @@ def _batch_norm_internal_size(module: nn.Module, x: Tensor, norm: str) -> float:
     scale = _batch_norm_scale(module)
     centred = x.detach().double() - module.running_mean.detach().double().view(shape)
     return magnitude(centred * scale.view(shape), norm)
+
+
+@register_internal_growth(
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+)  # fmt: skip
+def _batch_norm_internal_growth(module: nn.Module, norm: str) -> tuple[float, float] | None:
+    """x - mean, (x - mean) a and x a with a = |w| / sqrt(var + eps) per channel, whichever the
+    kernel forms: at most k (M + ||h||), k = max(1, max a), M = max |mean|; adding the bias (or
+    the folded b - mean a, a constant) gives the output."""
+    if module.running_mean is None:
+        return None  # refused by the bound rule
+    scale = max(1.0, float(_batch_norm_scale(module).max()))
+    return scale * float(module.running_mean.detach().abs().max()), scale
 
 
 def conv_bound(weight: Tensor, geometry: ConvGeometry, norm: str) -> float:

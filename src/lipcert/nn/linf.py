@@ -38,6 +38,7 @@ from lipcert.bounds.network import (
     UnsupportedNorm,
     magnitude,
     register_bound_rule,
+    register_internal_growth,
     register_internal_size,
 )
 from lipcert.bounds.operator import rounding_safety
@@ -285,6 +286,20 @@ def _distances_internal_size(module: nn.Module, x: Tensor, norm: str) -> float:
     with torch.no_grad():
         distances = biased_distances(x, module.weight, None, _layer_p(module))
     return magnitude(distances, norm)
+
+
+@register_internal_growth(LinfDist, PlainLinfDist)
+def _distances_internal_growth(module: nn.Module, norm: str) -> tuple[float, float]:
+    """|x_j - w_mj| <= ||h|| + max |w| (||h||_inf <= ||h|| in either norm); the distance, whose
+    powers :func:`lp_distance` takes of the differences scaled by their largest, is at most
+    n^(1/p) times that (:func:`distance_bound`), and the distance plus the bias at most max |b|
+    more; subtracting the shift gives the output. An exported layer may hold both, and they may
+    cancel: distances of 1.5e38 plus a bias of 2e38 are inf where the output, less a shift of
+    2e38, is not (a ``LinfDist`` refuses a bias beside its mean shift)."""
+    reach = distance_bound(module.weight.shape[1], _layer_p(module))
+    weight = float(module.weight.detach().abs().max()) if module.weight.numel() else 0.0
+    bias = 0.0 if module.bias is None else float(module.bias.detach().abs().max())
+    return reach * weight + bias, reach
 
 
 class Negate(LipschitzLayer, nn.Module):

@@ -22,6 +22,7 @@ from lipcert.bounds.network import (
     magnitude,
     module_bound,
     register_bound_rule,
+    register_internal_growth,
     register_internal_size,
 )
 from lipcert.bounds.operator import rounding_safety
@@ -83,6 +84,41 @@ def _residual_internal_size(module: nn.Module, x: Tensor, norm: str) -> float:
     with torch.no_grad():
         pre = inner(x)
     return magnitude(pre, norm) * module_bound(outer, norm, tuple(pre.shape[1:]))
+
+
+#: Relative slack over float64 sums of absolute values (n terms, n u64 relative at most).
+_SUM_SLACK = 1 + 2**-20
+
+
+def _abs_sum(tensor: Tensor | None) -> float:
+    """Sum of |entries| in float64, rounded up by :data:`_SUM_SLACK` (0 for None)."""
+    if tensor is None:
+        return 0.0
+    return float(tensor.detach().to(torch.float64).abs().sum()) * _SUM_SLACK
+
+
+def sll_internal_growth(kernel: Tensor, bias: Tensor | None, outer: Tensor) -> tuple[float, float]:
+    """(c, g) of :func:`lipcert.bounds.network.internal_growth` for x - B^T relu(A x + b), A the
+    Linear or convolution of ``kernel`` K, B that of ``outer``: with kappa = sum |K|, beta =
+    sum |B| (entrywise), c = max(1, beta) sum |b| and g = max(1, beta) kappa.
+
+    A partial sum of (A h)_i adds a subset of one row's terms: at most ||a_i||_2 ||h||_2 <= kappa
+    ||h||_2, or ||a_i||_1 ||h||_inf <= kappa ||h||_inf; the same bounds ||A h|| (the taps of a
+    convolution are shifts of norm <= 1, ||A||_2 <= sum_tap ||K_tap||_2 <= kappa). So u = A h + b
+    and relu(u) stay below sum |b| + kappa ||h||, entrywise and in norm, and a partial sum of
+    B^T relu(u) below beta ||relu(u)||. The output x - B^T relu(u) is the graph's own value."""
+    beta = max(1.0, _abs_sum(outer))
+    return beta * _abs_sum(bias), beta * _abs_sum(kernel)
+
+
+@register_internal_growth(Residual)
+def _residual_internal_growth(module: nn.Module, norm: str) -> tuple[float, float] | None:
+    """The SLL form kept whole (:func:`sll_internal_growth`); None for a residual traced
+    through."""
+    if not sll_form(module):
+        return None
+    inner, _, outer = module.branch
+    return sll_internal_growth(inner.weight, inner.bias, outer.weight)
 
 
 def _fold_error(kernel: Tensor, outer: Tensor, scales: Tensor) -> Tensor:

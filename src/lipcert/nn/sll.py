@@ -27,11 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from lipcert.bounds.network import internal_size, register_internal_size
+from lipcert.bounds.network import (
+    internal_size,
+    register_internal_growth,
+    register_internal_size,
+)
 from lipcert.nn.aol import as_kernel, margin_row_sums
 from lipcert.nn.constrained import _check_positive, check_input_shape
 from lipcert.nn.constraint import EvalCache, LipschitzLayer, plain_settings
-from lipcert.nn.residual import Residual, residual_bound
+from lipcert.nn.residual import Residual, residual_bound, sll_internal_growth
 from lipcert.precision import ieee_float32
 
 #: Range of log q kept below its maximum: q_j / q_i stays within e^(+-20), so T and its gradients
@@ -149,6 +153,14 @@ def _sll_internal_size(layer: nn.Module, x: Tensor, norm: str) -> float:
     """The pre-activation W^T x + b carried by the outer map, as for the exported layer (the
     same weights: :meth:`_SLL.folded`)."""
     return internal_size(layer.export(), x, norm)
+
+
+@register_internal_growth(_SLL)
+def _sll_internal_growth(layer: nn.Module, norm: str) -> tuple[float, float]:
+    """W^T x + b and B^T relu(.) with the weights the forward uses (:meth:`_SLL.folded`)."""
+    with torch.no_grad():
+        kernel, _, outer, _ = layer.folded()
+    return sll_internal_growth(kernel, layer.bias, outer)
 
 
 class SLLLinear(_SLL):
