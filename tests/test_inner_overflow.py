@@ -66,6 +66,21 @@ def _plain_linf_dist() -> nn.Module:
     return nn.Sequential(layer, _head([-1e-4, 1e-4], [1e35, -1e35]))
 
 
+def _l2_pool() -> nn.Module:
+    """sqrt(x^2 + 3e38) is ~1.7e19 near 0, but x^2 + 3e38 is inf from x = 6.3e18; certified at
+    0 with radius 1.3e19 before (each squared entry below the float max, not with eps added)."""
+    return nn.Sequential(
+        lnn.L2NormPool2d(None, eps=3e38), nn.Flatten(), _head([-1e-10, 1e-10], [1e30, -1e30])
+    )
+
+
+def _softplus() -> nn.Module:
+    """log1p(exp(x)) (threshold inf, the form the bound rule accepts) is ~x, but exp(x) is inf
+    from x = 88.7 in float32: the logits are (-inf, inf) at x = 100, certified at 0 with radius
+    1e6."""
+    return nn.Sequential(nn.Softplus(1.0, math.inf), _head([-1e-3, 1e-3], [1e3, -1e3]))
+
+
 CASES = {
     # name: (model, input shape, norm, the distance along the first axis (an image: the
     # constant direction) where the computed class flips)
@@ -73,6 +88,7 @@ CASES = {
     "Normalize": (_normalize, (2,), "l2", 1e38),
     "CayleyConv2d": (_cayley, (1, 32, 32), "l2", 2e37),
     "PlainLinfDist": (_plain_linf_dist, (1,), "linf", 1.5e38),
+    "L2NormPool2d": (_l2_pool, (1, 1, 1), "l2", 7e18),
 }
 
 
@@ -96,6 +112,11 @@ def _check_no_overflow_inside(model, shape, norm, flips_at):
 def test_no_inner_value_overflows_inside_a_certified_ball(name):
     build, shape, norm, flips_at = CASES[name]
     _check_no_overflow_inside(build().eval(), shape, norm, flips_at)
+
+
+@pytest.mark.xfail(strict=True, reason="exp(beta x) inside Softplus has no linear growth bound")
+def test_softplus_exp_does_not_overflow_inside_a_certified_ball():
+    _check_no_overflow_inside(_softplus().eval(), (1,), "l2", 100.0)
 
 
 def test_the_exported_sll_form_is_checked_too():

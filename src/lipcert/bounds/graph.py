@@ -1630,7 +1630,10 @@ def overflow_radius(ctx: _Context, magnitudes: dict[Node, float]) -> float:
     average pool, area interpolation) sums N times its output (a mean of 64 entries of 6e36,
     certified around 0 at 1.4e38, is NaN); a sum adds terms that cancel (4 a - 4 a, 4 a near
     the largest float, certified at 5e37 in l_inf, inf 1e37 away), and so can a linear map's
-    partial sums (:func:`_partial_sums_size`). 0 when some value overflows at every input; inf
+    partial sums (:func:`_partial_sums_size`). The p-th root's own argument, a sum of p-th
+    powers plus a constant (an l2 pool's eps), is the output entry to the power p: it stays
+    below T while the output is below T^(1/p) (sqrt(x^2 + 3e38) is inf from x = 6.3e18, where
+    the N-entry check alone certified 1.3e19). 0 when some value overflows at every input; inf
     when no operation grows with the input."""
     radius = math.inf
     for node in ctx.gm.graph.nodes:
@@ -1644,11 +1647,19 @@ def overflow_radius(ctx: _Context, magnitudes: dict[Node, float]) -> float:
         radius = min(radius, _room(ceiling, size, ctx.bounds[node]))
         radius = min(radius, _inner_room(ctx, node, magnitudes, ceiling))
         if node in ctx.roots:
-            source = next(a for a in node.all_input_nodes if ctx.is_dependent(a))
-            powers = ceiling / max(1, _entries(ctx.shapes[source]))
-            ceiling = powers ** (1 / ctx.roots[node])
-            radius = min(radius, _room(ceiling, magnitudes.get(source, 0.0), ctx.bounds[source]))
+            radius = min(radius, _root_room(ctx, node, magnitudes, ceiling))
     return radius
+
+
+def _root_room(ctx: _Context, node: Node, magnitudes: dict[Node, float], ceiling: float) -> float:
+    """The room a p-th root's sum of p-th powers leaves: each of the source's N entries below
+    (T / N)^(1/p), and the output entry, the p-th root of the whole sum (plus a constant: an l2
+    pool's eps), below T^(1/p) (see :func:`overflow_radius`)."""
+    source = next(a for a in node.all_input_nodes if ctx.is_dependent(a))
+    root = ctx.roots[node]
+    powers = (ceiling / max(1, _entries(ctx.shapes[source]))) ** (1 / root)
+    terms = _room(powers, magnitudes.get(source, 0.0), ctx.bounds[source])
+    return min(terms, _room(ceiling ** (1 / root), magnitudes.get(node, 0.0), ctx.bounds[node]))
 
 
 def _partial_sums_size(ctx: _Context, node: Node, magnitudes: dict[Node, float]) -> float:
