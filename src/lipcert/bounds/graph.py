@@ -94,6 +94,7 @@ from lipcert.bounds.network import (
     distrust_reason,
     has_bound_rule,
     hook_reason,
+    input_limit,
     internal_growth,
     internal_size,
     magnitude,
@@ -1646,6 +1647,7 @@ def overflow_radius(ctx: _Context, magnitudes: dict[Node, float]) -> float:
         size = _partial_sums_size(ctx, node, magnitudes)
         radius = min(radius, _room(ceiling, size, ctx.bounds[node]))
         radius = min(radius, _inner_room(ctx, node, magnitudes, ceiling))
+        radius = min(radius, _input_limit_room(ctx, node, magnitudes, ceiling))
         if node in ctx.roots:
             radius = min(radius, _root_room(ctx, node, magnitudes, ceiling))
     return radius
@@ -1685,19 +1687,43 @@ def _partial_sums_size(ctx: _Context, node: Node, magnitudes: dict[Node, float])
     return size
 
 
+def _node_module(ctx: _Context, node: Node) -> nn.Module | None:
+    """The module a node calls on its dependent first argument: a submodule, or the module of a
+    functional form (:data:`FUNCTIONAL_MODULES`); None for other nodes."""
+    if not node.args or not ctx.is_dependent(node.args[0]):
+        return None
+    if node.op == "call_module":
+        return ctx.gm.get_submodule(node.target)
+    if node.op == "call_function" and node.target in FUNCTIONAL_MODULES:
+        module_type, names = FUNCTIONAL_MODULES[node.target]
+        return module_type(**_named_arguments(ctx, node, names)).eval()
+    return None
+
+
 def _inner_room(ctx: _Context, node: Node, magnitudes: dict[Node, float], ceiling: float) -> float:
     """The room the values a module kept whole computes inside leave (:func:`internal_growth`,
     c + g ||h_a(x')|| <= c + g ||h_a(0)|| + g L_a ||x'||, a the module's input); inf for other
     nodes."""
-    if node.op != "call_module" or not node.args or not ctx.is_dependent(node.args[0]):
-        return math.inf
-    growth = internal_growth(ctx.gm.get_submodule(node.target), ctx.norm)
+    module = _node_module(ctx, node)
+    growth = None if module is None else internal_growth(module, ctx.norm)
     if growth is None:
         return math.inf
     offset, gain = growth
     source = node.args[0]
     size = offset + gain * magnitudes.get(source, 0.0) * (1 + 2**-50)
     return _room(ceiling, size, gain * ctx.bounds[source] * (1 + 2**-50))
+
+
+def _input_limit_room(
+    ctx: _Context, node: Node, magnitudes: dict[Node, float], ceiling: float
+) -> float:
+    """The room a module's :func:`input_limit` leaves its input a: ||h_a(0)|| + L_a ||x'|| below
+    the limit (an entry is at most the norm); inf for other nodes."""
+    module = _node_module(ctx, node)
+    if module is None:
+        return math.inf
+    source = node.args[0]
+    return _room(input_limit(module, ceiling), magnitudes.get(source, 0.0), ctx.bounds[source])
 
 
 def _room(ceiling: float, size_at_zero: float, bound: float) -> float:

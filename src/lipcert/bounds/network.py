@@ -64,6 +64,9 @@ INTERNAL_SIZES: dict[type[nn.Module], InternalSize] = {}
 #: Growth of the values a module computes inside (see :func:`internal_growth`).
 InternalGrowth = Callable[[nn.Module, str], "tuple[float, float] | None"]
 INTERNAL_GROWTHS: dict[type[nn.Module], InternalGrowth] = {}
+#: Largest input entry a module computes finitely from (see :func:`input_limit`).
+InputLimit = Callable[[nn.Module, float], float]
+INPUT_LIMITS: dict[type[nn.Module], InputLimit] = {}
 
 
 class UnsupportedNorm(TypeError):
@@ -129,6 +132,20 @@ def internal_growth(module: nn.Module, norm: str) -> tuple[float, float] | None:
     computed W^T x = inf from x = 3.4e20, inside a certified radius of 1e30."""
     growth = _registered(INTERNAL_GROWTHS, module)
     return None if growth is None else growth(module, norm)
+
+
+def register_input_limit(*module_types: type[nn.Module]) -> Callable:
+    """Register ``limit(module, ceiling) -> float`` for ``module_types`` (see
+    :func:`input_limit`)."""
+    return _registrar(INPUT_LIMITS, module_types)
+
+
+def input_limit(module: nn.Module, ceiling: float) -> float:
+    """The largest |entry| of its input below which every value ``module`` computes stays below
+    ``ceiling``, for modules whose inner values grow faster than any c + g ||h||
+    (:func:`internal_growth`): exp(beta x) inside ``Softplus``. inf for the others."""
+    limit = _registered(INPUT_LIMITS, module)
+    return math.inf if limit is None else limit(module, ceiling)
 
 
 def magnitude(value: object, norm: str) -> float:
