@@ -152,7 +152,8 @@ def test_ordinary_nets_keep_an_overflow_radius_far_beyond_their_inputs():
 
 @pytest.mark.parametrize("seed", range(5))
 def test_batch_norm_growth_bounds_the_values_its_kernels_may_form(seed):
-    """x - mean, (x - mean) a and x a (a = w / sqrt(var + eps)) stay below c + g ||h||."""
+    """x - mean times 1, |w|, 1 / sqrt(var + eps) or their product a, and x a, stay below
+    c + g ||h||."""
     torch.manual_seed(seed)
     norm = nn.BatchNorm1d(6).eval()
     with torch.no_grad():
@@ -160,9 +161,12 @@ def test_batch_norm_growth_bounds_the_values_its_kernels_may_form(seed):
         norm.running_var.copy_(torch.rand(6) * 10.0 ** torch.randint(-3, 4, (6,)))
         norm.weight.copy_(torch.randn(6) * 10)
     offset, gain = internal_growth(norm, "l2")
-    scale = norm.weight.double().abs() / (norm.running_var.double() + norm.eps).sqrt()
+    weight = norm.weight.double().abs()
+    inverse_std = (norm.running_var.double() + norm.eps).rsqrt()
+    scale = weight * inverse_std
     for _ in range(20):
         h = torch.randn(6, dtype=torch.float64) * 10.0 ** torch.randint(-3, 4, ()).item()
         centred = h - norm.running_mean.double()
-        largest = torch.cat([centred, centred * scale, h * scale]).abs().max()
+        forms = [centred, centred * weight, centred * inverse_std, centred * scale, h * scale]
+        largest = torch.cat(forms).abs().max()
         assert largest <= offset + gain * h.norm()

@@ -223,13 +223,19 @@ def _batch_norm_scale(module: nn.Module) -> Tensor:
     (float32(eps) added to a float32 var): a var of -float32(1e-5) + 2^-40 cancels there to
     2^-40, where the float64 sum is 2^-40 + 2.5e-13 (slope 1048576, bound 927631). After the
     sum the forward's roundings are relative, within the rounding allowance."""
-    var = module.running_var.detach()
-    types = {torch.float64, var.dtype, torch.promote_types(var.dtype, torch.float32)}
-    sums = [var.to(t) + torch.tensor(module.eps, dtype=t) for t in types]
-    scale = torch.stack([total.double() for total in sums]).amin(dim=0).rsqrt()
+    scale = _batch_norm_inverse_std(module)
     if module.weight is not None:
         scale = scale * module.weight.detach().double().abs()
     return scale
+
+
+def _batch_norm_inverse_std(module: nn.Module) -> Tensor:
+    """1 / sqrt(var + eps) per channel (float64), at the smallest sum (see
+    :func:`_batch_norm_scale`)."""
+    var = module.running_var.detach()
+    types = {torch.float64, var.dtype, torch.promote_types(var.dtype, torch.float32)}
+    sums = [var.to(t) + torch.tensor(module.eps, dtype=t) for t in types]
+    return torch.stack([total.double() for total in sums]).amin(dim=0).rsqrt()
 
 
 @register_internal_size(
@@ -252,12 +258,16 @@ def _batch_norm_internal_size(module: nn.Module, x: Tensor, norm: str) -> float:
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
 )  # fmt: skip
 def _batch_norm_internal_growth(module: nn.Module, norm: str) -> tuple[float, float] | None:
-    """x - mean, (x - mean) a and x a with a = |w| / sqrt(var + eps) per channel, whichever the
-    kernel forms: at most k (M + ||h||), k = max(1, max a), M = max |mean|; adding the bias (or
-    the folded b - mean a, a constant) gives the output."""
+    """x - mean times any of 1, |w|, 1 / sqrt(var + eps) and their product a, or x a, whichever
+    the kernel forms (the CPU's folds x a + (b - mean a); a GPU kernel may form w (x - mean)
+    first): at most k (M + ||h||), k = max(1, max |w|, max 1 / sqrt(var + eps), max a),
+    M = max |mean|; adding the bias (or the folded constant) gives the output."""
     if module.running_mean is None:
         return None  # refused by the bound rule
-    scale = max(1.0, float(_batch_norm_scale(module).max()))
+    factors = [_batch_norm_scale(module).max(), _batch_norm_inverse_std(module).max()]
+    if module.weight is not None:
+        factors.append(module.weight.detach().abs().max())
+    scale = max(1.0, *(float(f) for f in factors))
     return scale * float(module.running_mean.detach().abs().max()), scale
 
 
