@@ -1646,8 +1646,9 @@ def overflow_radius(ctx: _Context, magnitudes: dict[Node, float]) -> float:
         ceiling = torch.finfo(dtype).max / OVERFLOW_MARGIN
         size = _partial_sums_size(ctx, node, magnitudes)
         radius = min(radius, _room(ceiling, size, ctx.bounds[node]))
-        radius = min(radius, _inner_room(ctx, node, magnitudes, ceiling))
-        radius = min(radius, _input_limit_room(ctx, node, magnitudes, ceiling))
+        module = _node_module(ctx, node)
+        if module is not None:
+            radius = min(radius, _module_room(ctx, node.args[0], module, magnitudes, ceiling))
         if node in ctx.roots:
             radius = min(radius, _root_room(ctx, node, magnitudes, ceiling))
     return radius
@@ -1700,30 +1701,21 @@ def _node_module(ctx: _Context, node: Node) -> nn.Module | None:
     return None
 
 
-def _inner_room(ctx: _Context, node: Node, magnitudes: dict[Node, float], ceiling: float) -> float:
-    """The room the values a module kept whole computes inside leave (:func:`internal_growth`,
-    c + g ||h_a(x')|| <= c + g ||h_a(0)|| + g L_a ||x'||, a the module's input); inf for other
-    nodes."""
-    module = _node_module(ctx, node)
-    growth = None if module is None else internal_growth(module, ctx.norm)
-    if growth is None:
-        return math.inf
-    offset, gain = growth
-    source = node.args[0]
-    size = offset + gain * magnitudes.get(source, 0.0) * (1 + 2**-50)
-    return _room(ceiling, size, gain * ctx.bounds[source] * (1 + 2**-50))
-
-
-def _input_limit_room(
-    ctx: _Context, node: Node, magnitudes: dict[Node, float], ceiling: float
+def _module_room(
+    ctx: _Context, source: Node, module: nn.Module, magnitudes: dict[Node, float], ceiling: float
 ) -> float:
-    """The room a module's :func:`input_limit` leaves its input a: ||h_a(0)|| + L_a ||x'|| below
-    the limit (an entry is at most the norm); inf for other nodes."""
-    module = _node_module(ctx, node)
-    if module is None:
-        return math.inf
-    source = node.args[0]
-    return _room(input_limit(module, ceiling), magnitudes.get(source, 0.0), ctx.bounds[source])
+    """The room the values ``module`` computes inside leave its input a (``source``): with
+    ||h_a(x')|| <= ||h_a(0)|| + L_a ||x'||, c + g ||h_a(x')|| below the ceiling
+    (:func:`internal_growth`) and ||h_a(x')|| below the module's :func:`input_limit` (an entry
+    is at most the norm)."""
+    size, bound = magnitudes.get(source, 0.0), ctx.bounds[source]
+    room = _room(input_limit(module, ceiling), size, bound)
+    growth = internal_growth(module, ctx.norm)
+    if growth is not None:
+        offset, gain = growth
+        slack = 1 + 2**-50  # the products' rounding, upward
+        room = min(room, _room(ceiling, offset + gain * size * slack, gain * bound * slack))
+    return room
 
 
 def _room(ceiling: float, size_at_zero: float, bound: float) -> float:
