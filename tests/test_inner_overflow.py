@@ -92,6 +92,22 @@ def _functional_softplus() -> nn.Module:
     return nn.Sequential(_SoftplusCall(), _head([-1e-3, 1e-3], [1e3, -1e3]))
 
 
+def _hardswish(activation: nn.Module) -> nn.Module:
+    """x * min(max(x + 3, 0), 6) / 6 is x above 3, but the product is inf from x = 5.7e37 in
+    float32; the zero weight of the head then gives NaN logits (class 0, where 0 is certified
+    class 1 with radius 1.13e38 before)."""
+    head = nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[0.0, 1e-3], [0.0, -1e-3]]))
+        head.bias.copy_(torch.tensor([0.0, 1e36]))
+    return nn.Sequential(activation, head)
+
+
+class _HardswishCall(nn.Module):
+    def forward(self, x):
+        return F.hardswish(x)
+
+
 CASES = {
     # name: (model, input shape, norm, the distance along the first axis (an image: the
     # constant direction) where the computed class flips)
@@ -102,6 +118,8 @@ CASES = {
     "L2NormPool2d": (_l2_pool, (1, 1, 1), "l2", 7e18),
     "Softplus": (_softplus, (1,), "l2", 100.0),
     "F.softplus": (_functional_softplus, (1,), "l2", 100.0),
+    "Hardswish": (lambda: _hardswish(nn.Hardswish()), (2,), "l2", 6e37),
+    "F.hardswish": (lambda: _hardswish(_HardswishCall()), (2,), "l2", 6e37),
 }
 
 
