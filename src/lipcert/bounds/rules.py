@@ -174,11 +174,11 @@ def _softplus_input_limit(module: nn.Module, ceiling: float) -> float:
 
 @register_internal_growth(nn.Hardswish)
 def _hardswish_internal_growth(module: nn.Module, norm: str) -> tuple[float, float]:
-    """(0, 6): torch (CPU and CUDA kernels) computes x * min(max(x + 3, 0), 6) before dividing
-    by 6, a product of at most 6 |x| <= 6 ||h||, inf from x = 5.7e37 in float32 and bfloat16
-    where the output, x, is not (certified at 0 with radius 1.13e38 before, NaN logits at
-    6e37)."""
-    return 0.0, 6.0
+    """(3, 6): torch (CPU and CUDA kernels) computes x * min(max(x + 3, 0), 6) before dividing
+    by 6: x + 3 is at most 3 + ||h||, the product at most 6 |x| <= 6 ||h||. The product is inf
+    from x = 5.7e37 in float32 and bfloat16 where the output, x, is not (certified at 0 with
+    radius 1.13e38 before, NaN logits at 6e37)."""
+    return 3.0, 6.0
 
 
 @register_bound_rule(nn.GELU)
