@@ -105,8 +105,9 @@ def sll_internal_growth(kernel: Tensor, bias: Tensor | None, outer: Tensor) -> t
     A partial sum of (A h)_i adds a subset of one row's terms: at most ||a_i||_2 ||h||_2 <= kappa
     ||h||_2, or ||a_i||_1 ||h||_inf <= kappa ||h||_inf; the same bounds ||A h|| (the taps of a
     convolution are shifts of norm <= 1, ||A||_2 <= sum_tap ||K_tap||_2 <= kappa). So u = A h + b
-    and relu(u) stay below sum |b| + kappa ||h||, entrywise and in norm, and a partial sum of
-    B^T relu(u) below beta ||relu(u)||. The output x - B^T relu(u) is the graph's own value."""
+    and relu(u) stay below sum |b| + kappa ||h|| entrywise (the bias broadcast over a grid
+    included), and a partial sum of B^T relu(u) below sum |B_ij| |relu(u)_j| <= beta max_j
+    |u_j|, in either norm. The output x - B^T relu(u) is the graph's own value."""
     beta = max(1.0, _abs_sum(outer))
     return beta * _abs_sum(bias), beta * _abs_sum(kernel)
 
