@@ -43,7 +43,7 @@ def _sll() -> nn.Module:
 
 def _normalize() -> nn.Module:
     """(x + 3e38) / 1e30 is ~3e8 near 0, but x + 3e38 is inf from x = 4e37; the zero weight of
-    the head then gives NaN logits (class 0, where 0 is certified class 1)."""
+    the head then gives NaN logits (argmax 0, where the certified class is 1)."""
     head = nn.Linear(2, 2)
     with torch.no_grad():
         head.weight.copy_(torch.tensor([[0.0, 1e-3], [0.0, -1e-3]]))
