@@ -852,10 +852,16 @@ FUNCTIONAL_MODULES: dict[Any, tuple[type[nn.Module], tuple[str, ...]]] = {
 @_rule(*FUNCTIONAL_MODULES)
 def _as_module(ctx: _Context, node: Node) -> Step:
     """The rule of the equivalent module, built from the call's arguments."""
-    module_type, names = FUNCTIONAL_MODULES[node.target]
-    module = module_type(**_named_arguments(ctx, node, names)).eval()
+    module = _functional_module(ctx, node)
     input_shape = ctx.sample_shape(node.args[0])
     return _unary(ctx, node, module_bound(module, ctx.norm, input_shape), output_root(module))
+
+
+def _functional_module(ctx: _Context, node: Node) -> nn.Module:
+    """The module (eval mode) of a call of a :data:`FUNCTIONAL_MODULES` function, built from the
+    call's constant arguments."""
+    module_type, names = FUNCTIONAL_MODULES[node.target]
+    return module_type(**_named_arguments(ctx, node, names)).eval()
 
 
 def _named_arguments(ctx: _Context, node: Node, names: tuple[str, ...]) -> dict[str, Any]:
@@ -1681,7 +1687,7 @@ def _partial_sums_size(ctx: _Context, node: Node, magnitudes: dict[Node, float])
     output = magnitudes.get(node, 0.0)
     size, bound = output, ctx.bounds[node]
     for source in node.all_input_nodes:
-        source_bound = ctx.bounds.get(source, 0.0) if ctx.is_dependent(source) else 0.0
+        source_bound = ctx.bound(source)
         if source_bound > 0:
             map_norm = bound / source_bound * (1 + 2**-50)  # the division's rounding, upward
             size = max(size, output + 2 * map_norm * magnitudes.get(source, 0.0))
@@ -1696,8 +1702,7 @@ def _node_module(ctx: _Context, node: Node) -> nn.Module | None:
     if node.op == "call_module":
         return ctx.gm.get_submodule(node.target)
     if node.op == "call_function" and node.target in FUNCTIONAL_MODULES:
-        module_type, names = FUNCTIONAL_MODULES[node.target]
-        return module_type(**_named_arguments(ctx, node, names)).eval()
+        return _functional_module(ctx, node)
     return None
 
 
