@@ -337,11 +337,18 @@ def test_correlation_sums_backward_twice_with_retain_graph_gives_the_same_gradie
     torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
-def test_correlation_sums_under_vmap_over_kernels_equal_one_kernel_at_a_time():
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("kernel_size", [(3, 3), (3, 2), (1, 1)])
+def test_correlation_sums_under_vmap_over_kernels_equal_one_kernel_at_a_time(
+    transposed, kernel_size
+):
     """Under vmap the forward and backward allocate their results (no ``out=`` rules there);
-    outside they write into buffers: both paths give the same sums and gradients."""
+    outside they write into buffers: both paths give the same sums and gradients, for kernels
+    and for channel-transposed views (read in the layout of the tensor they view)."""
     torch.manual_seed(0)
-    kernels = torch.randn(4, 5, 3, 3, 3, dtype=torch.float64)
+    kernels = torch.randn(4, 5, 3, *kernel_size, dtype=torch.float64)
+    if transposed:
+        kernels = torch.randn(4, 3, 5, *kernel_size, dtype=torch.float64).transpose(1, 2)
     weights = torch.rand(3, 3, dtype=torch.float64)
 
     def loss(kernel: torch.Tensor) -> torch.Tensor:
@@ -547,9 +554,9 @@ def test_power_of_two_prescaling_keeps_the_bits_of_ordinary_kernels():
     for shape in [(8, 6, 3, 3), (8, 6, 5, 5), (8, 6, 1, 1)]:
         kernel = 0.1 * torch.randn(shape)
         sums_of, gradient = correlation._scheme(kernel)
-        unscaled, evaluations, signs = sums_of(kernel)
+        unscaled, values, signs = sums_of(kernel, False)
         weights = torch.rand_like(unscaled)
-        expected = gradient(weights, evaluations, signs, kernel.shape)
+        expected = gradient(weights, values, signs, False, shape[2:]).view(shape)
         kernel.requires_grad_()
         sums = abs_correlation_sums(kernel)
         (sums * weights).sum().backward()

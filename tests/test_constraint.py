@@ -172,3 +172,55 @@ def test_a_layer_whose_constraint_was_removed_is_refused_by_name(leave_parametri
         lipschitz_upper_bound(torch.nn.Sequential(layer), (3, 5, 5))
     plain = layer.export()
     assert lipschitz_upper_bound(plain, (3, 5, 5)) >= max_jacobian_norm(plain, (3, 5, 5))
+
+
+def _aol_net() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        lnn.AOLConv2d(3, 8, 3),
+        torch.nn.ReLU(),
+        lnn.AOLConv2d(8, 4, 3, rescale="auto"),
+        torch.nn.Flatten(),
+        lnn.SpectralLinear(4 * 6 * 6, 5),
+        lnn.OrthoLinear(5, 5),
+    )
+
+
+def test_precomputed_weights_change_when_the_weights_are_computed_not_their_bits():
+    """The outputs and every parameter's gradient with the weights computed before the forward
+    equal those computed layer by layer, bit for bit, each weight computed once."""
+    torch.manual_seed(0)
+    net = _aol_net().train()
+    x = torch.randn(4, 3, 6, 6)
+    out = net(x)
+    out.square().sum().backward()
+    expected = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    constraints = [m.parametrizations.weight[0] for m in net if parametrize.is_parametrized(m)]
+    calls = []
+    hooks = [c.register_forward_hook(lambda *_: calls.append(1)) for c in constraints]
+    with lnn.precomputed_weights(net):
+        assert len(calls) == len(constraints)  # before the forward
+        again = net(x)
+    again.square().sum().backward()
+    for hook in hooks:
+        hook.remove()
+    assert len(calls) == len(constraints)  # the forward reused them
+    assert torch.equal(again, out)
+    assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), expected, strict=True))
+
+
+def test_precomputed_weights_leave_plain_models_and_later_steps_alone():
+    """A model without parametrizations runs as it is; after the block every weight is computed
+    afresh again, so the next step sees the optimizer's update."""
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(3, 2)
+    with lnn.precomputed_weights(plain):
+        plain(torch.randn(1, 3)).sum().backward()
+    assert plain.weight.grad is not None
+    net = _aol_net().train()
+    x = torch.randn(2, 3, 6, 6)
+    with lnn.precomputed_weights(net):
+        net(x).sum().backward()
+    before = net[0].weight.detach().clone()
+    torch.optim.SGD(net.parameters(), lr=1.0).step()
+    assert not torch.equal(net[0].weight, before)

@@ -55,7 +55,7 @@ from lipcert.data import Dataset, Split, load_dataset, random_crop, random_flip
 from lipcert.finite import first_nonfinite
 from lipcert.lmt import LMTTrainingLoss
 from lipcert.models import build_model
-from lipcert.nn import retract_after_steps
+from lipcert.nn import precomputed_weights, retract_after_steps
 from lipcert.outputs import check_output_folder, output_file
 
 CHECKPOINT_NAME = "last.safetensors"
@@ -339,7 +339,7 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, data, config, epoch, d
     for step, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         set_progress(scheduled, (epoch * steps + step) / (config.epochs * steps))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with precomputed_weights(model), torch.autocast(device.type, torch.bfloat16, enabled=amp):
             logits = model(x)
         _check_finite(logits, "the logits", epoch, step, ckpt)
         loss = loss_fn(logits.float(), y)

@@ -4,10 +4,13 @@ One process, 2 threads, batch 64 (``--batch``), input 3x32x32, on the CPU (``--d
 the GPU, each timed call followed by a device synchronization). Net: conv(3->64) act
 conv(64->64) act PixelUnshuffle(2) conv(256->128) act conv(128->128) act global-avg-pool
 linear(128->10); the convolutions 3x3 "same" (``--kernel-size``: any odd size).
-Train steps (forward + backward + SGD step) and eval forwards (no_grad, eval mode) of plain
-Conv2d + ReLU, each lipcert family before and after ``export``, and the peers (deel-torchlip,
-orthogonium) when installed, timed in 7 interleaved rounds (each round times every net once, in
-turn). Ratios are to the plain net: the median over rounds of the ratio within a round.
+Train steps (forward + backward + SGD step, the forward inside
+:func:`lipcert.nn.precomputed_weights` as in ``lipcert.train``, which computes every
+parametrized weight before it: a no-op for plain layers) and eval forwards (no_grad, eval mode)
+of plain Conv2d + ReLU, each lipcert family before and after ``export``, and the peers
+(deel-torchlip, orthogonium) when installed, timed in 7 interleaved rounds (each round times
+every net once, in turn). Ratios are to the plain net: the median over rounds of the ratio
+within a round.
 lipcert nets use the family's layers, a 1-Lipschitz activation (ReLU, the plain net's, to isolate
 the layers' cost; or MaxMin, gradient-norm preserving) and ScaledAvgPool2d + a constrained head.
 "AOLConv2d(auto)" rescales the output channels where out < in (conv(256->128)), the cheaper side.
@@ -131,7 +134,9 @@ def _train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[]
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss_fn(net(x), y).backward()
+        with lnn.precomputed_weights(net):  # as lipcert.train does; a no-op for plain layers
+            loss = loss_fn(net(x), y)
+        loss.backward()
         opt.step()
 
     return step

@@ -8,7 +8,13 @@ Every layer is 1-Lipschitz by construction (l2 unless it says otherwise), implem
 from lipcert.nn.activations import GroupSort, MaxMin, get_activation
 from lipcert.nn.aol import AOLConv2d, AOLLinear
 from lipcert.nn.cayley import CayleyConv2d
-from lipcert.nn.constraint import EvalCache, LipschitzLayer, WeightConstraint, clear_caches
+from lipcert.nn.constraint import (
+    EvalCache,
+    LipschitzLayer,
+    WeightConstraint,
+    clear_caches,
+    precomputed_weights,
+)
 from lipcert.nn.head import RowNormLinear
 from lipcert.nn.linf import LinfDist
 from lipcert.nn.orthogonal import OrthoLinear, retract_, retract_after_steps
@@ -39,6 +45,7 @@ __all__ = [
     "WeightConstraint",
     "clear_caches",
     "get_activation",
+    "precomputed_weights",
     "retract_",
     "retract_after_steps",
 ]

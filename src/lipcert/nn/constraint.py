@@ -23,7 +23,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -164,6 +165,30 @@ def original(module: nn.Module, name: str = "weight") -> Tensor:
     if parametrize.is_parametrized(module, name):
         return getattr(module.parametrizations, name).original
     return getattr(module, name)
+
+
+@contextmanager
+def precomputed_weights(model: nn.Module) -> Iterator[None]:
+    """Compute every parametrized tensor of ``model`` once, back to back, and hand it out for
+    the duration of the context (``torch.nn.utils.parametrize.cached``): wrap a training
+    step's forward in it.
+
+    The values and gradients are the ones the forward computes without it, bit for bit; what
+    changes is when. A layer otherwise computes its constrained weight right before its
+    forward, between two convolutions, whose data have by then pushed its code and data out of
+    the CPU's caches (the benchmark net's five AOL weights: 5.5 ms inside a step against 2.7 ms
+    back to back), and the backward runs each constraint's gradient right after its layer's
+    (the autograd engine runs the ready node created last first). Computed before the forward,
+    the weights come back to back, and so do their gradients, at the end of the backward. The
+    benchmark's AOL train step (``lipcert bench layers``): 1.091x -> 1.064x the plain net (21
+    interleaved rounds, one run).
+    """
+    with parametrize.cached():
+        for module in model.modules():
+            if parametrize.is_parametrized(module):
+                for name in module.parametrizations:
+                    getattr(module, name)
+        yield
 
 
 def clear_caches(model: nn.Module) -> None:

@@ -164,10 +164,58 @@ def _part(buffer: Tensor | None, rows: slice) -> Tensor | None:
     return None if buffer is None else buffer[rows]
 
 
-def _add_products(total: Tensor, a: Tensor, b: Tensor, alpha: float, in_place: bool) -> Tensor:
-    """total + alpha (a @ b), batched: into ``total`` where buffers may be written
-    (:func:`_writes_in_place`), else a new tensor (vmap has no batching rule for ``baddbmm_``,
-    and ``vmap(jacrev(...))`` refused it: its operands sit at different levels)."""
+def _stored(kernel: Tensor) -> tuple[Tensor, bool]:
+    """(base, flipped): ``kernel`` = base, or base.transpose(0, 1) when ``flipped``, that is when
+    ``kernel`` is the channel-transposed view of a contiguous tensor (AOL's output side, SLL).
+    The schemes read base as it lies in memory and write the gradient in its layout: the
+    transposed view was copied by the evaluation, and its gradient, returned transposed, was
+    added strided to the weight's other gradient. The benchmark's 256 -> 128 AOL weight
+    (output side), forward + backward, 2 threads, median of 41: 4.18 -> 3.66 ms."""
+    if not kernel.is_contiguous() and kernel.transpose(0, 1).is_contiguous():
+        return kernel.transpose(0, 1), True
+    return kernel, False
+
+
+def _evaluate(matrix: Tensor, base: Tensor) -> Tensor:
+    """``matrix`` (points, kh kw) applied to the taps of ``base`` (c_a, c_b, kh, kw): the
+    polynomial's values, (points, c_a, c_b), one product reading base as it lies in memory."""
+    c_a, c_b = base.shape[:2]
+    return torch.mm(matrix, base.reshape(c_a * c_b, -1).T).view(-1, c_a, c_b)
+
+
+def _evaluation_adjoint(matrix: Tensor, grads: Tensor, kernel_size: torch.Size) -> Tensor:
+    """The adjoint of :func:`_evaluate`: dL/d(base), (c_a, c_b, kh, kw), from dL/d(values)
+    ``grads``, (points, c_a, c_b). One product into (kh kw, c_a c_b), returned as a view: the
+    product into base's layout took 4.4x longer (0.92 against 0.21 ms for 256 x 128 3 x 3),
+    and so did a transposed copy, against 0.08 ms for the strided sum it leaves to the
+    gradient's accumulation."""
+    c_a, c_b = grads.shape[1:]
+    flat = torch.mm(matrix.T, grads.flatten(1))
+    return flat.view(*kernel_size, c_a, c_b).permute(2, 3, 0, 1)
+
+
+def _gram_view(values: Tensor, flipped: bool) -> Tensor:
+    """The Gram kernel's matrices (c_out x c_in) among the values of base: themselves, or their
+    transposes when ``flipped``."""
+    return values.mT if flipped else values
+
+
+def _product(a: Tensor, b: Tensor, flipped: bool, out: Tensor | None = None) -> Tensor:
+    """a @ b (batched) of Gram-kernel matrices, as base lays them out: itself, or when
+    ``flipped`` its transpose b^T a^T, so that the gradients land in base's layout."""
+    if flipped:
+        return torch.bmm(b.mT, a.mT, out=out)
+    return torch.bmm(a, b, out=out)
+
+
+def _add_product(
+    total: Tensor, a: Tensor, b: Tensor, alpha: float, flipped: bool, in_place: bool
+) -> Tensor:
+    """total + alpha (a @ b) in :func:`_product`'s layout: into ``total`` where buffers may be
+    written (:func:`_writes_in_place`), else a new tensor (vmap has no batching rule for
+    ``baddbmm_``, and ``vmap(jacrev(...))`` refused it: its operands sit at different levels)."""
+    if flipped:
+        a, b = b.mT, a.mT
     if in_place:
         return total.baddbmm_(a, b, alpha=alpha)
     return torch.baddbmm(total, a, b, alpha=alpha)
@@ -185,15 +233,15 @@ def _sums_of_correlations(corr: Tensor, signs_out: Tensor | None) -> tuple[Tenso
     return corr[0] + half + half.mT, signs
 
 
-def _dense_sums(kernel: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _dense_sums(base: Tensor, flipped: bool) -> tuple[Tensor, Tensor, Tensor]:
     """A 1 x 1 kernel (a dense layer): corr = K^T K, one offset, one product."""
-    c_out, c_in = kernel.shape[:2]
-    evaluations = kernel.reshape(1, c_out, c_in)
-    corr = torch.bmm(evaluations.mT, evaluations)
-    return corr.abs().sum(dim=0), evaluations, corr.sign()
+    values = base.reshape(1, *base.shape[:2])
+    kernel = _gram_view(values, flipped)
+    corr = torch.bmm(kernel.mT, kernel)
+    return corr.abs().sum(dim=0), values, corr.sign()
 
 
-def _real_point_sums(kernel: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _real_point_sums(base: Tensor, flipped: bool) -> tuple[Tensor, Tensor, Tensor]:
     """A 3 x 3 kernel at the 25 real points of :func:`_real_point_matrices`.
 
     The evaluations [U_0 = K(1, 1); U_k = K(z_k) (12); V_k = K(1/z_k) (12)] (one product with
@@ -202,28 +250,28 @@ def _real_point_sums(kernel: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Multiply-adds per channel triple (i, j, o): 13 forward, 25 backward (the Fourier scheme: 37
     and 49).
     """
-    c_out, c_in = kernel.shape[:2]
-    evaluate, interpolate = _real_point_matrices(kernel.device, kernel.dtype)
+    evaluate, interpolate = _real_point_matrices(base.device, base.dtype)
     m = len(interpolate)
-    flat = kernel.permute(2, 3, 0, 1).reshape(9, c_out * c_in)
-    evaluations = (evaluate @ flat).view(-1, c_out, c_in)
+    values = _evaluate(evaluate, base)
+    evaluations = _gram_view(values, flipped)
+    c_in = evaluations.shape[-1]
     points, inverses = evaluations[:m], evaluations[m:]
-    in_place = _writes_in_place(kernel)
-    buffer = kernel.new_empty(2 * m - 1, c_in, c_in) if in_place else None  # [C; C^T], signs
+    in_place = _writes_in_place(base)
+    buffer = base.new_empty(2 * m - 1, c_in, c_in) if in_place else None  # [C; C^T], signs
     centre = torch.bmm(points[:1].mT, points[:1], out=_part(buffer, slice(0, 1)))
     pairs = torch.bmm(points[1:].mT, inverses, out=_part(buffer, slice(1, m)))
     if in_place:
         buffer[m:] = pairs.mT
-        values = buffer
+        stacked = buffer
     else:
-        values = torch.cat([centre, pairs, pairs.mT])
-    corr_out = kernel.new_empty(m, c_in * c_in) if in_place else None
-    corr = torch.mm(interpolate, values.flatten(1), out=corr_out).view(m, c_in, c_in)
+        stacked = torch.cat([centre, pairs, pairs.mT])
+    corr_out = base.new_empty(m, c_in * c_in) if in_place else None
+    corr = torch.mm(interpolate, stacked.flatten(1), out=corr_out).view(m, c_in, c_in)
     sums, signs = _sums_of_correlations(corr, _part(buffer, slice(0, m)))
-    return sums, evaluations, signs
+    return sums, values, signs
 
 
-def _fourier_sums(kernel: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _fourier_sums(base: Tensor, flipped: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Any kernel size, at the m frequencies of :func:`_fourier_matrices`.
 
     The symbols K^(w) = A + iB (c_out x c_in, real parts; one product with the DFT matrix); the
@@ -231,29 +279,31 @@ def _fourier_sums(kernel: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Q = X - X^T, X = A^T B (three batched products, counting A^T A + B^T B as two); corr(d) for
     d in {0} + H by the inverse DFT (one product).
     """
-    c_out, c_in, kh, kw = kernel.shape
-    dft, inverse, m = _fourier_matrices(kh, kw, kernel.device, kernel.dtype)
-    flat = kernel.permute(2, 3, 0, 1).reshape(kh * kw, c_out * c_in)
-    symbols = (dft @ flat).view(-1, c_out, c_in)  # [A (m); B (m - 1)]
+    kh, kw = base.shape[2:]
+    dft, inverse, m = _fourier_matrices(kh, kw, base.device, base.dtype)
+    values = _evaluate(dft, base)
+    symbols = _gram_view(values, flipped)  # [A (m); B (m - 1)]
+    c_in = symbols.shape[-1]
     real, imag = symbols[:m], symbols[m:]
-    in_place = _writes_in_place(kernel)
-    parts = kernel.new_empty(len(symbols), c_in, c_in) if in_place else None  # [P; Q]
-    spatial = kernel.new_empty(m, c_in, c_in) if in_place else None  # X, then corr
+    in_place = _writes_in_place(base)
+    parts = base.new_empty(len(symbols), c_in, c_in) if in_place else None  # [P; Q]
+    spatial = base.new_empty(m, c_in, c_in) if in_place else None  # X, then corr
     cross = torch.bmm(real[1:].mT, imag, out=_part(spatial, slice(0, m - 1)))  # X
     gram = torch.bmm(real.mT, real, out=_part(parts, slice(0, m)))
-    gram_tail = _add_products(gram[1:], imag.mT, imag, 1.0, in_place)  # P, w != 0
+    gram_tail = _add_product(gram[1:], imag.mT, imag, 1.0, False, in_place)  # P, w != 0
     skew = torch.sub(cross, cross.mT, out=_part(parts, slice(m, None)))  # Q
     stacked = parts if in_place else torch.cat([gram[:1], gram_tail, skew])
     corr_out = None if spatial is None else spatial.flatten(1)
     corr = torch.mm(inverse[:m], stacked.flatten(1), out=corr_out).view(m, c_in, c_in)
     sums, signs = _sums_of_correlations(corr, _part(parts, slice(0, m)))
-    return sums, symbols, signs
+    return sums, values, signs
 
 
 class _AbsCorrelationSums(torch.autograd.Function):
     """:func:`abs_correlation_sums`: the forward of the kernel's scheme (module docstring:
     :func:`_dense_sums`, :func:`_real_point_sums`, :func:`_fourier_sums`) returns the sums, the
-    evaluations of K it multiplied (saved for the backward) and the signs of [C_0; corr(H)].
+    values of K it multiplied (saved for the backward), the signs of [C_0; corr(H)] and the
+    power of two the kernel was divided by.
 
     Backward: dL/dcorr(d) = sign(corr(d)) G for d in H, with G = g + g^T, and sign(C_0) G / 2
     through C_0, then the adjoints of the scheme's interpolation, products and evaluation
@@ -270,82 +320,87 @@ class _AbsCorrelationSums(torch.autograd.Function):
     Memory: outside function transforms the intermediate results go into buffers, one of which
     keeps the signs for the backward, in the kernel's dtype so that the backward reads them as
     they are. Fresh memory costs page faults (1.4 us per 4 KiB page measured here, as much as
-    the arithmetic on it).
+    the arithmetic on it). A channel-transposed kernel is read, and its gradient written, in
+    the layout of the tensor it views (:func:`_stored`).
     vmap: generated from the operations.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(kernel: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        sums_of, _ = _scheme(kernel)
-        scale = power_of_two_scale(kernel)  # exact; the sums are homogeneous of degree 2
-        sums, evaluations, signs = sums_of(kernel / scale)
-        return sums * scale * scale, evaluations, signs
+    def forward(kernel: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        base, flipped = _stored(kernel)
+        sums_of, _ = _scheme(base)
+        scale = power_of_two_scale(base)  # exact; the sums are homogeneous of degree 2
+        sums, values, signs = sums_of(base / scale, flipped)
+        return sums * (scale * scale), values, signs, scale
 
     @staticmethod
-    def setup_context(ctx, inputs: tuple[Tensor], output: tuple[Tensor, Tensor, Tensor]) -> None:
-        _, evaluations, signs = output
-        ctx.save_for_backward(inputs[0], evaluations, signs)
-        ctx.mark_non_differentiable(evaluations, signs)
-        ctx.set_materialize_grads(False)  # no zero-filled gradients for evaluations and signs
+    def setup_context(ctx, inputs: tuple[Tensor], output: tuple[Tensor, ...]) -> None:
+        _, values, signs, scale = output
+        ctx.save_for_backward(inputs[0], values, signs, scale)
+        ctx.mark_non_differentiable(values, signs, scale)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the other outputs
 
     @staticmethod
     def backward(ctx, grad: Tensor | None, *_unused: Tensor | None) -> Tensor | None:
         if grad is None:
             return None
-        kernel, evaluations, signs = ctx.saved_tensors
-        _, gradient = _scheme(kernel)
+        kernel, values, signs, scale = ctx.saved_tensors
+        base, flipped = _stored(kernel)
+        _, gradient = _scheme(base)
         with torch.no_grad(), autocast_off(grad.device):  # a backward run inside autocast
-            scaled = gradient(grad, evaluations, signs, kernel.shape)  # at kernel / scale
-            result = scaled * power_of_two_scale(kernel)  # the gradient: degree 1
+            scaled = gradient(grad, values, signs, flipped, base.shape[2:])  # at base / scale
+            result = scaled.mul_(scale) if _writes_in_place(grad) else scaled * scale  # degree 1
+        if flipped:
+            result = result.transpose(0, 1)
         if torch.is_grad_enabled():  # create_graph: a second derivative must raise, not read 0
             return _DifferentiableOnce.apply(result, kernel, grad)
         return result
 
 
 def _dense_gradient(
-    grad: Tensor, evaluations: Tensor, signs: Tensor, kernel_shape: torch.Size
+    grad: Tensor, values: Tensor, signs: Tensor, flipped: bool, kernel_size: torch.Size
 ) -> Tensor:
     """dL/dK of :func:`_dense_sums` from ``grad`` = dL/d(sums): K (dL/dcorr + dL/dcorr^T)."""
     per_offset = signs * grad  # dL/dcorr, corr = K^T K
-    return torch.bmm(evaluations, per_offset + per_offset.mT).view(kernel_shape)
+    product = _product(_gram_view(values, flipped), per_offset + per_offset.mT, flipped)
+    return product.view(*values.shape[1:], *kernel_size)
 
 
 def _real_point_gradient(
-    grad: Tensor, evaluations: Tensor, signs: Tensor, kernel_shape: torch.Size
+    grad: Tensor, values: Tensor, signs: Tensor, flipped: bool, kernel_size: torch.Size
 ) -> Tensor:
-    """dL/dK of :func:`_real_point_sums` from ``grad`` = dL/d(sums) and the saved evaluations and
+    """dL/dK of :func:`_real_point_sums` from ``grad`` = dL/d(sums) and the saved values and
     signs: dL/dcorr by :class:`_AbsCorrelationSums`; dL/d[C; C^T] by the adjoint of the
     interpolation (one product), D_k = dL/dC_k = its rows k and (k + 12)^T; dL/dU_0 =
     U_0 (D_0 + D_0^T), dL/dU_k = V_k D_k^T, dL/dV_k = U_k D_k (25 batched products); dL/dK by the
     adjoint of the evaluation (one product)."""
-    c_out, c_in = kernel_shape[:2]
     evaluate, interpolate = _real_point_matrices(grad.device, grad.dtype)
-    m = len(interpolate)
+    m, c_in = len(interpolate), grad.shape[-1]
     in_place = _writes_in_place(grad)
     per_offset = signs * (grad + grad.mT)  # dL/dcorr(d), d in H; twice that of corr(0)
     per_offset[0] = per_offset[0] / 2
-    values = (interpolate.T @ per_offset.flatten(1)).view(2 * m - 1, c_in, c_in)
+    stacked = (interpolate.T @ per_offset.flatten(1)).view(2 * m - 1, c_in, c_in)
     if in_place:
-        products = values[:m]
-        products[1:] += values[m:].mT
+        products = stacked[:m]
+        products[1:] += stacked[m:].mT
     else:
-        products = torch.cat([values[:1], values[1:m] + values[m:].mT])  # D
+        products = torch.cat([stacked[:1], stacked[1:m] + stacked[m:].mT])  # D
+    evaluations = _gram_view(values, flipped)
     points, inverses = evaluations[:m], evaluations[m:]
-    grads = evaluations.new_empty(evaluations.shape) if in_place else None
+    grads = values.new_empty(values.shape) if in_place else None
     centre = products[:1] + products[:1].mT
-    grad_centre = torch.bmm(points[:1], centre, out=_part(grads, slice(0, 1)))
-    grad_points = torch.bmm(inverses, products[1:].mT, out=_part(grads, slice(1, m)))
-    grad_inverses = torch.bmm(points[1:], products[1:], out=_part(grads, slice(m, None)))
+    grad_centre = _product(points[:1], centre, flipped, _part(grads, slice(0, 1)))
+    grad_points = _product(inverses, products[1:].mT, flipped, _part(grads, slice(1, m)))
+    grad_inverses = _product(points[1:], products[1:], flipped, _part(grads, slice(m, None)))
     if not in_place:
         grads = torch.cat([grad_centre, grad_points, grad_inverses])
-    flat = evaluate.T @ grads.flatten(1)  # (9, c_out c_in)
-    return flat.view(3, 3, c_out, c_in).permute(2, 3, 0, 1)
+    return _evaluation_adjoint(evaluate, grads, kernel_size)
 
 
 def _fourier_gradient(
-    grad: Tensor, symbols: Tensor, signs: Tensor, kernel_shape: torch.Size
+    grad: Tensor, values: Tensor, signs: Tensor, flipped: bool, kernel_size: torch.Size
 ) -> Tensor:
     """dL/dK of :func:`_fourier_sums` from ``grad`` = dL/d(sums) and the saved symbols and signs.
 
@@ -355,11 +410,10 @@ def _fourier_gradient(
     columns being even (P) or odd (Q) in d. Then dL/dA = A Hs - B dX, dL/dB = B Hs + A dX (four
     batched products) and dL/dK by the DFT's adjoint.
     """
-    c_out, c_in, kh, kw = kernel_shape
-    dft, inverse, m = _fourier_matrices(kh, kw, grad.device, grad.dtype)
+    dft, inverse, m = _fourier_matrices(*kernel_size, grad.device, grad.dtype)
     in_place = _writes_in_place(grad)
     both = grad + grad.mT  # G
-    per_offset = grad.new_empty(len(inverse), c_in, c_in) if in_place else None  # E(d), all d
+    per_offset = grad.new_empty(len(inverse), *grad.shape) if in_place else None  # E(d), all d
     half = torch.mul(signs, both, out=_part(per_offset, slice(0, m)))  # E(0), E(H)
     if in_place:
         per_offset[m:] = half[1:].mT  # E(-d) = E(d)^T
@@ -367,16 +421,16 @@ def _fourier_gradient(
         per_offset = torch.cat([half, half[1:].mT])
     adjoint = (inverse.T @ per_offset.flatten(1)).view(per_offset.shape)  # [Hs (m); dX (m - 1)]
     sym, skew = adjoint[:m], adjoint[m:]
+    symbols = _gram_view(values, flipped)
     real, imag = symbols[:m], symbols[m:]
-    grad_symbols = symbols.new_empty(symbols.shape) if in_place else None
-    grad_real = torch.bmm(real, sym, out=_part(grad_symbols, slice(0, m)))
-    real_tail = _add_products(grad_real[1:], imag, skew, -1.0, in_place)  # A Hs - B dX
-    grad_imag = torch.bmm(imag, sym[1:], out=_part(grad_symbols, slice(m, None)))
-    grad_imag = _add_products(grad_imag, real[1:], skew, 1.0, in_place)  # B Hs + A dX
+    grads = values.new_empty(values.shape) if in_place else None
+    grad_real = _product(real, sym, flipped, _part(grads, slice(0, m)))
+    real_tail = _add_product(grad_real[1:], imag, skew, -1.0, flipped, in_place)  # A Hs - B dX
+    grad_imag = _product(imag, sym[1:], flipped, _part(grads, slice(m, None)))
+    grad_imag = _add_product(grad_imag, real[1:], skew, 1.0, flipped, in_place)  # B Hs + A dX
     if not in_place:
-        grad_symbols = torch.cat([grad_real[:1], real_tail, grad_imag])
-    flat = dft.T @ grad_symbols.flatten(1)  # (kh kw, c_out c_in)
-    return flat.view(kh, kw, c_out, c_in).permute(2, 3, 0, 1)
+        grads = torch.cat([grad_real[:1], real_tail, grad_imag])
+    return _evaluation_adjoint(dft, grads, kernel_size)
 
 
 def _scheme(kernel: Tensor) -> tuple[Callable, Callable]:
