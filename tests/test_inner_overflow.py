@@ -19,6 +19,7 @@ import lipcert.nn as lnn
 from lipcert import certify
 from lipcert.bounds.network import internal_growth
 from lipcert.data.normalize import Normalize
+from lipcert.nn.cayley import _largest_frobenius_norm
 from lipcert.nn.linf import PlainLinfDist
 
 
@@ -188,3 +189,22 @@ def test_batch_norm_growth_bounds_the_values_its_kernels_may_form(seed):
         forms = [centred, centred * weight, centred * inverse_std, centred * scale, h * scale]
         largest = torch.cat(forms).abs().max()
         assert largest <= offset + gain * h.norm()
+
+
+@pytest.mark.parametrize(("channels", "grid"), [((4, 4), 8), ((3, 6), (6, 10)), ((6, 3), 5)])
+def test_cayley_growth_bounds_the_largest_frequency_norm_of_any_spectrum(channels, grid):
+    """The growth's s bounds max_w ||Q(w)||_2 of the Q the forward uses, here replaced by a
+    random one whose frequencies differ in norm by up to 1e6 (the Cayley transform's own Q is
+    unitary, where any norm of it is about 1); and it is a Frobenius bound, no looser than
+    sqrt(min(C_out, C_in)) times the largest norm."""
+    torch.manual_seed(0)
+    layer = lnn.CayleyConv2d(*channels, 3, grid).eval()
+    shape = (*layer.input_size[:1], layer.input_size[1] // 2 + 1, *channels)
+    scales = 10.0 ** (6 * torch.rand(shape[:2]))[..., None, None]
+    spectrum = torch.randn(shape, dtype=torch.complex64) * scales
+    layer._unitary = lambda cached: spectrum
+    exact = float(torch.linalg.matrix_norm(spectrum.to(torch.complex128), ord=2).amax())
+    bound = _largest_frobenius_norm(layer)
+    assert exact <= bound <= exact * min(channels) ** 0.5 * (1 + 1e-4)
+    _, gain = internal_growth(layer, "l2")
+    assert gain >= 2 * bound * math.prod(layer.input_size)
