@@ -174,39 +174,74 @@ def test_a_layer_whose_constraint_was_removed_is_refused_by_name(leave_parametri
     assert lipschitz_upper_bound(plain, (3, 5, 5)) >= max_jacobian_norm(plain, (3, 5, 5))
 
 
-def _aol_net() -> torch.nn.Module:
+def _constrained_net() -> torch.nn.Module:
     return torch.nn.Sequential(
         lnn.AOLConv2d(3, 8, 3),
         torch.nn.ReLU(),
-        lnn.AOLConv2d(8, 4, 3, rescale="auto"),
+        lnn.SLLConv2d(8, 8, 3),
+        lnn.CayleyConv2d(8, 4, 3, 6),
+        lnn.AOLConv2d(4, 4, 3, rescale="auto"),
         torch.nn.Flatten(),
         lnn.SpectralLinear(4 * 6 * 6, 5),
         lnn.OrthoLinear(5, 5),
+        lnn.SLLLinear(5, 7),
     )
+
+
+def _count_computations(net: torch.nn.Module) -> list[int]:
+    """Count every constrained value the layers of ``net`` compute: parametrizations, SLL's
+    folds, Cayley spectra."""
+    calls: list[int] = []
+    for module in net.modules():
+        if parametrize.is_parametrized(module):
+            module.parametrizations.weight[0].register_forward_hook(lambda *_: calls.append(1))
+        for name in ("_fold_all", "_fresh_unitary"):
+            method = getattr(module, name, None)
+            if method is not None:
+                setattr(module, name, lambda method=method: calls.append(1) or method())
+    return calls
 
 
 def test_precomputed_weights_change_when_the_weights_are_computed_not_their_bits():
     """The outputs and every parameter's gradient with the weights computed before the forward
-    equal those computed layer by layer, bit for bit, each weight computed once."""
+    equal those computed layer by layer, bit for bit, each weight (parametrized, SLL's folds,
+    Cayley's spectrum) computed once, before the forward."""
     torch.manual_seed(0)
-    net = _aol_net().train()
+    net = _constrained_net().train()
     x = torch.randn(4, 3, 6, 6)
     out = net(x)
     out.square().sum().backward()
     expected = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
-    constraints = [m.parametrizations.weight[0] for m in net if parametrize.is_parametrized(m)]
-    calls = []
-    hooks = [c.register_forward_hook(lambda *_: calls.append(1)) for c in constraints]
+    calls = _count_computations(net)
+    net(x)
+    layers = len(calls)
+    assert layers == 7
+    calls.clear()
     with lnn.precomputed_weights(net):
-        assert len(calls) == len(constraints)  # before the forward
+        assert len(calls) == layers  # before the forward
         again = net(x)
     again.square().sum().backward()
-    for hook in hooks:
-        hook.remove()
-    assert len(calls) == len(constraints)  # the forward reused them
+    assert len(calls) == layers  # the forward reused them
     assert torch.equal(again, out)
     assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), expected, strict=True))
+
+
+def test_values_held_for_a_forward_follow_grad_mode_and_tensors():
+    """Inside the block a value is handed back only to the grad mode it was computed in (one
+    computed without gradients would cut the backward) and for the same tensors (a
+    functional_call with other parameters computes its own)."""
+    torch.manual_seed(0)
+    layer = lnn.SLLLinear(4, 6).train()
+    x = torch.randn(3, 4)
+    with torch.no_grad(), lnn.precomputed_weights(layer), torch.enable_grad():  # no graph held
+        layer(x).sum().backward()
+    assert layer.weight.grad is not None and layer.log_q.grad is not None
+    with lnn.precomputed_weights(layer):
+        params = {name: p.detach() * 2 for name, p in layer.named_parameters()}
+        doubled = functional_call(layer, params, (x,))
+    plain = functional_call(layer, params, (x,))
+    assert torch.equal(doubled, plain)
 
 
 def test_precomputed_weights_leave_plain_models_and_later_steps_alone():
@@ -217,7 +252,7 @@ def test_precomputed_weights_leave_plain_models_and_later_steps_alone():
     with lnn.precomputed_weights(plain):
         plain(torch.randn(1, 3)).sum().backward()
     assert plain.weight.grad is not None
-    net = _aol_net().train()
+    net = _constrained_net().train()
     x = torch.randn(2, 3, 6, 6)
     with lnn.precomputed_weights(net):
         net(x).sum().backward()

@@ -152,6 +152,9 @@ class CayleyConv2d(LipschitzLayer, nn.Module):
         """Q(w) per frequency, (H, W//2+1, C_out, C_in); cached in eval mode."""
         return self._unitary(cached=not self.training)
 
+    def precompute(self) -> None:
+        self.unitary()
+
     def _unitary(self, cached: bool) -> Tensor:
         settings = plain_settings(self)  # the grid (input_size) and the kernel size
         return self._unitary_cache.get([self.weight], self._fresh_unitary, cached, settings)

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -80,6 +81,21 @@ def plain_settings(module: nn.Module) -> tuple:
     )
 
 
+def _identical(held: Sequence[Tensor], sources: Sequence[Tensor]) -> bool:
+    """Whether ``sources`` are the very tensors ``held`` (compared by identity)."""
+    return len(sources) == len(held) and all(h is t for h, t in zip(held, sources, strict=True))
+
+
+class _Held(threading.local):
+    """What :func:`precomputed_weights` holds in this thread: EvalCache -> (sources, state,
+    value), or None outside the block."""
+
+    values: dict | None = None
+
+
+_HELD = _Held()
+
+
 class EvalCache:
     """Caches ``compute()`` while the ``sources`` it was computed from and the ``settings`` stay
     unchanged.
@@ -112,8 +128,28 @@ class EvalCache:
         """Return the cached value when ``enabled`` and still valid, else compute it.
 
         A cached value holds no autograd graph, so the cache is bypassed when gradients must flow
-        into the sources (grad mode on and a source requires grad).
+        into the sources (grad mode on and a source requires grad). Inside
+        :func:`precomputed_weights` the value is also held, graph and all, and handed back while
+        the same sources, versions, settings and grad mode come back.
         """
+        held = _HELD.values
+        state = (_version_key(sources), settings, torch.is_grad_enabled())
+        if held is None or state[0] is None:  # outside the block, or under a function transform
+            return self._lookup(sources, compute, enabled, settings)
+        entry = held.get(self)
+        if entry is not None and entry[1] == state and _identical(entry[0], sources):
+            return entry[2]
+        value = self._lookup(sources, compute, enabled, settings)
+        held[self] = (tuple(sources), state, value)
+        return value
+
+    def _lookup(
+        self,
+        sources: Sequence[Tensor],
+        compute: Callable[[], Any],
+        enabled: bool,
+        settings: tuple,
+    ) -> Any:
         if enabled and torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             enabled = False
         if not enabled:
@@ -122,17 +158,12 @@ class EvalCache:
         if versions is None:
             return compute()
         key = (versions, settings)
-        if key != self._key or not self._same_sources(sources):
+        if key != self._key or not _identical(self._sources, sources):
             with torch.inference_mode(False), torch.no_grad():
                 self._value = compute()
                 self._storages = tuple(t.detach() for t in sources)
             self._sources, self._key = tuple(sources), key
         return self._value
-
-    def _same_sources(self, sources: Sequence[Tensor]) -> bool:
-        return len(sources) == len(self._sources) and all(
-            held is t for held, t in zip(self._sources, sources, strict=True)
-        )
 
     def clear(self) -> None:
         self._sources, self._storages, self._key, self._value = (), (), None, None
@@ -170,8 +201,10 @@ def original(module: nn.Module, name: str = "weight") -> Tensor:
 @contextmanager
 def precomputed_weights(model: nn.Module) -> Iterator[None]:
     """Compute every parametrized tensor of ``model`` once, back to back, and hand it out for
-    the duration of the context (``torch.nn.utils.parametrize.cached``): wrap a training
-    step's forward in it.
+    the duration of the context (``torch.nn.utils.parametrize.cached``), and likewise what
+    lipcert's other layers derive from their parameters (:meth:`LipschitzLayer.precompute`:
+    SLL's folded weights, a Cayley layer's spectrum, held by their :class:`EvalCache`): wrap a
+    training step's forward in it.
 
     The values and gradients are the ones the forward computes without it, bit for bit; what
     changes is when. A layer otherwise computes its constrained weight right before its
@@ -180,15 +213,24 @@ def precomputed_weights(model: nn.Module) -> Iterator[None]:
     back to back), and the backward runs each constraint's gradient right after its layer's
     (the autograd engine runs the ready node created last first). Computed before the forward,
     the weights come back to back, and so do their gradients, at the end of the backward. The
-    benchmark's AOL train step (``lipcert bench layers``): 1.091x -> 1.064x the plain net (21
-    interleaved rounds, one run).
+    benchmark's train steps (``lipcert bench layers``'s nets, 21 interleaved rounds, two runs):
+    AOL(auto) 1.091x -> 1.064x and 1.083x -> 1.059x the plain net, SLL 1.707x -> 1.694x.
     """
-    with parametrize.cached():
-        for module in model.modules():
-            if parametrize.is_parametrized(module):
-                for name in module.parametrizations:
-                    getattr(module, name)
-        yield
+    outermost = _HELD.values is None
+    if outermost:
+        _HELD.values = {}
+    try:
+        with parametrize.cached():
+            for module in model.modules():
+                if parametrize.is_parametrized(module):
+                    for name in module.parametrizations:
+                        getattr(module, name)
+                elif isinstance(module, LipschitzLayer):
+                    module.precompute()
+            yield
+    finally:
+        if outermost:
+            _HELD.values = None
 
 
 def clear_caches(model: nn.Module) -> None:
@@ -225,3 +267,9 @@ class LipschitzLayer:
 
     def export(self) -> nn.Module:
         raise NotImplementedError
+
+    def precompute(self) -> None:
+        """Compute what the forward derives from the parameters through an :class:`EvalCache`
+        (SLL's folded weights, a Cayley layer's unitary spectrum), which
+        :func:`precomputed_weights` then holds for the forward; parametrized weights are
+        computed by that function itself. Nothing for layers without such values."""

@@ -104,6 +104,9 @@ class _SLL(LipschitzLayer, nn.Module):
         sources = [self.weight, self.log_q]
         return self.cache.get(sources, self._fold_all, not self.training, plain_settings(self))
 
+    def precompute(self) -> None:
+        self.folded()
+
     def _fold_all(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         scales, outer = self.fold()
         kernel = self.weight if torch.is_grad_enabled() else self.weight.detach().clone()
