@@ -133,8 +133,10 @@ class EvalCache:
         the same sources, versions, settings and grad mode come back.
         """
         held = _HELD.values
+        if held is None:
+            return self._lookup(sources, compute, enabled, settings)
         state = (_version_key(sources), settings, torch.is_grad_enabled())
-        if held is None or state[0] is None:  # outside the block, or under a function transform
+        if state[0] is None:  # under a function transform
             return self._lookup(sources, compute, enabled, settings)
         entry = held.get(self)
         if entry is not None and entry[1] == state and _identical(entry[0], sources):
