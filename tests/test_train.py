@@ -2,6 +2,7 @@ import gc
 import json
 import os
 import socket
+import traceback
 
 import pytest
 import torch
@@ -118,6 +119,32 @@ def _ddp_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     assert not torch.distributed.is_initialized(), "train leaves the process group it joined"
     wrappers = [o for o in gc.get_objects() if isinstance(o, nn.parallel.DistributedDataParallel)]
     assert not wrappers, "a live DDP wrapper holds the group: gloo can abort at exit"
+
+
+def _ddp_diverging_worker(rank: int, world: int, port: int, run_dir: str) -> None:
+    """Training that raises (NaN inputs) under DDP: the error reaches the caller, the group is
+    gone, and no DDP wrapper survives, though the error's traceback is still held."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    gc.disable()
+    bad = _data()
+    bad.train.x[:] = float("nan")
+    with pytest.raises(TrainingDiverged) as raised:
+        train(_config(epochs=2), run_dir, data=bad)
+    assert "train" in "".join(traceback.format_tb(raised.value.__traceback__))
+    assert not torch.distributed.is_initialized()
+    wrappers = [o for o in gc.get_objects() if isinstance(o, nn.parallel.DistributedDataParallel)]
+    assert not wrappers, "the traceback's frames kept the DDP wrapper alive past the group"
+
+
+def test_ddp_training_that_raises_leaves_no_wrapper_behind(tmp_path):
+    mp.spawn(_ddp_diverging_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
 
 
 def test_ddp_two_processes_match_one(tmp_path):
