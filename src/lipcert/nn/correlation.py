@@ -186,9 +186,9 @@ def _evaluate(matrix: Tensor, base: Tensor) -> Tensor:
 def _evaluation_adjoint(matrix: Tensor, grads: Tensor, kernel_size: torch.Size) -> Tensor:
     """The adjoint of :func:`_evaluate`: dL/d(base), (c_a, c_b, kh, kw), from dL/d(values)
     ``grads``, (points, c_a, c_b). One product into (kh kw, c_a c_b), returned as a view: the
-    product into base's layout took 4.4x longer (0.92 against 0.21 ms for 256 x 128 3 x 3),
-    and so did a transposed copy, against 0.08 ms for the strided sum it leaves to the
-    gradient's accumulation."""
+    product into base's layout took 0.92 ms against 0.21 for 256 x 128 3 x 3, the product
+    followed by a transposed copy 0.44 ms, against 0.08 ms for the strided sum the view leaves
+    to the gradient's accumulation."""
     c_a, c_b = grads.shape[1:]
     flat = torch.mm(matrix.T, grads.flatten(1))
     return flat.view(*kernel_size, c_a, c_b).permute(2, 3, 0, 1)
