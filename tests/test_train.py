@@ -105,7 +105,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, run_dir: str) -> None:
+def _as_rank(rank: int, world: int, port: int) -> None:
+    """Set this process up as rank ``rank`` of ``world`` the way torchrun does, one thread."""
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -114,24 +115,24 @@ def _ddp_worker(rank: int, world: int, port: int, run_dir: str) -> None:
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
+
+
+def _live_ddp_wrappers() -> list:
+    return [o for o in gc.get_objects() if isinstance(o, nn.parallel.DistributedDataParallel)]
+
+
+def _ddp_worker(rank: int, world: int, port: int, run_dir: str) -> None:
+    _as_rank(rank, world, port)
     gc.disable()  # only train's own collection may free the DDP wrapper's reference cycle
     train(_config(epochs=2), run_dir, data=_data())
     assert not torch.distributed.is_initialized(), "train leaves the process group it joined"
-    wrappers = [o for o in gc.get_objects() if isinstance(o, nn.parallel.DistributedDataParallel)]
-    assert not wrappers, "a live DDP wrapper holds the group: gloo can abort at exit"
+    assert not _live_ddp_wrappers(), "a live DDP wrapper holds the group: gloo can abort at exit"
 
 
 def _ddp_diverging_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     """Training that raises (NaN inputs) under DDP: the error reaches the caller, the group is
     gone, and no DDP wrapper survives, though the error's traceback is still held."""
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
+    _as_rank(rank, world, port)
     gc.disable()
     bad = _data()
     bad.train.x[:] = float("nan")
@@ -139,8 +140,7 @@ def _ddp_diverging_worker(rank: int, world: int, port: int, run_dir: str) -> Non
         train(_config(epochs=2), run_dir, data=bad)
     assert "train" in "".join(traceback.format_tb(raised.value.__traceback__))
     assert not torch.distributed.is_initialized()
-    wrappers = [o for o in gc.get_objects() if isinstance(o, nn.parallel.DistributedDataParallel)]
-    assert not wrappers, "the traceback's frames kept the DDP wrapper alive past the group"
+    assert not _live_ddp_wrappers(), "the traceback's frames kept the DDP wrapper past the group"
 
 
 def test_ddp_training_that_raises_leaves_no_wrapper_behind(tmp_path):
